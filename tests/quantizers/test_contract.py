@@ -1,0 +1,73 @@
+"""The QuantizerOutput contract (DESIGN.md), checked for every registered quantizer."""
+
+import pytest
+import torch
+
+import vqlab
+from vqlab.codes import digits_to_index, index_to_digits
+
+NAMES = vqlab.quantizers.available()
+
+
+def tokens(q, batch=4, n=16, seed=0):
+    return torch.randn(batch, n, q.dim, generator=torch.Generator().manual_seed(seed)) * 1.5
+
+
+@pytest.fixture(params=NAMES)
+def quantizer(request):
+    torch.manual_seed(0)
+    return vqlab.quantizers.build(request.param)
+
+
+def test_output_contract(quantizer):
+    z = tokens(quantizer)
+    out = quantizer(z)
+    assert isinstance(out, vqlab.quantizers.QuantizerOutput)
+    assert out.z_q.shape == z.shape and out.z_q.dtype == z.dtype
+    assert out.codes.shape == (*z.shape[:2], len(quantizer.radices)) and out.codes.dtype == torch.int64
+    radices = torch.tensor(quantizer.radices)
+    assert (out.codes >= 0).all() and (out.codes < radices).all()
+    assert quantizer.codebook_size == int(radices.prod())
+    for name, loss in out.losses.items():
+        assert loss.ndim == 0 and torch.isfinite(loss), name
+    for name, stat in out.stats.items():
+        assert not stat.requires_grad, name
+    assert 1 <= out.stats["perplexity"] <= out.stats["distinct_codes"] + 1e-4
+    assert out.stats["distinct_codes"] == len({tuple(c) for c in out.codes.reshape(-1, len(radices)).tolist()})
+
+
+def test_gradient_reaches_the_input(quantizer):
+    z = tokens(quantizer).requires_grad_()
+    out = quantizer(z)
+    (out.z_q.square().sum() + sum(out.losses.values(), torch.tensor(0.0))).backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_decode_of_encode_is_z_q_in_eval(quantizer):
+    quantizer.eval()
+    z = tokens(quantizer)
+    out = quantizer(z)
+    assert torch.equal(quantizer.encode(z), out.codes)
+    assert torch.equal(quantizer.decode(out.codes), out.z_q)
+    # any leading shape, and flat indices round-trip through the one index helper
+    flat = digits_to_index(out.codes, quantizer.radices)
+    assert torch.equal(quantizer.decode(index_to_digits(flat, quantizer.radices)[0, :5]), out.z_q[0, :5])
+
+
+def test_bf16_autocast_gives_the_fp32_codes(quantizer):
+    z = tokens(quantizer, seed=3)
+    reference = quantizer(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = quantizer(z)
+    assert torch.equal(autocast.codes, reference.codes)
+    assert autocast.z_q.dtype == torch.float32
+    low = quantizer(z.bfloat16())
+    assert low.z_q.dtype == torch.bfloat16
+    assert torch.equal(low.codes, quantizer(z.bfloat16().float()).codes)
+
+
+def test_rejects_wrong_token_shape(quantizer):
+    with pytest.raises(ValueError, match="tokens"):
+        quantizer(torch.randn(2, 3, quantizer.dim + 1))
+    with pytest.raises(ValueError, match="codes"):
+        quantizer.decode(torch.zeros(2, 3, len(quantizer.radices) + 1, dtype=torch.long))

@@ -1,0 +1,122 @@
+import functools
+import operator
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqlab import data
+from vqlab.config import DataConfig
+
+
+def photos(**options):
+    return data.build_datasets(DataConfig(name="photos", val_count=64, train_count=100, **options), seed=0)
+
+
+def test_photo_splits_are_disjoint_and_cover_the_bundled_photos():
+    train = {data.photo_path(*p) for p in data.TRAIN_PHOTOS}
+    val = {data.photo_path(*p) for p in data.VAL_PHOTOS}
+    assert not train & val
+    assert all(p.is_file() for p in train | val)
+    assert len(train | val) == len(data.TRAIN_PHOTOS) + len(data.VAL_PHOTOS)
+
+
+def test_no_validation_crop_occurs_in_a_training_photo():
+    splits = photos(image_size=16)
+    train_photos = [data.to_unit_range(data.load_photo(*p)) for p in data.TRAIN_PHOTOS]
+    for index in (0, 31, 63):
+        crop = splits.val[index]
+        for photo in train_photos:
+            # candidates: positions whose top-left pixel matches; then compare whole windows there
+            corner = (photo == crop[:, :1, :1]).all(0)[: photo.shape[1] - 15, : photo.shape[2] - 15]
+            for top, left in corner.nonzero().tolist():
+                assert not torch.equal(photo[:, top : top + 16, left : left + 16], crop)
+
+
+def test_images_are_in_range_with_the_configured_size():
+    splits = photos(image_size=48)
+    for image in (splits.train[0], splits.val[0]):
+        assert image.shape == (3, 48, 48) and image.dtype == torch.float32
+        assert image.min() >= -1 and image.max() <= 1
+    assert len(splits.val) == 64 and len(splits.train) == 100
+
+
+def test_training_crops_depend_only_on_seed_epoch_and_index():
+    a, b = photos().train, photos().train
+    assert torch.equal(a[5], b[5])
+    other_seed = data.build_datasets(DataConfig(name="photos", val_count=64, train_count=100), seed=1).train
+    assert not torch.equal(a[5], other_seed[5])
+    b.set_epoch(1)
+    assert not torch.equal(a[5], b[5])
+    a.set_epoch(1)
+    assert torch.equal(a[5], b[5])
+
+
+def test_validation_grid_is_fixed():
+    a, b = photos().val, photos().val
+    assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
+
+
+def test_too_many_validation_crops_is_a_clear_error():
+    with pytest.raises(ValueError, match="val_count"):
+        data.build_datasets(DataConfig(name="photos", image_size=256, val_count=500), seed=0)
+
+
+def test_large_crops_skip_photos_that_are_too_small():
+    splits = data.build_datasets(DataConfig(name="photos", image_size=256, val_count=4, train_count=4), seed=0)
+    assert all(min(p.shape[1:]) >= 256 for p in splits.train.photos)
+    assert splits.train[0].shape == (3, 256, 256)
+
+
+def test_shapes_are_reproducible_and_splits_differ():
+    splits = data.build_datasets(DataConfig(name="shapes", val_count=8, train_count=8), seed=0)
+    again = data.build_datasets(DataConfig(name="shapes", val_count=8, train_count=8), seed=0)
+    assert torch.equal(splits.train[3], again.train[3])
+    assert not torch.equal(splits.train[3], splits.val[3])
+    assert splits.train[0].shape == (3, 32, 32)
+
+
+def test_imagefolder_resizes_crops_and_holds_out_validation(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        folder = tmp_path / f"class{i % 2}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40 + i, 60, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    splits = data.build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), image_size=32, val_count=2), seed=0)
+    assert len(splits.train) == 4 and len(splits.val) == 2
+    assert not set(splits.train.files) & set(splits.val.files)
+    assert splits.train[0].shape == (3, 32, 32)
+    with_val = data.build_datasets(
+        DataConfig(name="imagefolder", root=str(tmp_path), val_root=str(tmp_path / "class0"), val_count=1), seed=0
+    )
+    assert len(with_val.val) == 3 and len(with_val.train) == 6
+
+
+def test_missing_image_folder_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+        data.build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "nope")), seed=0)
+
+
+@pytest.mark.parametrize(("name", "folder"), [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_missing_cifar_names_the_expected_folder(tmp_path, name, folder):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / folder)):
+        data.build_datasets(DataConfig(name=name, root=str(tmp_path)), seed=0)
+
+
+def test_validation_shards_cover_every_sample_once():
+    shards = [list(data.ShardSampler(10, rank, 3)) for rank in range(3)]
+    assert sorted(functools.reduce(operator.iadd, shards, [])) == list(range(10))
+
+
+def test_training_loader_reshuffles_each_epoch():
+    cfg = DataConfig(name="shapes", train_count=16, batch_size=4)
+    dataset = data.Shapes(32, 16, seed=0, split=data.TRAIN)
+    loader = data.train_loader(dataset, cfg, seed=0)
+    data.set_epoch(loader, 0)
+    first = [b.clone() for b in loader]
+    data.set_epoch(loader, 0)
+    assert all(torch.equal(a, b) for a, b in zip(first, loader, strict=True))
+    data.set_epoch(loader, 1)
+    assert not torch.equal(first[0], next(iter(loader)))

@@ -1,0 +1,116 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import vqlab
+from vqlab import checkpoint
+from vqlab.config import from_yaml
+from vqlab.trainer import train
+
+from .helpers import metric_at, read_metrics
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return train(vqlab.config.load("smoke", {"tracking.root": str(root)}))
+
+
+def test_smoke_run_learns(smoke_run):
+    first = metric_at(smoke_run.run_dir, "val/l1", 0)
+    last = smoke_run.metrics["val/l1"]
+    assert last < 0.75 * first
+    assert metric_at(smoke_run.run_dir, "val/psnr", 60) > metric_at(smoke_run.run_dir, "val/psnr", 0)
+    assert 0 < smoke_run.metrics["val/codebook_usage"] <= 1
+
+
+def test_smoke_run_writes_every_output(smoke_run):
+    run_dir = smoke_run.run_dir
+    assert run_dir.parent.name == "smoke"
+    cfg = from_yaml((run_dir / "config.yaml").read_text())
+    assert cfg.train.steps == 60
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows if "train/loss" in r] == [10, 20, 30, 40, 50, 60]
+    assert {"train/l1", "train/lr", "train/grad_norm", "train/perplexity", "train/images_per_s"} <= set(rows[-3])
+    assert {"baseline/l1", "baseline/psnr", "model/params"} <= set(rows[0])
+    png = run_dir / "figures" / "reconstructions.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == 60
+    model = vqlab.models.build_autoencoder(cfg.model, vqlab.quantizers.build(cfg.quantizer))
+    model.load_state_dict(state["model"])
+    assert not list(run_dir.glob("checkpoints/.*tmp*"))
+
+
+def test_same_seed_same_metrics(smoke_run, smoke_cfg):
+    again = train(smoke_cfg(**{"tracking.run_name": "again"}))
+    assert again.metrics == smoke_run.metrics
+    assert again.run_dir != smoke_run.run_dir
+
+
+def test_other_seed_other_metrics(smoke_run, smoke_cfg):
+    other = train(smoke_cfg(**{"train.seed": 1, "train.steps": 60}))
+    assert other.metrics["val/l1"] != smoke_run.metrics["val/l1"]
+
+
+def test_bf16_autocast_run(smoke_cfg):
+    result = train(smoke_cfg(**{"train.dtype": "bf16", "train.steps": 20, "train.log_every": 5}))
+    rows = read_metrics(result.run_dir)
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows if "train/loss" in r)
+    assert result.metrics["val/l1"] < metric_at(result.run_dir, "val/l1", 0)
+
+
+def test_run_names_are_never_reused(smoke_cfg):
+    cfg = smoke_cfg(**{"tracking.run_name": "fixed", "train.steps": 2, "optim.warmup_steps": 0})
+    first, second = train(cfg), train(cfg)
+    assert first.run_dir.name == "fixed" and second.run_dir.name == "fixed-1"
+
+
+def test_mlflow_records_params_metrics_and_artifacts(smoke_cfg, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(smoke_cfg(**{"tracking.mlflow": True, "tracking.mlflow_uri": uri, "train.steps": 10}))
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["smoke"])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["tags.mlflow.runName"] == result.run_dir.name
+    assert run["params.quantizer.name"] == "fsq" and run["params.quantizer.levels"] == "[8, 5, 5, 5]"
+    assert run["metrics.val/l1"] == pytest.approx(result.metrics["val/l1"])
+    client = mlflow.tracking.MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
+    assert {"config.yaml", "figures"} <= artifacts
+    assert (tmp_path / "runs" / "mlartifacts").is_dir()
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "vqlab.train", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_help(tmp_path):
+    out = run_cli("--help", cwd=tmp_path)
+    assert out.returncode == 0 and "key=value" in out.stdout
+
+
+@pytest.mark.parametrize("override", ["quantizer.levels=[8,1]", "train.stepz=5", "data.batch_size=0"])
+def test_cli_bad_override_fails_naming_the_key_and_writes_nothing(tmp_path, override):
+    out = run_cli("--config", "smoke", override, f"tracking.root={tmp_path / 'runs'}", cwd=tmp_path)
+    assert out.returncode == 2
+    assert override.split("=")[0] in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_runs_a_yaml_file(tmp_path):
+    cfg = yaml.safe_load(vqlab.config.to_yaml(vqlab.config.load("smoke")))
+    cfg["train"]["steps"] = 3
+    cfg["optim"]["warmup_steps"] = 1
+    cfg["tracking"]["root"] = str(tmp_path / "runs")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = run_cli("--config", str(path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "run folder:" in out.stdout
+    assert len(list((tmp_path / "runs" / "smoke").iterdir())) == 1

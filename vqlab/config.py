@@ -1,0 +1,238 @@
+"""Run configuration: one frozen dataclass per concern, composed into ``RunConfig``.
+
+``load("default", ["quantizer.name=vq_ema", "train.steps=200"])`` reads a preset shipped in
+``vqlab/configs/`` (or a YAML path), applies dotted overrides and validates everything before
+anything is loaded or written. ``to_yaml``/``from_yaml`` round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from vqlab.models import BackboneConfig
+from vqlab.models.conv import ConvConfig
+from vqlab.quantizers import QuantizerConfig
+from vqlab.quantizers.fsq import FSQConfig
+from vqlab.schema import ConfigError, flatten, parse, require, to_dict
+
+PRESETS = resources.files("vqlab") / "configs"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["photos", "shapes", "imagefolder", "cifar10", "cifar100"] = "photos"
+    root: str = ""  # imagefolder / cifar: where the files are
+    val_root: str = ""  # imagefolder: a separate validation folder (else a held-out split of root)
+    image_size: int = 32
+    batch_size: int = 64
+    val_batch_size: int = 128
+    val_count: int = 512  # validation images (photos/shapes: generated; imagefolder: held out)
+    train_count: int = 20000  # photos/shapes: crops or images per epoch
+    num_workers: int = 0
+    flip: bool = True
+
+    def __post_init__(self):
+        require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.val_batch_size >= 1, "val_batch_size", f"must be >= 1, got {self.val_batch_size}")
+        require(self.val_count >= 1, "val_count", f"must be >= 1, got {self.val_count}")
+        require(self.train_count >= 1, "train_count", f"must be >= 1, got {self.train_count}")
+        require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.name in ("imagefolder", "cifar10", "cifar100"):
+            require(bool(self.root), "root", f"data.name={self.name} needs data.root, the folder holding the files")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    l1: float = 1.0
+    l2: float = 0.0
+
+    def __post_init__(self):
+        require(self.l1 >= 0, "l1", f"weight must be >= 0, got {self.l1}")
+        require(self.l2 >= 0, "l2", f"weight must be >= 0, got {self.l2}")
+        require(self.l1 + self.l2 > 0, "l1", "at least one reconstruction loss needs a positive weight")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # the decay ends at lr * min_lr_ratio
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+    def __post_init__(self):
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {self.betas}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 25
+    checkpoint_every: int = 0  # 0 = only at the end
+
+    def __post_init__(self):
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 250  # validation every N steps (and always at the end); 0 = only at the end
+    metrics: tuple[str, ...] = ("reconstruction", "codebook")
+    grid_images: int = 16  # images in the reconstruction grid figure
+
+    def __post_init__(self):
+        from vqlab.evaluators import registry as evaluators
+
+        require(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        require(len(self.metrics) > 0, "metrics", "name at least one evaluator")
+        for i, name in enumerate(self.metrics):
+            require(name in evaluators, f"metrics[{i}]", f"unknown evaluator {name!r}; available: {evaluators.names()}")
+        require(self.grid_images >= 1, "grid_images", f"must be >= 1, got {self.grid_images}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    root: str = "runs"  # run folders live in <root>/<experiment>/<run>/
+    experiment: str = "default"
+    run_name: str = ""  # empty: <timestamp>-<quantizer>
+    mlflow: bool = True
+    mlflow_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
+    progress: bool = True  # tqdm bar on stderr
+
+    def __post_init__(self):
+        require(bool(self.root), "root", "must name a folder")
+        require(bool(self.experiment) and "/" not in self.experiment, "experiment", "must be a name without '/'")
+        require("/" not in self.run_name, "run_name", "must be a name without '/'")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: BackboneConfig = field(default_factory=ConvConfig)
+    quantizer: QuantizerConfig = field(default_factory=FSQConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        factor = self.model.downsample
+        require(
+            self.data.image_size % factor == 0,
+            "data.image_size",
+            f"{self.data.image_size} is not divisible by the {self.model.name} backbone's downsampling factor {factor}",
+        )
+        require(
+            self.optim.warmup_steps < self.train.steps,
+            "optim.warmup_steps",
+            f"{self.optim.warmup_steps} must be smaller than train.steps ({self.train.steps})",
+        )
+
+
+# Sections whose `name` selects a config class: changing the name starts that section afresh.
+VARIANT_SECTIONS = ("model", "quantizer")
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    return parse(RunConfig, data)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_yaml(text: str) -> RunConfig:
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("", "a config file must hold a mapping of sections")
+    return from_dict(data)
+
+
+def presets() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_source(source: str) -> dict[str, Any]:
+    """A preset name or a YAML path -> its raw dict."""
+    path = Path(source)
+    if source.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise ConfigError("", f"config file {source} does not exist")
+        text = path.read_text()
+    else:
+        preset = PRESETS / f"{source}.yaml"
+        if not preset.is_file():
+            raise ConfigError(
+                "", f"unknown preset {source!r}; presets: {', '.join(presets())}, or a path to a .yaml file"
+            )
+        text = preset.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{source} must hold a mapping of sections")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=3e-4"`` -> ``("optim.lr", 3e-4)``; the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(key or text, f"override {text!r} is not of the form section.key=value")
+    try:
+        return key, yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"cannot read value {raw!r}: {err}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a copy of ``data``. Setting a variant section's ``name`` to another
+    value drops that section's other keys, which belong to the previous variant."""
+    data = copy.deepcopy(data)
+    for key, value in sorted(overrides.items(), key=lambda kv: not kv[0].endswith(".name")):
+        parts = key.split(".")
+        if len(parts) == 2 and parts[0] in VARIANT_SECTIONS and parts[1] == "name":
+            section = data.get(parts[0]) or {}
+            if section.get("name") != value:
+                data[parts[0]] = {"name": value}
+                continue
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load(source: str | dict[str, Any] = "default", overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """A preset name, YAML path or dict, plus overrides (``["a.b=1"]`` or ``{"a.b": 1}``) -> RunConfig."""
+    data = copy.deepcopy(source) if isinstance(source, dict) else read_source(source)
+    pairs = dict(overrides) if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides or [])
+    return from_dict(apply_overrides(data, pairs))
+
+
+def flat_params(cfg: RunConfig) -> dict[str, Any]:
+    """``{"optim.lr": 0.0001, ...}`` for experiment trackers."""
+    return flatten(to_dict(cfg))

@@ -1,0 +1,304 @@
+"""Datasets. Every one yields ``(3, S, S)`` float32 images in [-1, 1] and nothing else.
+
+- ``photos`` (the embedded default): random crops with flips from the RGB photos that ship inside
+  scikit-image, scikit-learn and matplotlib; validation is a fixed grid of crops from photos that
+  are never used for training.
+- ``shapes``: procedural images from ``skimage.draw.random_shapes`` (for tests).
+- ``imagefolder``: any folder tree of images (e.g. ImageNet), resized and center-cropped.
+- ``cifar10`` / ``cifar100``: torchvision's loaders on files already on disk.
+
+Randomness is explicit: a training sample depends only on ``(seed, epoch, index)``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from vqlab.config import DataConfig
+
+# (package, path inside the package) of each photo; the stereo pair stays on one side of the split.
+TRAIN_PHOTOS = (
+    ("skimage", "data/astronaut.png"),
+    ("skimage", "data/chelsea.png"),
+    ("skimage", "data/hubble_deep_field.jpg"),
+    ("skimage", "data/ihc.png"),
+    ("skimage", "data/motorcycle_left.png"),
+    ("skimage", "data/motorcycle_right.png"),
+    ("skimage", "data/retina.jpg"),
+    ("skimage", "data/rocket.jpg"),
+    ("sklearn", "datasets/images/china.jpg"),
+    ("matplotlib", "mpl-data/sample_data/Minduka_Present_Blue_Pack.png"),
+)
+VAL_PHOTOS = (
+    ("skimage", "data/coffee.png"),
+    ("sklearn", "datasets/images/flower.jpg"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+TRAIN, VAL = 0, 1
+
+
+def photo_path(package: str, relative: str) -> Path:
+    """Where ``package`` keeps a bundled file, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the photos dataset reads files shipped with {package}; install it (pip install -e .)"
+        )
+    return Path(spec.submodule_search_locations[0]) / relative
+
+
+def load_photo(package: str, relative: str) -> torch.Tensor:
+    """One bundled photo as a ``(3, H, W)`` uint8 tensor."""
+    from PIL import Image
+
+    path = photo_path(package, relative)
+    if not path.is_file():
+        raise FileNotFoundError(f"bundled photo {path} is missing; reinstall {package}")
+    with Image.open(path) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def sample_rng(seed: int, split: int, epoch: int, index: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, split, epoch, index]))
+
+
+class PhotoCrops(Dataset):
+    """``count`` random ``size``-pixel crops per epoch, each photo weighted by its crop positions."""
+
+    def __init__(self, photos: list[torch.Tensor], size: int, count: int, seed: int, flip: bool):
+        photos = [p for p in photos if min(p.shape[1:]) >= size]
+        if not photos:
+            raise ValueError(f"crop size {size} is larger than every training photo")
+        self.photos, self.size, self.count, self.seed, self.flip = photos, size, count, seed, flip
+        positions = np.array([(p.shape[1] - size + 1) * (p.shape[2] - size + 1) for p in photos], dtype=np.float64)
+        self.weights = positions / positions.sum()
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = sample_rng(self.seed, TRAIN, self.epoch, index)
+        photo = self.photos[rng.choice(len(self.photos), p=self.weights)]
+        top = rng.integers(photo.shape[1] - self.size + 1)
+        left = rng.integers(photo.shape[2] - self.size + 1)
+        crop = photo[:, top : top + self.size, left : left + self.size]
+        if self.flip and rng.random() < 0.5:
+            crop = crop.flip(-1)
+        return to_unit_range(crop)
+
+
+class GridCrops(Dataset):
+    """A fixed, evenly spread subset of the half-overlapping grid of crops over some photos."""
+
+    def __init__(self, photos: list[torch.Tensor], size: int, count: int):
+        stride = max(size // 2, 1)
+        grid = [
+            (i, top, left)
+            for i, photo in enumerate(photos)
+            for top in range(0, photo.shape[1] - size + 1, stride)
+            for left in range(0, photo.shape[2] - size + 1, stride)
+        ]
+        if count > len(grid):
+            raise ValueError(f"data.val_count={count} exceeds the {len(grid)} validation crops of size {size}")
+        picks = np.linspace(0, len(grid) - 1, count).round().astype(int)
+        self.photos, self.size, self.crops = photos, size, [grid[i] for i in picks]
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        i, top, left = self.crops[index]
+        return to_unit_range(self.photos[i][:, top : top + self.size, left : left + self.size])
+
+
+class Shapes(Dataset):
+    """Procedural coloured shapes on white; each image depends only on (seed, split, epoch, index)."""
+
+    def __init__(self, size: int, count: int, seed: int, split: int, flip: bool = False):
+        self.size, self.count, self.seed, self.split, self.flip = size, count, seed, split, flip
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.split == TRAIN:
+            self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from skimage.draw import random_shapes
+
+        rng = sample_rng(self.seed, self.split, self.epoch, index)
+        image, _ = random_shapes(
+            (self.size, self.size),
+            max_shapes=4,
+            min_shapes=1,
+            min_size=max(self.size // 6, 2),
+            channel_axis=-1,
+            rng=rng,
+        )
+        tensor = torch.from_numpy(image.copy()).permute(2, 0, 1)
+        if self.flip and rng.random() < 0.5:
+            tensor = tensor.flip(-1)
+        return to_unit_range(tensor)
+
+
+class ImageFiles(Dataset):
+    """Image files -> resize (shorter side) + center crop, the upstream ImageNet recipe."""
+
+    def __init__(self, files: list[Path], size: int, flip: bool):
+        from torchvision.transforms import v2
+
+        self.files = files
+        steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.transform = v2.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[index]) as image:
+            array = np.asarray(image.convert("RGB"))
+        return to_unit_range(self.transform(torch.from_numpy(array.copy()).permute(2, 0, 1)))
+
+
+class Unlabelled(Dataset):
+    """Drops the labels of a torchvision dataset and maps its images to [-1, 1]."""
+
+    def __init__(self, dataset: Dataset, size: int, flip: bool):
+        from torchvision.transforms import v2
+
+        self.dataset = dataset
+        steps = [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+        self.transform = v2.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image, _ = self.dataset[index]
+        return to_unit_range(self.transform(image))
+
+
+def image_files(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+    return files
+
+
+def cifar(cfg: DataConfig, train: bool) -> Dataset:
+    from torchvision import datasets
+
+    cls, folder = (
+        (datasets.CIFAR10, "cifar-10-batches-py") if cfg.name == "cifar10" else (datasets.CIFAR100, "cifar-100-python")
+    )
+    try:
+        return cls(cfg.root, train=train, download=False)
+    except RuntimeError:
+        raise FileNotFoundError(
+            f"{cfg.name} files not found: extract the python version of the dataset so that "
+            f"{Path(cfg.root) / folder} exists (vqlab never downloads at run time)"
+        ) from None
+
+
+@dataclass
+class Splits:
+    train: Dataset
+    val: Dataset
+
+
+def build_datasets(cfg: DataConfig, seed: int) -> Splits:
+    size = cfg.image_size
+    if cfg.name == "photos":
+        train = PhotoCrops([load_photo(*p) for p in TRAIN_PHOTOS], size, cfg.train_count, seed, cfg.flip)
+        return Splits(train, GridCrops([load_photo(*p) for p in VAL_PHOTOS], size, cfg.val_count))
+    if cfg.name == "shapes":
+        return Splits(Shapes(size, cfg.train_count, seed, TRAIN, cfg.flip), Shapes(size, cfg.val_count, seed, VAL))
+    if cfg.name == "imagefolder":
+        files = image_files(Path(cfg.root))
+        if cfg.val_root:
+            val_files = image_files(Path(cfg.val_root))
+        else:
+            if cfg.val_count >= len(files):
+                raise ValueError(f"data.val_count={cfg.val_count} leaves no training images among {len(files)} files")
+            order = np.random.default_rng(seed).permutation(len(files))
+            val_files = [files[i] for i in sorted(order[: cfg.val_count])]
+            files = [files[i] for i in sorted(order[cfg.val_count :])]
+        return Splits(ImageFiles(files, size, cfg.flip), ImageFiles(val_files, size, flip=False))
+    return Splits(Unlabelled(cifar(cfg, True), size, cfg.flip), Unlabelled(cifar(cfg, False), size, flip=False))
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` takes indices ``r, r + w, ...``: every sample exactly once, no padding,
+    so metrics summed over ranks are the whole set's."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
+        self.indices = range(rank, length, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_loader(
+    dataset: Dataset, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+) -> DataLoader:
+    """Shuffled, ``drop_last``; call ``set_epoch(loader, e)`` before iterating epoch ``e``."""
+    if len(dataset) < cfg.batch_size * world_size:
+        raise ValueError(
+            f"{len(dataset)} training images cannot fill one batch of {cfg.batch_size} x {world_size} ranks"
+        )
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+
+
+def val_loader(dataset: Dataset, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=cfg.val_batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=cfg.num_workers,
+    )
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)

@@ -1,0 +1,127 @@
+"""The quantizer contract shared by every method (DESIGN.md, "Quantizer")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vqlab import codes as codes_lib
+from vqlab.registry import Registry
+
+registry = Registry("quantizer")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """Base of every quantizer's own config; ``name`` selects the registered quantizer."""
+
+    name: str = "fsq"
+
+    @classmethod
+    def variant(cls, name: str) -> type[QuantizerConfig]:
+        return registry.get(name).config_cls
+
+
+@dataclass
+class QuantizerOutput:
+    """What every quantizer returns for channel-last tokens ``z: (B, N, D)``.
+
+    z_q:    (B, N, D) quantized latents in the input dtype, with the quantizer's gradient estimator
+    codes:  (B, N, G) int64 digits, one column per radix
+    losses: scalar losses, already weighted; the trainer sums them
+    stats:  detached batch statistics
+    """
+
+    z_q: torch.Tensor
+    codes: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Value ``q`` exactly (not ``x + (q - x)``, which rounds), gradient of ``x``."""
+    return q.detach() + (x - x.detach())
+
+
+class fp32_island(torch.autocast):
+    """Autocast off for quantization math: distances, rounding and argmin stay in fp32."""
+
+    def __init__(self, device: torch.device):
+        super().__init__(device_type=device.type, enabled=False)
+
+
+def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Perplexity and number of distinct codes among the batch's tokens (detached)."""
+    if codes_lib.fits_int64(radices):
+        flat = codes_lib.digits_to_index(codes.detach(), radices).reshape(-1)
+    else:
+        # An index that cannot be packed is still a distinct tuple of digits.
+        flat = torch.unique(codes.detach().reshape(-1, codes.shape[-1]), dim=0, return_inverse=True)[1]
+    _, counts = torch.unique(flat, return_counts=True)
+    p = counts.double() / counts.sum()
+    entropy = -(p * p.log()).sum()
+    return {
+        "perplexity": entropy.exp().float(),
+        "distinct_codes": torch.tensor(float(counts.numel()), device=codes.device),
+    }
+
+
+class Quantizer(nn.Module):
+    """Base class. Subclasses set ``dim`` and ``radices`` and implement ``quantize``,
+    ``encode`` and ``decode`` on fp32 tensors; the base runs them in the fp32 island,
+    checks shapes and adds batch statistics."""
+
+    dim: int
+    radices: tuple[int, ...]
+
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.radices)
+
+    def set_step(self, step: int, total_steps: int) -> None:
+        """Step-dependent schedules (temperatures, warmups); the trainer calls it before every
+        optimizer step's forward passes, on every rank."""
+
+    def on_optimizer_step(self) -> None:
+        """Apply state updates gathered over the optimizer step's forward passes (EMA codebook
+        statistics, dead-code replacement). The trainer calls it once per optimizer step, after
+        ``optimizer.step()``, on every rank; collectives go here, in the same order on all ranks."""
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        self._check_tokens(z)
+        with fp32_island(z.device):
+            out = self.quantize(z.float())  # (B, N, D) fp32 in, fp32 out
+        out.z_q = out.z_q.to(z.dtype)
+        out.stats = {**batch_stats(out.codes, self.radices), **out.stats}
+        return out
+
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D)`` -> ``(B, N, G)`` int64 codes, without losses or state updates."""
+        self._check_tokens(z)
+        with fp32_island(z.device), torch.no_grad():
+            return self.encode_fp32(z.float())
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(..., G)`` int64 codes -> ``(..., D)`` fp32 latents (``== z_q`` in eval)."""
+        if codes.is_floating_point() or codes.shape[-1] != len(self.radices):
+            raise ValueError(
+                f"codes must be an integer tensor (..., {len(self.radices)}), got {codes.dtype} {tuple(codes.shape)}"
+            )
+        with fp32_island(codes.device):
+            return self.decode_fp32(codes.long())
+
+    def quantize(self, z: torch.Tensor) -> QuantizerOutput:
+        raise NotImplementedError
+
+    def encode_fp32(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_fp32(self, codes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _check_tokens(self, z: torch.Tensor) -> None:
+        if z.ndim != 3 or z.shape[-1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects tokens (B, N, {self.dim}), got {tuple(z.shape)}")
