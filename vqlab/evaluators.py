@@ -13,26 +13,15 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from vqlab import codes as codes_lib
+from vqlab.distributed import all_gather_cat, all_reduce_sum
 from vqlab.registry import Registry
 
 registry = Registry("evaluator")
 
 # Above this many codes a dense histogram is replaced by a sparse (sorted unique) one.
 DENSE_HISTOGRAM_LIMIT = 2**22
-
-
-def distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if distributed():
-        tensor = tensor.clone()
-        dist.all_reduce(tensor)
-    return tensor
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -131,10 +120,7 @@ class CodebookMetrics(Evaluator):
             used = counts.nonzero().squeeze(1)
             return used, counts[used]
         local = torch.cat(self.seen) if self.seen else torch.zeros(0, dtype=torch.int64, device=self.device)
-        if distributed():
-            gathered: list[torch.Tensor] = [None] * dist.get_world_size()  # type: ignore[list-item]
-            dist.all_gather_object(gathered, local.cpu())
-            local = torch.cat(gathered).to(self.device)
+        local = all_gather_cat(local)
         used = torch.unique(local)
         return used, torch.ones_like(used)  # the sparse path tracks presence, not frequency
 

@@ -55,6 +55,8 @@ class fp32_island(torch.autocast):
 
 def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Perplexity and number of distinct codes among the batch's tokens (detached)."""
+    if not radices:
+        return {}
     if codes_lib.fits_int64(radices):
         flat = codes_lib.digits_to_index(codes.detach(), radices).reshape(-1)
     else:
@@ -76,6 +78,7 @@ class Quantizer(nn.Module):
 
     dim: int
     radices: tuple[int, ...]
+    discrete: bool = True  # False only for the continuous baseline, which has no codes to decode
 
     @property
     def codebook_size(self) -> int:
