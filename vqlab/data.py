@@ -77,15 +77,14 @@ def sample_rng(seed: int, split: int, epoch: int, index: int) -> np.random.Gener
 
 
 class PhotoCrops(Dataset):
-    """``count`` random ``size``-pixel crops per epoch, each photo weighted by its crop positions."""
+    """``count`` random ``size``-pixel crops per epoch. Photos are drawn uniformly, not by area,
+    so the two largest (a retina and a deep-field sky, both mostly dark) do not dominate."""
 
     def __init__(self, photos: list[torch.Tensor], size: int, count: int, seed: int, flip: bool):
         photos = [p for p in photos if min(p.shape[1:]) >= size]
         if not photos:
             raise ValueError(f"crop size {size} is larger than every training photo")
         self.photos, self.size, self.count, self.seed, self.flip = photos, size, count, seed, flip
-        positions = np.array([(p.shape[1] - size + 1) * (p.shape[2] - size + 1) for p in photos], dtype=np.float64)
-        self.weights = positions / positions.sum()
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -96,7 +95,7 @@ class PhotoCrops(Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         rng = sample_rng(self.seed, TRAIN, self.epoch, index)
-        photo = self.photos[rng.choice(len(self.photos), p=self.weights)]
+        photo = self.photos[rng.integers(len(self.photos))]
         top = rng.integers(photo.shape[1] - self.size + 1)
         left = rng.integers(photo.shape[2] - self.size + 1)
         crop = photo[:, top : top + self.size, left : left + self.size]
