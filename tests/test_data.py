@@ -120,3 +120,26 @@ def test_training_loader_reshuffles_each_epoch():
     assert all(torch.equal(a, b) for a, b in zip(first, loader, strict=True))
     data.set_epoch(loader, 1)
     assert not torch.equal(first[0], next(iter(loader)))
+
+
+def test_training_loader_can_start_mid_epoch():
+    cfg = DataConfig(name="shapes", train_count=16, batch_size=4)
+    loader = data.train_loader(data.Shapes(32, 16, seed=0, split=data.TRAIN), cfg, seed=0)
+    data.set_epoch(loader, 2)
+    whole = [b.clone() for b in loader]
+    data.set_epoch(loader, 2, skip_batches=1)
+    resumed = list(loader)
+    assert len(resumed) == len(whole) - 1
+    assert all(torch.equal(a, b) for a, b in zip(whole[1:], resumed, strict=True))
+
+
+def test_imagefolder_flips_depend_only_on_seed_epoch_and_index(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    make = lambda: data.build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), val_count=1), seed=0).train  # noqa: E731
+    a, b = make(), make()
+    assert all(torch.equal(a[i], b[i]) for i in range(len(a)))
+    plain = data.ImageFiles(a.files, 32, flip=False)
+    flipped = [torch.equal(a[i], plain[i].flip(-1)) for i in range(len(a))]
+    assert any(flipped) and not all(flipped)

@@ -38,8 +38,9 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert {"baseline/l1", "baseline/psnr", "model/params"} <= set(rows[0])
     png = run_dir / "figures" / "reconstructions.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
-    assert state["step"] == 60
+    assert (run_dir / "checkpoints" / "last").read_text().strip() == "step_0000060.pt"
+    state = checkpoint.load(run_dir / "checkpoints" / "step_0000060.pt")
+    assert state["step"] == 60 and state["world_size"] == 1 and len(state["rng"]) == 1
     model = vqlab.models.build_autoencoder(cfg.model, vqlab.quantizers.build(cfg.quantizer))
     model.load_state_dict(state["model"])
     assert not list(run_dir.glob("checkpoints/.*tmp*"))

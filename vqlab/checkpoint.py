@@ -1,12 +1,20 @@
-"""Checkpoints: written atomically (temporary file + ``os.replace``), read with ``weights_only``."""
+"""Checkpoints: written atomically (temporary file + ``os.replace``), read with ``weights_only``.
+
+A run's ``checkpoints/`` folder holds ``step_0000100.pt`` files (the newest ``keep`` of them) and
+``last``, a one-line pointer to the newest, itself replaced atomically. A crash at any moment
+leaves the previous checkpoint and pointer intact.
+"""
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+POINTER = "last"
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -23,7 +31,43 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def step_path(folder: Path, step: int) -> Path:
+    return folder / f"step_{step:07d}.pt"
+
+
+def save_step(state: dict[str, Any], folder: Path, step: int, keep: int) -> Path:
+    """Write ``step_<step>.pt``, point ``last`` at it, then drop all but the newest ``keep``."""
+    path = step_path(folder, step)
+    save_atomic(state, path)
+    write_text_atomic(path.name + "\n", folder / POINTER)
+    for old in sorted(folder.glob("step_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def latest_valid(folder: Path, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads: the ``last`` pointer's target first, then older steps.
+    A corrupt or unreadable file is skipped with a warning; ``None`` if nothing loads."""
+    candidates = sorted(folder.glob("step_*.pt"), reverse=True)
+    pointer = folder / POINTER
+    if pointer.is_file():
+        target = folder / pointer.read_text().strip()
+        candidates = [target] + [c for c in candidates if c != target]
+    for path in candidates:
+        try:
+            return path, load(path, map_location)
+        except Exception as err:  # any unreadable file is skipped, whatever broke it
+            warnings.warn(f"skipping unreadable checkpoint {path}: {type(err).__name__}: {err}", stacklevel=2)
+    return None

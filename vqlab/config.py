@@ -61,9 +61,9 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adam", "adamw"] = "adam"
+    name: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # sgd: betas[0] is the momentum
     weight_decay: float = 0.0
     schedule: Literal["constant", "linear", "cosine"] = "linear"
     warmup_steps: int = 0
@@ -81,18 +81,25 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast; quantizers keep their fp32 island
+    grad_accum: int = 1  # micro-batches of data.batch_size per optimizer step (per rank)
+    ema_decay: float = 0.0  # model EMA of weights and buffers, evaluated beside the raw model; 0 = off
+    compile: bool = False  # torch.compile the training model
     log_every: int = 25
     checkpoint_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 3
 
     def __post_init__(self):
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        require(self.grad_accum >= 1, "grad_accum", f"must be >= 1, got {self.grad_accum}")
+        require(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ Randomness is explicit: a training sample depends only on ``(seed, epoch, index)
 from __future__ import annotations
 
 import importlib.util
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,17 +161,31 @@ class Shapes(Dataset):
         return to_unit_range(tensor)
 
 
-class ImageFiles(Dataset):
+class Flipped(Dataset):
+    """Horizontal flips drawn from ``(seed, epoch, index)`` rather than a loader's RNG, so a
+    resumed run sees exactly the images the uninterrupted one would have."""
+
+    def __init__(self, flip: bool, seed: int):
+        self.flip, self.seed, self.epoch = flip, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def maybe_flip(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        if self.flip and sample_rng(self.seed, TRAIN, self.epoch, index).random() < 0.5:
+            return image.flip(-1)
+        return image
+
+
+class ImageFiles(Flipped):
     """Image files -> resize (shorter side) + center crop, the upstream ImageNet recipe."""
 
-    def __init__(self, files: list[Path], size: int, flip: bool):
+    def __init__(self, files: list[Path], size: int, flip: bool, seed: int = 0):
         from torchvision.transforms import v2
 
+        super().__init__(flip, seed)
         self.files = files
-        steps = [v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
-        self.transform = v2.Compose(steps)
+        self.transform = v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
     def __len__(self) -> int:
         return len(self.files)
@@ -180,27 +195,26 @@ class ImageFiles(Dataset):
 
         with Image.open(self.files[index]) as image:
             array = np.asarray(image.convert("RGB"))
-        return to_unit_range(self.transform(torch.from_numpy(array.copy()).permute(2, 0, 1)))
+        image = self.transform(torch.from_numpy(array.copy()).permute(2, 0, 1))
+        return to_unit_range(self.maybe_flip(image, index))
 
 
-class Unlabelled(Dataset):
+class Unlabelled(Flipped):
     """Drops the labels of a torchvision dataset and maps its images to [-1, 1]."""
 
-    def __init__(self, dataset: Dataset, size: int, flip: bool):
+    def __init__(self, dataset: Dataset, size: int, flip: bool, seed: int = 0):
         from torchvision.transforms import v2
 
+        super().__init__(flip, seed)
         self.dataset = dataset
-        steps = [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)]
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
-        self.transform = v2.Compose(steps)
+        self.transform = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size)])
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         image, _ = self.dataset[index]
-        return to_unit_range(self.transform(image))
+        return to_unit_range(self.maybe_flip(self.transform(image), index))
 
 
 def image_files(root: Path) -> list[Path]:
@@ -250,8 +264,8 @@ def build_datasets(cfg: DataConfig, seed: int) -> Splits:
             order = np.random.default_rng(seed).permutation(len(files))
             val_files = [files[i] for i in sorted(order[: cfg.val_count])]
             files = [files[i] for i in sorted(order[cfg.val_count :])]
-        return Splits(ImageFiles(files, size, cfg.flip), ImageFiles(val_files, size, flip=False))
-    return Splits(Unlabelled(cifar(cfg, True), size, cfg.flip), Unlabelled(cifar(cfg, False), size, flip=False))
+        return Splits(ImageFiles(files, size, cfg.flip, seed), ImageFiles(val_files, size, flip=False))
+    return Splits(Unlabelled(cifar(cfg, True), size, cfg.flip, seed), Unlabelled(cifar(cfg, False), size, flip=False))
 
 
 class ShardSampler(Sampler[int]):
@@ -268,6 +282,24 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` that can start an epoch part-way through, for exact resume."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def set_position(self, epoch: int, skip: int = 0) -> None:
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
 def train_loader(
     dataset: Dataset, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
 ) -> DataLoader:
@@ -276,7 +308,7 @@ def train_loader(
         raise ValueError(
             f"{len(dataset)} training images cannot fill one batch of {cfg.batch_size} x {world_size} ranks"
         )
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -297,7 +329,8 @@ def val_loader(dataset: Dataset, cfg: DataConfig, rank: int = 0, world_size: int
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    loader.sampler.set_epoch(epoch)
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Position ``loader`` at batch ``skip_batches`` of epoch ``epoch``."""
+    loader.sampler.set_position(epoch, skip_batches * loader.batch_size)
     if hasattr(loader.dataset, "set_epoch"):
         loader.dataset.set_epoch(epoch)

@@ -5,6 +5,11 @@ Every rank must call them in the same order; callers never branch on the rank ar
 
 from __future__ import annotations
 
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -53,3 +58,69 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in range(world_size())]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)])
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str) -> Context:
+    """Join the process group when launched by torchrun (``RANK`` set): NCCL on CUDA, gloo on CPU.
+    ``device`` is ``auto``, ``cpu`` or ``cuda``; each rank takes the GPU of its ``LOCAL_RANK``."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(target)
+    if "RANK" in os.environ and not initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
+    return Context(rank=rank(), world_size=world_size(), device=target)
+
+
+def teardown() -> None:
+    if initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    if not initialized():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer, bit for bit."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_in_sync(module: torch.nn.Module, what: str) -> None:
+    """Raise on every rank if any rank's parameters or buffers differ from the others' by a bit."""
+    digests = all_gather_objects(state_digest(module))
+    if len(set(digests)) > 1:
+        groups = {d: [r for r, x in enumerate(digests) if x == d] for d in digests}
+        raise RuntimeError(f"ranks out of sync at {what}: identical groups of ranks {sorted(groups.values())}")

@@ -11,9 +11,12 @@ from vqlab.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     params = [p for p in model.parameters() if p.requires_grad]
-    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    fused = device.type == "cuda"
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=cfg.weight_decay, fused=fused)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -28,17 +28,29 @@ def mlflow_uri(cfg: TrackingConfig) -> str:
 
 class RunLogger:
     def __init__(
-        self, cfg: TrackingConfig, run_dir: Path, total_steps: int, params: dict[str, Any], active: bool = True
+        self,
+        cfg: TrackingConfig,
+        run_dir: Path,
+        total_steps: int,
+        params: dict[str, Any],
+        active: bool = True,
+        resume_step: int = 0,
     ):
+        """``resume_step > 0`` continues a run: metrics logged after that step by the interrupted
+        process are dropped, and the same MLflow run is continued."""
         self.active = active
         self.run_dir = run_dir
         self.mlflow = None
         self.bar = tqdm(total=total_steps, disable=not (active and cfg.progress), dynamic_ncols=True, desc=run_dir.name)
         if not active:
             return
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+        path = run_dir / "metrics.jsonl"
+        if resume_step and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(f"{line}\n" for line in kept))
+        self.jsonl = path.open("a")
         if cfg.mlflow:
-            self.mlflow = start_mlflow_run(cfg, run_dir, params)
+            self.mlflow = start_mlflow_run(cfg, run_dir, params, continue_run=resume_step > 0)
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
@@ -70,17 +82,24 @@ class RunLogger:
             self.mlflow.end_run(status=status)
 
 
-def start_mlflow_run(cfg: TrackingConfig, run_dir: Path, params: dict[str, Any]):
-    """Open an MLflow run named after the run folder; artifacts go to ``<root>/mlartifacts``."""
+def start_mlflow_run(cfg: TrackingConfig, run_dir: Path, params: dict[str, Any], continue_run: bool = False):
+    """Open (or continue) the MLflow run of ``run_dir``; artifacts go to ``<root>/mlartifacts``."""
     import mlflow
 
     mlflow.set_tracking_uri(mlflow_uri(cfg))
+    id_file = run_dir / "mlflow_run_id"
+    if continue_run and id_file.is_file():
+        mlflow.start_run(run_id=id_file.read_text().strip())
+        return mlflow
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         location = (Path(cfg.root).resolve() / "mlartifacts").as_uri()
         experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
     else:
         experiment_id = experiment.experiment_id
-    mlflow.start_run(experiment_id=experiment_id, run_name=run_dir.name, tags={"vqlab.run_dir": str(run_dir.resolve())})
+    run = mlflow.start_run(
+        experiment_id=experiment_id, run_name=run_dir.name, tags={"vqlab.run_dir": str(run_dir.resolve())}
+    )
+    id_file.write_text(run.info.run_id + "\n")
     mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in params.items()})
     return mlflow

@@ -9,6 +9,8 @@ eval, checkpoint. Everything it writes goes to ``<tracking.root>/<experiment>/<r
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import random
 import sys
 import time
@@ -20,14 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from vqlab import checkpoint, data, evaluators, quantizers
-from vqlab.config import RunConfig, flat_params, load, presets, to_yaml
+from vqlab import checkpoint, data, distributed, evaluators, quantizers
+from vqlab.config import RunConfig, flat_params, from_yaml, load, presets, to_yaml
 from vqlab.losses import reconstruction_losses
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
-from vqlab.schema import ConfigError, to_dict
+from vqlab.schema import ConfigError, flatten, to_dict
 from vqlab.tracking import RunLogger, mlflow_uri
 
 
@@ -38,16 +41,8 @@ class NonFiniteLossError(FloatingPointError):
 @dataclass
 class TrainResult:
     run_dir: Path
-    metrics: dict[str, float]  # the final validation metrics, "val/..." keys
+    metrics: dict[str, float]  # the final validation metrics, "val/..." (and "val_ema/...") keys
     baseline: dict[str, float]  # the 8x8 block-mean reference measured the same way, "baseline/..."
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -70,13 +65,40 @@ def create_run_dir(cfg: RunConfig) -> Path:
     raise FileExistsError(f"too many runs named {name} under {base}")
 
 
-def batches(loader: DataLoader) -> Iterator[torch.Tensor]:
-    """Endless training batches; each epoch reshuffles with its own seed."""
-    epoch = 0
+def resume_folder(cfg: RunConfig, resume: str) -> Path | None:
+    """The run folder to continue: ``auto`` = the folder named by ``tracking.run_name`` if it has
+    checkpoints (else start afresh); otherwise a run folder or a checkpoint file's folder."""
+    if resume == "auto":
+        if not cfg.tracking.run_name:
+            raise ValueError("--resume auto needs tracking.run_name, the run to continue")
+        run_dir = Path(cfg.tracking.root) / cfg.tracking.experiment / cfg.tracking.run_name
+        return run_dir if any((run_dir / "checkpoints").glob("step_*.pt")) else None
+    path = Path(resume)
+    run_dir = path.parent.parent if path.is_file() else path
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"--resume {resume}: no run folder (config.yaml) at {run_dir}")
+    return run_dir
+
+
+def check_same_config(run_dir: Path, cfg: RunConfig) -> None:
+    """A resumed run must be the run that was started; only ``tracking`` may differ."""
+    saved = flatten(to_dict(from_yaml((run_dir / "config.yaml").read_text())))
+    wanted = flatten(to_dict(cfg))
+    changed = sorted(
+        k for k in saved.keys() | wanted.keys() if not k.startswith("tracking.") and saved.get(k) != wanted.get(k)
+    )
+    if changed:
+        raise ValueError(f"cannot resume {run_dir} with a different config: {', '.join(changed)}")
+
+
+def batches(loader: DataLoader, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+    """Endless training batches from batch ``skip`` of ``epoch`` on, each with the position of
+    the batch that follows it (what a checkpoint must record to resume exactly)."""
     while True:
-        data.set_epoch(loader, epoch)
-        yield from loader
-        epoch += 1
+        data.set_epoch(loader, epoch, skip)
+        for index, images in enumerate(loader, start=skip + 1):
+            yield images, (epoch, index)
+        epoch, skip = epoch + 1, 0
 
 
 def autocast(device: torch.device, dtype: str):
@@ -85,11 +107,28 @@ def autocast(device: torch.device, dtype: str):
     return nullcontext()
 
 
+class ModelEMA:
+    """Exponential moving average of every floating parameter and buffer (EMA codebooks
+    included); integer buffers are copied."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for average, current in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if average.is_floating_point():
+                average.lerp_(current, 1.0 - self.decay)
+            else:
+                average.copy_(current)
+
+
 @torch.no_grad()
 def evaluate(
     model: VQAutoencoder, loader: DataLoader, metrics: dict[str, evaluators.Evaluator], device: torch.device, dtype: str
 ) -> dict[str, float]:
-    """Run ``metrics`` over the whole validation set; returns ``val/...`` keys."""
+    """Run ``metrics`` over the whole validation set (all ranks' shards); un-prefixed keys."""
     was_training = model.training
     model.eval()
     for evaluator in metrics.values():
@@ -101,7 +140,7 @@ def evaluate(
         for evaluator in metrics.values():
             evaluator.update(images, out.reconstruction, out.quant.codes)
     model.train(was_training)
-    return {f"val/{k}": v for evaluator in metrics.values() for k, v in evaluator.compute().items()}
+    return {k: v for evaluator in metrics.values() for k, v in evaluator.compute().items()}
 
 
 @torch.no_grad()
@@ -129,92 +168,173 @@ def save_reconstruction_grid(model: VQAutoencoder, images: torch.Tensor, path: P
     save_image(grid.cpu(), path, nrow=len(images), padding=1)
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
+    """Train as ``cfg`` says. ``resume``: ``"auto"`` (continue the run named by
+    ``tracking.run_name`` if it has checkpoints) or a run folder / checkpoint path."""
     # --- setup -----------------------------------------------------------------------------
-    device = resolve_device(cfg.train.device)
+    ctx = distributed.setup(cfg.train.device)
+    device = ctx.device
     seed_everything(cfg.train.seed)
     splits = data.build_datasets(cfg.data, cfg.train.seed)
-    train_loader = data.train_loader(splits.train, cfg.data, cfg.train.seed, pin_memory=device.type == "cuda")
-    val_loader = data.val_loader(splits.val, cfg.data)
-    run_dir = create_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    logger = RunLogger(cfg.tracking, run_dir, cfg.train.steps, flat_params(cfg))
-    logger.artifact(run_dir / "config.yaml")
+    train_loader = data.train_loader(
+        splits.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, device.type == "cuda"
+    )
+    val_loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
+    run_dir = None
+    if ctx.main:
+        run_dir = resume_folder(cfg, resume) if resume else None
+        if run_dir is None:
+            run_dir = create_run_dir(cfg)
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        else:
+            check_same_config(run_dir, cfg)
+    run_dir = Path(distributed.broadcast_object(str(run_dir)))
+    checkpoints = run_dir / "checkpoints"
 
     # --- build -----------------------------------------------------------------------------
     quantizer = quantizers.build(cfg.quantizer)
     model = build_autoencoder(cfg.model, quantizer).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optim, device)
     schedule = build_schedule(optimizer, cfg.optim, cfg.train.steps)
+    ema = ModelEMA(model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+    # DDP must not broadcast buffers: EMA codebooks and usage counters are the quantizer's own,
+    # kept identical by its collectives in on_optimizer_step.
+    train_model = DDP(model, broadcast_buffers=False) if distributed.initialized() else model
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
     metrics = evaluators.build(cfg.eval.metrics, quantizer.radices, device)
-    grid_images = torch.stack([splits.val[i] for i in range(min(cfg.eval.grid_images, len(splits.val)))]).to(device)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    baseline = block_mean_baseline(val_loader, device)
-    logger.log({"model/params": sum(p.numel() for p in model.parameters()), **baseline}, step=0, show=True)
-    logger.log(evaluate(model, val_loader, metrics, device, cfg.train.dtype), step=0)
 
-    def save_checkpoint(step: int) -> None:
+    # --- resume ----------------------------------------------------------------------------
+    step, position = 0, (0, 0)
+    found = checkpoint.latest_valid(checkpoints, device) if resume else None
+    if found is not None:
+        path, state = found
+        if state["world_size"] != ctx.world_size:
+            raise ValueError(f"{path} was written by {state['world_size']} ranks; resume it with as many")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
+        step, position = state["step"], tuple(state["position"])
+        set_rng_state(state["rng"][ctx.rank], device)
+
+    logger = RunLogger(cfg.tracking, run_dir, cfg.train.steps, flat_params(cfg), active=ctx.main, resume_step=step)
+    logger.artifact(run_dir / "config.yaml")
+    logger.advance(step)
+    grid_images = torch.stack([splits.val[i] for i in range(min(cfg.eval.grid_images, len(splits.val)))]).to(device)
+    baseline = block_mean_baseline(val_loader, device)
+    if step == 0:
+        logger.log({"model/params": sum(p.numel() for p in model.parameters()), **baseline}, step=0, show=True)
+        logger.log(
+            {f"val/{k}": v for k, v in evaluate(model, val_loader, metrics, device, cfg.train.dtype).items()}, step=0
+        )
+
+    def save_checkpoint(done: int, next_position: tuple[int, int]) -> None:
+        rngs = distributed.all_gather_objects(rng_state(device))
+        distributed.check_in_sync(model, f"step {done}")
+        if not ctx.main:
+            return
         state = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
-            "step": step,
+            "step": done,
+            "position": list(next_position),
+            "world_size": ctx.world_size,
+            "rng": rngs,
             "config": to_dict(cfg),
         }
-        checkpoint.save_atomic(state, run_dir / "checkpoints" / "last.pt")
+        if ema is not None:
+            state["ema"] = ema.module.state_dict()
+        checkpoint.save_step(state, checkpoints, done, cfg.train.keep_checkpoints)
 
     # --- loop ------------------------------------------------------------------------------
     model.train()
-    stream = batches(train_loader)
+    stream = batches(train_loader, *position)
     val_metrics: dict[str, float] = {}
     status = "FAILED"
     try:
         tick, seen = time.perf_counter(), 0
-        for step in range(cfg.train.steps):
-            images = next(stream).to(device, non_blocking=True)
+        while step < cfg.train.steps:
             quantizer.set_step(step, cfg.train.steps)
-            with autocast(device, cfg.train.dtype):
-                out = model(images)
-            losses = {**reconstruction_losses(out.reconstruction, images, cfg.loss), **out.quant.losses}
-            loss = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            window: dict[str, torch.Tensor] = {}
+            for micro in range(cfg.train.grad_accum):
+                images, position = next(stream)
+                images = images.to(device, non_blocking=True)
+                last_micro = micro == cfg.train.grad_accum - 1
+                # gradients are all-reduced once per optimizer step, on the window's last micro-batch
+                sync = nullcontext() if last_micro or train_model is model else train_model.no_sync()
+                with sync:
+                    with autocast(device, cfg.train.dtype):
+                        out = train_model(images)
+                    losses = {**reconstruction_losses(out.reconstruction, images, cfg.loss), **out.quant.losses}
+                    loss = sum(losses.values())
+                    (loss / cfg.train.grad_accum).backward()
+                for name, value in {"loss": loss, **losses, **out.quant.stats}.items():
+                    window[name] = window.get(name, 0.0) + value.detach() / cfg.train.grad_accum
+                seen += len(images)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            if not (torch.isfinite(window["loss"]) and torch.isfinite(grad_norm)):
                 raise NonFiniteLossError(
-                    f"non-finite loss {loss.item()} or grad norm {grad_norm.item()} at step {step + 1}; "
-                    f"the last good checkpoint is kept in {run_dir / 'checkpoints'}"
+                    f"non-finite loss {window['loss'].item()} or grad norm {grad_norm.item()} at step {step + 1}; "
+                    f"the last good checkpoint is kept in {checkpoints}"
                 )
             optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             quantizer.on_optimizer_step()
+            if ema is not None:
+                ema.update(model)
             schedule.step()
+            step += 1
             logger.advance()
-            seen += len(images)
-            done = step + 1
 
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 elapsed = time.perf_counter() - tick
-                logged = {"train/loss": loss.item(), "train/lr": schedule.get_last_lr()[0]}
-                logged |= {f"train/{k}": v.item() for k, v in {**losses, **out.quant.stats}.items()}
-                logged |= {"train/grad_norm": grad_norm.item(), "train/images_per_s": seen / elapsed}
-                logger.log(logged, step=done)
+                logged = {f"train/{k}": v.item() for k, v in window.items()}
+                logged |= {"train/lr": schedule.get_last_lr()[0], "train/grad_norm": grad_norm.item()}
+                logged["train/images_per_s"] = seen * ctx.world_size / elapsed
+                logger.log(logged, step=step)
                 tick, seen = time.perf_counter(), 0
 
             # --- eval --------------------------------------------------------------------------
-            if done == cfg.train.steps or (cfg.eval.every and done % cfg.eval.every == 0):
-                val_metrics = evaluate(model, val_loader, metrics, device, cfg.train.dtype)
-                logger.log(val_metrics, step=done, show=True)
+            if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
+                val_metrics = {
+                    f"val/{k}": v for k, v in evaluate(model, val_loader, metrics, device, cfg.train.dtype).items()
+                }
+                if ema is not None:
+                    averaged = evaluate(ema.module, val_loader, metrics, device, cfg.train.dtype)
+                    val_metrics |= {f"val_ema/{k}": v for k, v in averaged.items()}
+                logger.log(val_metrics, step=step, show=True)
 
             # --- checkpoint --------------------------------------------------------------------
-            if done == cfg.train.steps or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
-                save_checkpoint(done)
+            if step == cfg.train.steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+                save_checkpoint(step, position)
 
-        figure = run_dir / "figures" / "reconstructions.png"
-        save_reconstruction_grid(model, grid_images, figure, cfg.train.dtype)
-        logger.artifact(figure, "figures")
+        if ctx.main:
+            figure = run_dir / "figures" / "reconstructions.png"
+            save_reconstruction_grid(model, grid_images, figure, cfg.train.dtype)
+            logger.artifact(figure, "figures")
         status = "FINISHED"
     finally:
         logger.close(status)
+        distributed.teardown()
     return TrainResult(run_dir=run_dir, metrics=val_metrics, baseline=baseline)
 
 
@@ -225,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
         "quantizer.levels=[8,5,5,5] train.steps=200 optim.lr=3e-4",
     )
     parser.add_argument("--config", default="default", help=f"a preset ({', '.join(presets())}) or a YAML file")
+    parser.add_argument(
+        "--resume",
+        metavar="auto|PATH",
+        help="continue a run: 'auto' = the run named by tracking.run_name if it has checkpoints "
+        "(else start it), or a run folder / checkpoint file",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
     try:
@@ -232,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = train(cfg)
+    result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
     print(f"run folder:   {result.run_dir}")
     if cfg.tracking.mlflow:
         print(f"mlflow store: {mlflow_uri(cfg.tracking)}")

@@ -1,0 +1,42 @@
+"""vqlab.distributed under 2 gloo processes."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from vqlab import distributed
+
+
+def worker(rank, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        out = {}
+        out["sum"] = distributed.all_reduce_sum(torch.tensor([rank + 1.0])).item()
+        out["gather"] = distributed.all_gather_cat(torch.full((rank + 1, 2), float(rank))).tolist()
+        out["broadcast"] = distributed.broadcast_object(f"from {rank}")
+        module = torch.nn.Linear(3, 2)
+        torch.nn.init.constant_(module.weight, 1.0)
+        torch.nn.init.zeros_(module.bias)
+        distributed.check_in_sync(module, "same")
+        out["same_ok"] = True
+        with torch.no_grad():
+            module.bias[0] = float(rank)  # one element differs on rank 1
+        try:
+            distributed.check_in_sync(module, "perturbed")
+            out["perturbed_detected"] = False
+        except RuntimeError as err:
+            out["perturbed_detected"] = "out of sync" in str(err)
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_and_desync_detection(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    for rank in range(2):
+        out = results[rank]
+        assert out["sum"] == 3.0
+        assert out["gather"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]  # rank 0 gave 1 row, rank 1 gave 2
+        assert out["broadcast"] == "from 0"
+        assert out["same_ok"] and out["perturbed_detected"]

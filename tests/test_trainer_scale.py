@@ -1,0 +1,174 @@
+"""Gradient accumulation, exact resume after SIGKILL (1 and 2 processes), DDP, model EMA, NaN stop."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from vqlab import checkpoint, trainer
+from vqlab.trainer import NonFiniteLossError, train
+
+from .helpers import read_metrics
+
+
+def final_state(run_dir):
+    return checkpoint.latest_valid(run_dir / "checkpoints")[1]
+
+
+def assert_states_equal(a, b):
+    for key in ("model", "optimizer", "schedule"):
+        flat_a, flat_b = flatten_state(a[key]), flatten_state(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for name in flat_a:
+            va, vb = flat_a[name], flat_b[name]
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, f"{key}.{name}"
+
+
+def flatten_state(obj, prefix=""):
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in flatten_state(value, f"{prefix}{key}.").items()}
+    if isinstance(obj, list):
+        return {k: v for i, value in enumerate(obj) for k, v in flatten_state(value, f"{prefix}{i}.").items()}
+    return {prefix: obj}
+
+
+def test_accumulating_4_x_8_equals_one_batch_of_32(smoke_cfg):
+    common = {"train.steps": 1, "optim.warmup_steps": 0, "optim.name": "sgd", "optim.lr": 0.5, "data.flip": False}
+    whole = train(smoke_cfg(**common, **{"data.batch_size": 32, "tracking.run_name": "whole"}))
+    accumulated = train(
+        smoke_cfg(**common, **{"data.batch_size": 8, "train.grad_accum": 4, "tracking.run_name": "acc"})
+    )
+    a, b = final_state(whole.run_dir)["model"], final_state(accumulated.run_dir)["model"]
+    initial = final_state(train(smoke_cfg(**{**common, "optim.lr": 1e-30, "tracking.run_name": "init"})).run_dir)[
+        "model"
+    ]
+    moved = sum((a[k] - initial[k]).abs().sum().item() for k in a)
+    assert moved > 1e-2  # the step really changed the weights
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def launch(args, tmp_path, nproc=1):
+    if nproc == 1:
+        command = [sys.executable, "-m", "vqlab.train", *args]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        command += ["-m", "vqlab.train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command, cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def kill_after_checkpoint(process, folder, min_step, timeout=120):
+    deadline = time.monotonic() + timeout
+    pointer = folder / "last"
+    while time.monotonic() < deadline and process.poll() is None:
+        if pointer.is_file() and int(pointer.read_text().strip()[5:12]) >= min_step:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint at step >= {min_step} before the run ended: {process.communicate()}")
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, nproc):
+    steps = 80
+    args = [
+        "--config",
+        "smoke",
+        f"tracking.root={tmp_path / 'runs'}",
+        f"train.steps={steps}",
+        "train.checkpoint_every=10",
+    ]
+    args += ["train.log_every=5", "data.batch_size=8"]
+    reference = launch([*args, "tracking.run_name=whole"], tmp_path, nproc)
+    assert reference.wait() == 0, reference.communicate()
+    resumable = [*args, "tracking.run_name=killed", "--resume", "auto"]
+    killed = launch(resumable, tmp_path, nproc)
+    folder = tmp_path / "runs" / "smoke" / "killed" / "checkpoints"
+    kill_after_checkpoint(killed, folder, min_step=20)
+    assert int((folder / "last").read_text().strip()[5:12]) < steps  # it really died mid-run
+    resumed = launch(resumable, tmp_path, nproc)
+    _, err = resumed.communicate()
+    assert resumed.returncode == 0, err.decode()[-3000:]
+    runs = tmp_path / "runs" / "smoke"
+    assert_states_equal(final_state(runs / "whole"), final_state(runs / "killed"))
+    whole_rows, killed_rows = read_metrics(runs / "whole"), read_metrics(runs / "killed")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train/images_per_s"} for r in rows]  # noqa: E731
+    assert strip(whole_rows) == strip(killed_rows)
+
+
+def test_ddp_ranks_stay_identical(tmp_path):
+    args = ["--config", "smoke", f"tracking.root={tmp_path / 'runs'}", "train.steps=20", "train.checkpoint_every=5"]
+    run = launch([*args, "tracking.run_name=ddp"], tmp_path, nproc=2)
+    _, err = run.communicate()
+    assert run.returncode == 0, err.decode()[-3000:]
+    # every checkpoint compared the ranks' weights and buffers bit for bit (check_in_sync)
+    assert len(list((tmp_path / "runs" / "smoke" / "ddp" / "checkpoints").glob("step_*.pt"))) == 3
+    rows = read_metrics(tmp_path / "runs" / "smoke" / "ddp")
+    assert rows[-1]["step"] == 20 and "val/l1" in rows[-1]
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(smoke_cfg, monkeypatch):
+    calls = {"n": 0}
+    real = trainer.reconstruction_losses
+
+    def poisoned(*args):
+        calls["n"] += 1
+        losses = real(*args)
+        return {k: v * float("nan") for k, v in losses.items()} if calls["n"] == 8 else losses
+
+    monkeypatch.setattr(trainer, "reconstruction_losses", poisoned)
+    cfg = smoke_cfg(**{"train.checkpoint_every": 5, "tracking.run_name": "nan"})
+    with pytest.raises(NonFiniteLossError, match="step 8"):
+        train(cfg)
+    path, state = checkpoint.latest_valid(Path(cfg.tracking.root) / "smoke" / "nan" / "checkpoints")
+    assert state["step"] == 5 and path.name == "step_0000005.pt"
+
+
+def test_model_ema_is_evaluated_beside_the_raw_model(smoke_cfg):
+    result = train(smoke_cfg(**{"train.ema_decay": 0.9, "train.steps": 20}))
+    assert {"val_ema/l1", "val_ema/codebook_usage"} <= set(result.metrics)
+    assert result.metrics["val_ema/l1"] != result.metrics["val/l1"]
+    state = final_state(result.run_dir)
+    assert state["ema"].keys() == state["model"].keys()
+
+
+def test_resume_refuses_another_config(smoke_cfg):
+    train(smoke_cfg(**{"train.steps": 4, "optim.warmup_steps": 0, "tracking.run_name": "r"}))
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        train(
+            smoke_cfg(**{"train.steps": 4, "optim.warmup_steps": 0, "optim.lr": 0.1, "tracking.run_name": "r"}),
+            resume="auto",
+        )
+
+
+def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(smoke_cfg):
+    cfg = smoke_cfg(
+        **{"train.steps": 10, "train.checkpoint_every": 5, "optim.warmup_steps": 0, "tracking.run_name": "c"}
+    )
+    result = train(cfg)
+    folder = result.run_dir / "checkpoints"
+    (folder / "step_0000010.pt").write_bytes(b"torn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, state = checkpoint.latest_valid(folder)
+    assert path.name == "step_0000005.pt" and state["step"] == 5
+    assert any("step_0000010.pt" in str(w.message) for w in caught)
+
+
+def test_keeps_only_the_newest_checkpoints(smoke_cfg):
+    cfg = smoke_cfg(
+        **{"train.steps": 20, "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "optim.warmup_steps": 0}
+    )
+    result = train(cfg)
+    names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
+    assert names == ["last", "step_0000018.pt", "step_0000020.pt"]
