@@ -1,0 +1,127 @@
+"""Lookup-free quantization (LFQ).
+
+Language Model Beats Diffusion -- Tokenizer is Key to Visual Generation (Yu et al., 2023),
+https://arxiv.org/abs/2310.05737, Section 3.1.
+
+Each of the d dims is quantized to its sign, ``q_i = scale if z_i > 0 else -scale``, with a
+straight-through gradient; digit i is 1 for ``+scale``, so the implicit codebook is {-s, s}^d with
+``radices == (2,) * d``. The entropy loss is ``E[H(p(q|z))] - gamma * H(E[p(q|z)])`` with the soft
+assignment ``p(q|z) ∝ exp(-||z - q||^2 / tau)`` over all 2^d codes (``tau`` is
+``entropy_temperature``; ``1 / tau`` is the reference implementation's ``inv_temperature``).
+
+Because ``||z - q||^2`` is a sum over dims, ``p(q|z)`` is a product of independent bits with
+``p(q_i = +s | z_i) = sigmoid(4 s z_i / tau)``, so the per-sample entropy is exactly the sum of
+the per-bit entropies and never needs the 2^d codes. The batch ("codebook") entropy does not
+factorise: the mean of product distributions is not a product. When ``group_bits >= dim`` it is
+computed exactly over the 2^d codes. Otherwise it is the factorised approximation: the bits are
+split into consecutive groups of ``group_bits`` (the last may be smaller), the exact marginal of
+each group's 2^group_bits codes is averaged over the batch, and the group entropies are summed.
+That sum is an upper bound of the joint entropy that rewards uniform use within each group but not
+independence between groups; memory grows as 2^group_bits, not 2^d. The batch is this process's
+tokens (per rank under DDP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, registry, straight_through
+from vqlab.schema import require
+
+MAX_BITS = 62  # keeps every flat index inside int64 with room to spare
+MAX_GROUP_BITS = 16  # 2^16 probabilities per token is already ~256 MiB for 1024 tokens
+
+
+@dataclass(frozen=True)
+class LFQConfig(QuantizerConfig):
+    name: str = "lfq"
+    dim: int = 10  # bits; the implicit codebook has 2^dim codes
+    scale: float = 1.0
+    # The reference implementation's defaults (lucidrains/vector-quantize-pytorch, inv_temperature 100).
+    entropy_weight: float = 0.1
+    commitment_weight: float = 0.25
+    diversity_gamma: float = 1.0
+    entropy_temperature: float = 0.01
+    # Bits per sub-group of the batch entropy; group_bits >= dim is the exact 2^dim form.
+    group_bits: int = 10
+
+    def __post_init__(self):
+        require(1 <= self.dim <= MAX_BITS, "dim", f"must be between 1 and {MAX_BITS} bits, got {self.dim}")
+        require(self.scale > 0, "scale", f"must be > 0, got {self.scale}")
+        require(self.entropy_weight >= 0, "entropy_weight", f"must be >= 0, got {self.entropy_weight}")
+        require(self.commitment_weight >= 0, "commitment_weight", f"must be >= 0, got {self.commitment_weight}")
+        require(self.diversity_gamma >= 0, "diversity_gamma", f"must be >= 0, got {self.diversity_gamma}")
+        require(self.entropy_temperature > 0, "entropy_temperature", f"must be > 0, got {self.entropy_temperature}")
+        require(
+            1 <= self.group_bits <= MAX_GROUP_BITS,
+            "group_bits",
+            f"must be between 1 and {MAX_GROUP_BITS} (memory grows as tokens * 2^group_bits), got {self.group_bits}",
+        )
+
+
+def bit_table(bits: int) -> torch.Tensor:
+    """``(2^bits, bits)`` float 0/1 digits of every code of a group, digit 0 least significant."""
+    codes = torch.arange(2**bits)
+    return ((codes[:, None] >> torch.arange(bits)) & 1).float()
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """``-sum p log p`` over the last dim; the clamp keeps the gradient finite where p underflows to 0."""
+    return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim=-1)
+
+
+@registry.register("lfq", LFQConfig)
+class LFQ(Quantizer):
+    def __init__(self, cfg: LFQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.dim = cfg.dim
+        self.radices = (2,) * cfg.dim
+        for size in {min(cfg.group_bits, cfg.dim - start) for start in range(0, cfg.dim, cfg.group_bits)}:
+            self.register_buffer(f"bits_{size}", bit_table(size), persistent=False)
+
+    def quantize(self, z: torch.Tensor) -> QuantizerOutput:
+        q = torch.where(z > 0, self.cfg.scale, -self.cfg.scale)  # (B, N, D)
+        z_q = straight_through(z, q)
+        codes = (z > 0).long()  # (B, N, D)
+
+        sample_entropy, codebook_entropy = self.entropies(z.reshape(-1, self.dim))
+        commitment = (z - q).square().mean()
+        losses = {}
+        if self.cfg.entropy_weight > 0:
+            losses["entropy"] = self.cfg.entropy_weight * (sample_entropy - self.cfg.diversity_gamma * codebook_entropy)
+        if self.cfg.commitment_weight > 0:
+            losses["commitment"] = self.cfg.commitment_weight * commitment
+        stats = {
+            "sample_entropy": sample_entropy.detach(),
+            "codebook_entropy": codebook_entropy.detach(),
+            "commitment_mse": commitment.detach(),
+        }
+        return QuantizerOutput(z_q=z_q, codes=codes, losses=losses, stats=stats)
+
+    def entropies(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(T, D)`` tokens -> (E[H(p(q|z))], factorised H(E[p(q|z)])) in nats."""
+        # ||z - s||^2 - ||z + s||^2 = -4 s z: the logit of bit i being +s
+        logit = 4 * self.cfg.scale * z / self.cfg.entropy_temperature  # (T, D)
+        log_one, log_zero = F.logsigmoid(logit), F.logsigmoid(-logit)  # (T, D) each
+        per_bit = -(log_one.exp() * log_one + log_zero.exp() * log_zero)  # (T, D)
+        sample_entropy = per_bit.sum(dim=-1).mean()
+
+        codebook_entropy = sum(self.group_entropy(group) for group in logit.split(self.cfg.group_bits, dim=-1))
+        return sample_entropy, codebook_entropy
+
+    def group_entropy(self, logit: torch.Tensor) -> torch.Tensor:
+        """H of the batch-mean distribution over one group's codes, from its ``(T, g)`` bit logits."""
+        bits = getattr(self, f"bits_{logit.shape[-1]}")  # (2^g, g)
+        # (T, 2^g): log p of each code of the group, the exact marginal of the group's bits
+        log_p = F.logsigmoid(logit) @ bits.T + F.logsigmoid(-logit) @ (1 - bits).T
+        return entropy(log_p.exp().mean(dim=0))
+
+    def encode_fp32(self, z: torch.Tensor) -> torch.Tensor:
+        return (z > 0).long()
+
+    def decode_fp32(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.where(codes == 1, self.cfg.scale, -self.cfg.scale)
