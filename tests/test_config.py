@@ -93,3 +93,14 @@ def test_public_api_names():
     q = vqlab.quantizers.build("fsq", levels=[8, 5, 5, 5])
     assert q.dim == 4 and q.codebook_size == 1000
     assert callable(vqlab.train)
+
+
+def test_switching_a_nested_variant_starts_it_afresh():
+    cfg = load("rvq", ["quantizer.base.name=vq", "quantizer.base.dim=8"])
+    assert cfg.quantizer.base.name == "vq" and cfg.quantizer.base.dim == 8
+    assert load("rvq", ["quantizer.base.levels=[5,5]"]).quantizer.base.levels == (5, 5)
+
+
+def test_switching_data_source_keeps_the_data_section():
+    cfg = load("smoke", ["data.name=shapes"])
+    assert cfg.data.name == "shapes" and cfg.data.batch_size == load("smoke").data.batch_size

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vqlab import checkpoint, trainer
+from vqlab import checkpoint, losses
 from vqlab.trainer import NonFiniteLossError, train
 
 from .helpers import read_metrics
@@ -106,9 +106,14 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, nproc):
     assert strip(whole_rows) == strip(killed_rows)
 
 
-def test_ddp_ranks_stay_identical(tmp_path):
+GAN = ["loss.adversarial.weight=0.1", "loss.adversarial.width=8", "loss.adversarial.layers=2"]
+GAN += ["loss.adversarial.start_step=5", "loss.adversarial.lecam=0.1", "train.grad_accum=2"]
+
+
+@pytest.mark.parametrize("extra", [[], GAN], ids=["plain", "gan-accum"])
+def test_ddp_ranks_stay_identical(tmp_path, extra):
     args = ["--config", "smoke", f"tracking.root={tmp_path / 'runs'}", "train.steps=20", "train.checkpoint_every=5"]
-    run = launch([*args, "tracking.run_name=ddp"], tmp_path, nproc=2)
+    run = launch([*args, "tracking.run_name=ddp", *extra], tmp_path, nproc=2)
     _, err = run.communicate()
     assert run.returncode == 0, err.decode()[-3000:]
     # every checkpoint compared the ranks' weights and buffers bit for bit (check_in_sync)
@@ -119,14 +124,14 @@ def test_ddp_ranks_stay_identical(tmp_path):
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(smoke_cfg, monkeypatch):
     calls = {"n": 0}
-    real = trainer.reconstruction_losses
+    real = losses.reconstruction_losses
 
     def poisoned(*args):
         calls["n"] += 1
-        losses = real(*args)
-        return {k: v * float("nan") for k, v in losses.items()} if calls["n"] == 8 else losses
+        values = real(*args)
+        return {k: v * float("nan") for k, v in values.items()} if calls["n"] == 8 else values
 
-    monkeypatch.setattr(trainer, "reconstruction_losses", poisoned)
+    monkeypatch.setattr(losses, "reconstruction_losses", poisoned)
     cfg = smoke_cfg(**{"train.checkpoint_every": 5, "tracking.run_name": "nan"})
     with pytest.raises(NonFiniteLossError, match="step 8"):
         train(cfg)

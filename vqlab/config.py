@@ -19,7 +19,7 @@ from vqlab.models import BackboneConfig
 from vqlab.models.conv import ConvConfig
 from vqlab.quantizers import QuantizerConfig
 from vqlab.quantizers.fsq import FSQConfig
-from vqlab.schema import ConfigError, flatten, parse, require, to_dict
+from vqlab.schema import ConfigError, flatten, parse, require, section_class, to_dict
 
 PRESETS = resources.files("vqlab") / "configs"
 
@@ -49,9 +49,47 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class PerceptualConfig:
+    weight: float = 0.0  # LPIPS weight; 0 builds nothing
+    net: Literal["alex", "vgg", "squeeze"] = "alex"
+    weights_path: str = ""  # the trunk's ImageNet weights; empty = the torch hub cache
+
+    def __post_init__(self):
+        require(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    weight: float = 0.0  # 0 builds no discriminator
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    start_step: int = 0  # optimizer step at which the discriminator and its loss start
+    adaptive: bool = True  # VQGAN's adaptive weight from the decoder's last layer
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.9)
+    width: int = 64
+    layers: int = 3
+    lecam: float = 0.0  # LeCAM regulariser weight; 0 = off
+    lecam_decay: float = 0.99
+    r1: float = 0.0  # R1 gradient penalty weight; 0 = off
+
+    def __post_init__(self):
+        require(self.weight >= 0, "weight", f"must be >= 0, got {self.weight}")
+        require(self.start_step >= 0, "start_step", f"must be >= 0, got {self.start_step}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {self.betas}")
+        require(self.width >= 1, "width", f"must be >= 1, got {self.width}")
+        require(self.layers >= 1, "layers", f"must be >= 1, got {self.layers}")
+        require(self.lecam >= 0, "lecam", f"must be >= 0, got {self.lecam}")
+        require(0 <= self.lecam_decay < 1, "lecam_decay", f"must be in [0, 1), got {self.lecam_decay}")
+        require(self.r1 >= 0, "r1", f"must be >= 0, got {self.r1}")
+
+
+@dataclass(frozen=True)
 class LossConfig:
     l1: float = 1.0
     l2: float = 0.0
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     def __post_init__(self):
         require(self.l1 >= 0, "l1", f"weight must be >= 0, got {self.l1}")
@@ -152,14 +190,15 @@ class RunConfig:
             f"{self.data.image_size} is not divisible by the {self.model.name} backbone's downsampling factor {factor}",
         )
         require(
+            self.loss.adversarial.weight == 0 or self.loss.adversarial.start_step < self.train.steps,
+            "loss.adversarial.start_step",
+            f"{self.loss.adversarial.start_step} is not before train.steps ({self.train.steps})",
+        )
+        require(
             self.optim.warmup_steps < self.train.steps,
             "optim.warmup_steps",
             f"{self.optim.warmup_steps} must be smaller than train.steps ({self.train.steps})",
         )
-
-
-# Sections whose `name` selects a config class: changing the name starts that section afresh.
-VARIANT_SECTIONS = ("model", "quantizer")
 
 
 def from_dict(data: dict[str, Any]) -> RunConfig:
@@ -213,16 +252,23 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set dotted keys in a copy of ``data``. Setting a variant section's ``name`` to another
-    value drops that section's other keys, which belong to the previous variant."""
+    """Set dotted keys in a copy of ``data``. Setting a variant section's ``name`` (a quantizer, a
+    backbone, a composite quantizer's base) to another value drops that section's other keys,
+    which belong to the previous variant; shallower names are applied first."""
     data = copy.deepcopy(data)
-    for key, value in sorted(overrides.items(), key=lambda kv: not kv[0].endswith(".name")):
+    names_first = sorted(overrides.items(), key=lambda kv: (not kv[0].endswith(".name"), kv[0].count(".")))
+    for key, value in names_first:
         parts = key.split(".")
-        if len(parts) == 2 and parts[0] in VARIANT_SECTIONS and parts[1] == "name":
-            section = data.get(parts[0]) or {}
-            if section.get("name") != value:
-                data[parts[0]] = {"name": value}
-                continue
+        if parts[-1] == "name" and len(parts) > 1:
+            section_cls = section_class(RunConfig, data, parts[:-1])
+            if section_cls is not None and hasattr(section_cls, "variant"):
+                parent = data
+                for part in parts[:-2]:
+                    parent = parent.setdefault(part, {})
+                section = parent.get(parts[-2]) or {}
+                if section.get("name") != value:
+                    parent[parts[-2]] = {"name": value}
+                    continue
         node = data
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})

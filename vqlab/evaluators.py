@@ -150,7 +150,12 @@ registry.register("codebook")(lambda radices, device: CodebookMetrics(radices, d
 
 
 def build(names: tuple[str, ...], radices: tuple[int, ...], device: torch.device) -> dict[str, Evaluator]:
-    return {name: registry.get(name).builder(radices=radices, device=device) for name in names}
+    """The named evaluators; a continuous quantizer (no radices) has no codebook to measure."""
+    return {
+        name: registry.get(name).builder(radices=radices, device=device)
+        for name in names
+        if radices or name != "codebook"
+    }
 
 
 def block_mean(images: torch.Tensor, block: int = 8) -> torch.Tensor:

@@ -150,3 +150,20 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[path] = value
     return flat
+
+
+def section_class(root: type, data: dict[str, Any], path: list[str]) -> type | None:
+    """The config class at dotted ``path`` below ``root`` given the raw ``data`` (whose ``name``
+    keys select variants on the way down); ``None`` if the path is not a section."""
+    cls: Any = root
+    node: Any = data
+    for part in path:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        cls = _concrete_class(cls, node if isinstance(node, dict) else {})
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+        node = node.get(part, {}) if isinstance(node, dict) else {}
+    return cls if dataclasses.is_dataclass(cls) else None

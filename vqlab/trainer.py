@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import RunConfig, flat_params, from_yaml, load, presets, to_yaml
-from vqlab.losses import reconstruction_losses
+from vqlab.losses import Objective
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
 from vqlab.schema import ConfigError, flatten, to_dict
@@ -99,6 +99,18 @@ def batches(loader: DataLoader, epoch: int, skip: int) -> Iterator[tuple[torch.T
         for index, images in enumerate(loader, start=skip + 1):
             yield images, (epoch, index)
         epoch, skip = epoch + 1, 0
+
+
+def no_sync_unless(module: torch.nn.Module, sync: bool):
+    """DDP's ``no_sync`` on all but the last micro-batch of an optimizer step, so gradients are
+    all-reduced once per step; a plain module has nothing to skip."""
+    return module.no_sync() if isinstance(module, DDP) and not sync else nullcontext()
+
+
+def accumulate(window: dict[str, torch.Tensor], values: dict[str, torch.Tensor], micro_batches: int) -> None:
+    """Average detached per-micro-batch values over an optimizer step, for logging."""
+    for name, value in values.items():
+        window[name] = window.get(name, 0.0) + value.detach().float() / micro_batches
 
 
 def autocast(device: torch.device, dtype: str):
@@ -193,6 +205,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
         splits.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, device.type == "cuda"
     )
     val_loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
+    objective = Objective(cfg.loss).to(device)  # fails on missing LPIPS weights before anything is written
     run_dir = None
     if ctx.main:
         run_dir = resume_folder(cfg, resume) if resume else None
@@ -217,6 +230,12 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     train_model = DDP(model, broadcast_buffers=False) if distributed.initialized() else model
     if cfg.train.compile:
         train_model = torch.compile(train_model)
+    adversary = objective.adversary
+    if adversary is not None:
+        disc_optimizer = torch.optim.Adam(
+            adversary.parameters(), lr=cfg.loss.adversarial.lr, betas=cfg.loss.adversarial.betas
+        )
+        disc_model = DDP(adversary.discriminator) if distributed.initialized() else adversary.discriminator
     metrics = evaluators.build(cfg.eval.metrics, quantizer.radices, device)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
@@ -232,6 +251,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
         schedule.load_state_dict(state["schedule"])
         if ema is not None:
             ema.module.load_state_dict(state["ema"])
+        if adversary is not None:
+            adversary.load_state_dict(state["adversary"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
         step, position = state["step"], tuple(state["position"])
         set_rng_state(state["rng"][ctx.rank], device)
 
@@ -249,6 +271,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     def save_checkpoint(done: int, next_position: tuple[int, int]) -> None:
         rngs = distributed.all_gather_objects(rng_state(device))
         distributed.check_in_sync(model, f"step {done}")
+        if adversary is not None:
+            distributed.check_in_sync(adversary, f"step {done} (discriminator)")
         if not ctx.main:
             return
         state = {
@@ -263,6 +287,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
         }
         if ema is not None:
             state["ema"] = ema.module.state_dict()
+        if adversary is not None:
+            state["adversary"] = adversary.state_dict()
+            state["disc_optimizer"] = disc_optimizer.state_dict()
         checkpoint.save_step(state, checkpoints, done, cfg.train.keep_checkpoints)
 
     # --- loop ------------------------------------------------------------------------------
@@ -275,20 +302,20 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
         while step < cfg.train.steps:
             quantizer.set_step(step, cfg.train.steps)
             window: dict[str, torch.Tensor] = {}
+            pairs = []  # (real, reconstruction) micro-batches for the discriminator
             for micro in range(cfg.train.grad_accum):
                 images, position = next(stream)
                 images = images.to(device, non_blocking=True)
-                last_micro = micro == cfg.train.grad_accum - 1
-                # gradients are all-reduced once per optimizer step, on the window's last micro-batch
-                sync = nullcontext() if last_micro or train_model is model else train_model.no_sync()
-                with sync:
+                with no_sync_unless(train_model, micro == cfg.train.grad_accum - 1):
                     with autocast(device, cfg.train.dtype):
                         out = train_model(images)
-                    losses = {**reconstruction_losses(out.reconstruction, images, cfg.loss), **out.quant.losses}
+                        losses, stats = objective(out.reconstruction, images, step, model.last_layer())
+                    losses |= out.quant.losses
                     loss = sum(losses.values())
                     (loss / cfg.train.grad_accum).backward()
-                for name, value in {"loss": loss, **losses, **out.quant.stats}.items():
-                    window[name] = window.get(name, 0.0) + value.detach() / cfg.train.grad_accum
+                accumulate(window, {"loss": loss, **losses, **stats, **out.quant.stats}, cfg.train.grad_accum)
+                if objective.adversarial_active(step):
+                    pairs.append((images, out.reconstruction.detach()))
                 seen += len(images)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             if not (torch.isfinite(window["loss"]) and torch.isfinite(grad_norm)):
@@ -301,6 +328,15 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
             quantizer.on_optimizer_step()
             if ema is not None:
                 ema.update(model)
+            for micro, (real, fake) in enumerate(pairs):
+                with no_sync_unless(disc_model, micro == len(pairs) - 1):
+                    with autocast(device, cfg.train.dtype):
+                        disc_loss = adversary.discriminator_term(disc_model, real, fake)
+                    (disc_loss / len(pairs)).backward()
+                accumulate(window, {"disc_loss": disc_loss}, len(pairs))
+            if pairs:
+                disc_optimizer.step()
+                disc_optimizer.zero_grad(set_to_none=True)
             schedule.step()
             step += 1
             logger.advance()

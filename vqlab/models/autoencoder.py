@@ -29,6 +29,10 @@ class VQAutoencoder(nn.Module):
         self.pre_quant = nn.Linear(backbone.channels, quantizer.dim)
         self.post_quant = nn.Linear(quantizer.dim, backbone.channels)
 
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output-layer weight, where VQGAN's adaptive adversarial weight is measured."""
+        return [p for p in self.decoder.parameters() if p.ndim > 1][-1]
+
     def _check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
             raise ValueError(

@@ -1,0 +1,79 @@
+"""Pretrained weights vqlab reads, and where it expects them. Nothing is downloaded at run time.
+
+Each entry maps a network to the file name torch hub uses, so a populated hub cache
+(``$TORCH_HOME/hub/checkpoints``, by default ``~/.cache/torch/hub/checkpoints``) just works.
+A missing file is a ``MissingWeightsError`` that names the exact path and where the file comes from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+class MissingWeightsError(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class Weights:
+    name: str
+    filename: str
+    url: str
+    used_by: str
+
+
+REGISTRY = {
+    w.name: w
+    for w in (
+        Weights(
+            "alexnet",
+            "alexnet-owt-7be5be79.pth",
+            "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+            "LPIPS (alex)",
+        ),
+        Weights("vgg16", "vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth", "LPIPS (vgg)"),
+        Weights(
+            "squeezenet1_1",
+            "squeezenet1_1-b8a52dc0.pth",
+            "https://download.pytorch.org/models/squeezenet1_1-b8a52dc0.pth",
+            "LPIPS (squeeze)",
+        ),
+        Weights(
+            "inception",
+            "weights-inception-2015-12-05-6726825d.pth",
+            "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+            "FID / IS / KID (torch-fidelity inception-v3-compat)",
+        ),
+    )
+}
+
+
+def hub_checkpoints() -> Path:
+    """The torch hub cache folder, honouring ``$TORCH_HOME``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def expected_path(name: str, explicit: str = "") -> Path:
+    return Path(explicit) if explicit else hub_checkpoints() / REGISTRY[name].filename
+
+
+def resolve(name: str, explicit: str = "") -> Path:
+    """The file holding ``name``'s weights: ``explicit`` if given, else the hub cache; raises
+    ``MissingWeightsError`` naming the path when it is absent."""
+    path = expected_path(name, explicit)
+    if not path.is_file():
+        entry = REGISTRY[name]
+        raise MissingWeightsError(
+            f"{entry.used_by} needs the {name} weights at {path}, which does not exist. "
+            f"Copy {entry.filename} (from {entry.url}) there, or point the config at the file; "
+            f"vqlab never downloads at run time."
+        )
+    return path
+
+
+def status() -> list[tuple[Weights, Path, bool]]:
+    """Every registered weight with its expected path and whether it is there."""
+    return [(w, expected_path(w.name), expected_path(w.name).is_file()) for w in REGISTRY.values()]
