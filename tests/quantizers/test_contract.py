@@ -32,8 +32,9 @@ def test_output_contract(quantizer):
         assert loss.ndim == 0 and torch.isfinite(loss), name
     for name, stat in out.stats.items():
         assert not stat.requires_grad, name
-    assert 1 <= out.stats["perplexity"] <= out.stats["distinct_codes"] + 1e-4
-    assert out.stats["distinct_codes"] == len({tuple(c) for c in out.codes.reshape(-1, len(radices)).tolist()})
+    if quantizer.discrete:  # a continuous quantizer has no codes to count
+        assert 1 <= out.stats["perplexity"] <= out.stats["distinct_codes"] + 1e-4
+        assert out.stats["distinct_codes"] == len({tuple(c) for c in out.codes.reshape(-1, len(radices)).tolist()})
 
 
 def test_gradient_reaches_the_input(quantizer):
@@ -44,6 +45,8 @@ def test_gradient_reaches_the_input(quantizer):
 
 
 def test_decode_of_encode_is_z_q_in_eval(quantizer):
+    if not quantizer.discrete:
+        pytest.skip("a continuous quantizer has no codes to decode")
     quantizer.eval()
     z = tokens(quantizer)
     out = quantizer(z)
