@@ -28,6 +28,7 @@ def worker(rank, init_file, results):
             out["perturbed_detected"] = "out of sync" in str(err)
         results[rank] = out
     finally:
+        dist.barrier()  # no rank leaves while a peer still talks to it
         dist.destroy_process_group()
 
 

@@ -87,7 +87,10 @@ def setup(device: str) -> Context:
 
 
 def teardown() -> None:
+    """Leave the process group together: a rank that exits while a peer still talks to it can
+    abort the peer's gloo threads."""
     if initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -53,6 +53,7 @@ def train_rank(rank, init_file, out_dir):
                 quantizer.on_optimizer_step()
             torch.save(quantizer.state_dict(), out_dir / f"{name}-{rank}.pt")
     finally:
+        dist.barrier()  # no rank leaves while a peer still talks to it
         dist.destroy_process_group()
 
 
