@@ -143,3 +143,13 @@ def test_imagefolder_flips_depend_only_on_seed_epoch_and_index(tmp_path):
     plain = data.ImageFiles(a.files, 32, flip=False)
     flipped = [torch.equal(a[i], plain[i].flip(-1)) for i in range(len(a))]
     assert any(flipped) and not all(flipped)
+
+
+def test_synthetic_images_are_smooth_reproducible_and_in_range():
+    splits = data.build_datasets(DataConfig(name="synthetic", image_size=64, val_count=4, train_count=8), seed=0)
+    again = data.build_datasets(DataConfig(name="synthetic", image_size=64, val_count=4, train_count=8), seed=0)
+    image = splits.train[2]
+    assert image.shape == (3, 64, 64) and image.min() >= -1 and image.max() <= 1
+    assert torch.equal(image, again.train[2]) and not torch.equal(image, splits.train[3])
+    assert not torch.equal(splits.train[0], splits.val[0])
+    assert (image[:, :, 1:] - image[:, :, :-1]).abs().mean() < 0.1 * image.std()  # smooth, not white noise

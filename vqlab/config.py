@@ -26,7 +26,7 @@ PRESETS = resources.files("vqlab") / "configs"
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["photos", "shapes", "imagefolder", "cifar10", "cifar100"] = "photos"
+    name: Literal["photos", "shapes", "synthetic", "imagefolder", "cifar10", "cifar100"] = "photos"
     root: str = ""  # imagefolder / cifar: where the files are
     val_root: str = ""  # imagefolder: a separate validation folder (else a held-out split of root)
     image_size: int = 32

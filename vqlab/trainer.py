@@ -346,6 +346,8 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
                 logged = {f"train/{k}": v.item() for k, v in window.items()}
                 logged |= {"train/lr": schedule.get_last_lr()[0], "train/grad_norm": grad_norm.item()}
                 logged["train/images_per_s"] = seen * ctx.world_size / elapsed
+                if device.type == "cuda":
+                    logged["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 logger.log(logged, step=step)
                 tick, seen = time.perf_counter(), 0
 
