@@ -47,10 +47,9 @@ def test_training_crops_depend_only_on_seed_epoch_and_index():
     assert torch.equal(a[5], b[5])
     other_seed = data.build_datasets(DataConfig(name="photos", val_count=64, train_count=100), seed=1).train
     assert not torch.equal(a[5], other_seed[5])
-    b.set_epoch(1)
-    assert not torch.equal(a[5], b[5])
-    a.set_epoch(1)
-    assert torch.equal(a[5], b[5])
+    epoch_1 = 5 + len(a)  # the sampler's key for index 5 of epoch 1
+    assert not torch.equal(a[5], b[epoch_1])
+    assert torch.equal(a[epoch_1], b[epoch_1])
 
 
 def test_validation_grid_is_fixed():
@@ -153,3 +152,18 @@ def test_synthetic_images_are_smooth_reproducible_and_in_range():
     assert torch.equal(image, again.train[2]) and not torch.equal(image, splits.train[3])
     assert not torch.equal(splits.train[0], splits.val[0])
     assert (image[:, :, 1:] - image[:, :, :-1]).abs().mean() < 0.1 * image.std()  # smooth, not white noise
+
+
+def test_persistent_workers_still_see_new_epochs():
+    cfg = DataConfig(name="synthetic", train_count=8, batch_size=4, num_workers=2)
+    dataset = data.Synthetic(16, 8, seed=0, split=data.TRAIN)
+    loader = data.train_loader(dataset, cfg, seed=0)
+    assert loader.persistent_workers
+    epochs = []
+    for epoch in range(2):
+        data.set_epoch(loader, epoch)
+        epochs.append(torch.cat(list(loader)))
+    single = data.train_loader(dataset, DataConfig(name="synthetic", train_count=8, batch_size=4), seed=0)
+    data.set_epoch(single, 1)
+    assert torch.equal(epochs[1], torch.cat(list(single)))
+    assert not torch.equal(epochs[0], epochs[1])

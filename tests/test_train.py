@@ -115,3 +115,18 @@ def test_cli_runs_a_yaml_file(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "run folder:" in out.stdout
     assert len(list((tmp_path / "runs" / "smoke").iterdir())) == 1
+
+
+def test_block_mean_baselines_by_hand():
+    from vqlab.evaluators import block_mean, palette_levels
+
+    images = torch.tensor([[[[0.1, 0.3], [0.5, -0.9]]]])  # (1, 1, 2, 2), mean 0.0
+    assert torch.equal(block_mean(images, 2), torch.zeros(1, 1, 2, 2))
+    shifted = images + 0.5  # mean 0.5, halfway between levels 0 and 1 of {-1, 0, 1}: rounds (half to even) to 1
+    assert torch.allclose(block_mean(shifted, 2, levels=3), torch.ones(1, 1, 2, 2))
+    assert [palette_levels(k) for k in (1000, 1024, 64, 63, 2)] == [10, 10, 4, 3, 2]
+
+
+def test_smoke_run_reports_both_baselines(smoke_run):
+    assert smoke_run.baseline["baseline_palette/colors"] == 1000
+    assert smoke_run.baseline["baseline_palette/l1"] > smoke_run.baseline["baseline/l1"]

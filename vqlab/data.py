@@ -8,7 +8,9 @@
 - ``imagefolder``: any folder tree of images (e.g. ImageNet), resized and center-cropped.
 - ``cifar10`` / ``cifar100``: torchvision's loaders on files already on disk.
 
-Randomness is explicit: a training sample depends only on ``(seed, epoch, index)``.
+Randomness is explicit: a training sample depends only on ``(seed, epoch, index)``. The training
+sampler hands datasets the key ``epoch * len(dataset) + index`` (``split_key`` undoes it), so
+datasets hold no epoch state and loader workers can persist across epochs.
 """
 
 from __future__ import annotations
@@ -75,6 +77,11 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float().div(127.5).sub(1.0)
 
 
+def split_key(key: int, length: int) -> tuple[int, int]:
+    """A sampler key -> ``(epoch, index)``; validation keys are plain indices (epoch 0)."""
+    return divmod(key, length)
+
+
 def sample_rng(seed: int, split: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, split, epoch, index]))
 
@@ -88,16 +95,12 @@ class PhotoCrops(Dataset):
         if not photos:
             raise ValueError(f"crop size {size} is larger than every training photo")
         self.photos, self.size, self.count, self.seed, self.flip = photos, size, count, seed, flip
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        rng = sample_rng(self.seed, TRAIN, self.epoch, index)
+    def __getitem__(self, key: int) -> torch.Tensor:
+        rng = sample_rng(self.seed, TRAIN, *split_key(key, self.count))
         photo = self.photos[rng.integers(len(self.photos))]
         top = rng.integers(photo.shape[1] - self.size + 1)
         left = rng.integers(photo.shape[2] - self.size + 1)
@@ -136,19 +139,14 @@ class Shapes(Dataset):
 
     def __init__(self, size: int, count: int, seed: int, split: int, flip: bool = False):
         self.size, self.count, self.seed, self.split, self.flip = size, count, seed, split, flip
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.split == TRAIN:
-            self.epoch = epoch
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key: int) -> torch.Tensor:
         from skimage.draw import random_shapes
 
-        rng = sample_rng(self.seed, self.split, self.epoch, index)
+        rng = sample_rng(self.seed, self.split, *split_key(key, self.count))
         image, _ = random_shapes(
             (self.size, self.size),
             max_shapes=4,
@@ -169,17 +167,12 @@ class Synthetic(Dataset):
 
     def __init__(self, size: int, count: int, seed: int, split: int):
         self.size, self.count, self.seed, self.split = size, count, seed, split
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if self.split == TRAIN:
-            self.epoch = epoch
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        seed = int(sample_rng(self.seed, self.split, self.epoch, index).integers(2**62))
+    def __getitem__(self, key: int) -> torch.Tensor:
+        seed = int(sample_rng(self.seed, self.split, *split_key(key, self.count)).integers(2**62))
         generator = torch.Generator().manual_seed(seed)
         coarse = torch.rand(1, 3, 4, 4, generator=generator) * 2 - 1
         fine = torch.rand(1, 3, 16, 16, generator=generator) * 0.5 - 0.25
@@ -194,13 +187,10 @@ class Flipped(Dataset):
     resumed run sees exactly the images the uninterrupted one would have."""
 
     def __init__(self, flip: bool, seed: int):
-        self.flip, self.seed, self.epoch = flip, seed, 0
+        self.flip, self.seed = flip, seed
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def maybe_flip(self, image: torch.Tensor, index: int) -> torch.Tensor:
-        if self.flip and sample_rng(self.seed, TRAIN, self.epoch, index).random() < 0.5:
+    def maybe_flip(self, image: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        if self.flip and sample_rng(self.seed, TRAIN, epoch, index).random() < 0.5:
             return image.flip(-1)
         return image
 
@@ -218,13 +208,14 @@ class ImageFiles(Flipped):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key: int) -> torch.Tensor:
         from PIL import Image
 
+        epoch, index = split_key(key, len(self.files))
         with Image.open(self.files[index]) as image:
             array = np.asarray(image.convert("RGB"))
         image = self.transform(torch.from_numpy(array.copy()).permute(2, 0, 1))
-        return to_unit_range(self.maybe_flip(image, index))
+        return to_unit_range(self.maybe_flip(image, epoch, index))
 
 
 class Unlabelled(Flipped):
@@ -240,9 +231,10 @@ class Unlabelled(Flipped):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key: int) -> torch.Tensor:
+        epoch, index = split_key(key, len(self.dataset))
         image, _ = self.dataset[index]
-        return to_unit_range(self.maybe_flip(self.transform(image), index))
+        return to_unit_range(self.maybe_flip(self.transform(image), epoch, index))
 
 
 def image_files(root: Path) -> list[Path]:
@@ -313,7 +305,8 @@ class ShardSampler(Sampler[int]):
 
 
 class EpochSampler(DistributedSampler):
-    """``DistributedSampler`` that can start an epoch part-way through, for exact resume."""
+    """``DistributedSampler`` yielding keys ``epoch * len(dataset) + index`` (see ``split_key``),
+    and able to start an epoch part-way through, for exact resume."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -324,7 +317,8 @@ class EpochSampler(DistributedSampler):
         self.skip = skip
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.skip, None)
+        offset = self.epoch * len(self.dataset)
+        return (offset + i for i in itertools.islice(super().__iter__(), self.skip, None))
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
@@ -346,7 +340,7 @@ def train_loader(
         drop_last=True,
         num_workers=cfg.num_workers,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=cfg.num_workers > 0,
     )
 
 
@@ -362,5 +356,3 @@ def val_loader(dataset: Dataset, cfg: DataConfig, rank: int = 0, world_size: int
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     """Position ``loader`` at batch ``skip_batches`` of epoch ``epoch``."""
     loader.sampler.set_position(epoch, skip_batches * loader.batch_size)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)

@@ -158,7 +158,19 @@ def build(names: tuple[str, ...], radices: tuple[int, ...], device: torch.device
     }
 
 
-def block_mean(images: torch.Tensor, block: int = 8) -> torch.Tensor:
-    """A trivial reference "reconstruction": every ``block x block`` patch replaced by its mean colour."""
+def block_mean(images: torch.Tensor, block: int = 8, levels: int = 0) -> torch.Tensor:
+    """A trivial reference "reconstruction": every ``block x block`` patch replaced by its mean
+    colour; with ``levels``, each channel of that colour rounded to ``levels`` values in [-1, 1]
+    (a palette of ``levels**3`` colours, i.e. a code of that many entries per block)."""
     pooled = torch.nn.functional.avg_pool2d(images, block)
+    if levels:
+        pooled = torch.round((pooled + 1) / 2 * (levels - 1)) / (levels - 1) * 2 - 1
     return torch.nn.functional.interpolate(pooled, scale_factor=block, mode="nearest")
+
+
+def palette_levels(codebook_size: int) -> int:
+    """Per-channel levels of the largest RGB palette with at most ``codebook_size`` colours."""
+    levels = max(round(codebook_size ** (1 / 3)), 2)
+    while levels > 2 and levels**3 > codebook_size:
+        levels -= 1
+    return levels

@@ -42,7 +42,7 @@ class NonFiniteLossError(FloatingPointError):
 class TrainResult:
     run_dir: Path
     metrics: dict[str, float]  # the final validation metrics, "val/..." (and "val_ema/...") keys
-    baseline: dict[str, float]  # the 8x8 block-mean reference measured the same way, "baseline/..."
+    baseline: dict[str, float]  # trivial block-mean codecs measured the same way, "baseline*/..."
 
 
 def seed_everything(seed: int) -> None:
@@ -156,13 +156,19 @@ def evaluate(
 
 
 @torch.no_grad()
-def block_mean_baseline(loader: DataLoader, device: torch.device, block: int = 8) -> dict[str, float]:
-    """The pixel metrics of replacing every ``block x block`` patch by its mean colour."""
-    metric = evaluators.ReconstructionMetrics(device)
+def block_mean_baseline(loader: DataLoader, device: torch.device, block: int, codebook_size: int) -> dict[str, float]:
+    """Pixel metrics of two trivial codecs measured like the model: each ``block x block`` patch
+    replaced by its mean colour (``baseline/``), and by that colour from an RGB palette of at most
+    ``codebook_size`` colours, one code per block like the tokenizer's (``baseline_palette/``)."""
+    levels = evaluators.palette_levels(codebook_size)
+    exact, palette = evaluators.ReconstructionMetrics(device), evaluators.ReconstructionMetrics(device)
     for images in loader:
         images = images.to(device)
-        metric.update(images, evaluators.block_mean(images, block))
-    return {f"baseline/{k}": v for k, v in metric.compute().items()}
+        exact.update(images, evaluators.block_mean(images, block))
+        palette.update(images, evaluators.block_mean(images, block, levels))
+    metrics = {f"baseline/{k}": v for k, v in exact.compute().items()}
+    metrics |= {f"baseline_palette/{k}": v for k, v in palette.compute().items()}
+    return metrics | {"baseline_palette/colors": float(levels**3)}
 
 
 @torch.no_grad()
@@ -261,7 +267,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     logger.artifact(run_dir / "config.yaml")
     logger.advance(step)
     grid_images = torch.stack([splits.val[i] for i in range(min(cfg.eval.grid_images, len(splits.val)))]).to(device)
-    baseline = block_mean_baseline(val_loader, device)
+    # one code per token: compare with one palette colour per token-sized block
+    budget = quantizer.codebook_size if quantizer.discrete else 2**24
+    baseline = block_mean_baseline(val_loader, device, model.downsample, budget)
     if step == 0:
         logger.log({"model/params": sum(p.numel() for p in model.parameters()), **baseline}, step=0, show=True)
         logger.log(
@@ -404,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlflow store: {mlflow_uri(cfg.tracking)}")
     summary = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
     print(f"final:        {summary}")
-    print("baseline:     " + "  ".join(f"{k} {v:.4f}" for k, v in result.baseline.items()) + "  (8x8 block mean)")
+    for prefix, meaning in (("baseline/", "block mean colour"), ("baseline_palette/", "block mean, palette colour")):
+        values = "  ".join(f"{k} {v:.4f}" for k, v in result.baseline.items() if k.startswith(prefix))
+        print(f"{'baseline:':14s}{values}  ({meaning})")
     return 0
 
 
