@@ -30,7 +30,7 @@ def tokens(q, seed=0):
 
 def record_group_calls(q):
     calls = []
-    for quantizer in q.quantizers:
+    for quantizer in q.parts:
         quantizer.register_forward_hook(lambda module, args, out: calls.append((args[0], out)))
     return calls
 
@@ -44,7 +44,7 @@ def test_each_group_is_its_slice_through_the_base(base, shared):
     out = q(z)
     width = q.group_dim
     assert q.dim == 3 * width and out.codes.shape == (2, 8, 3)
-    assert q.radices == (q.quantizers[0].codebook_size,) * 3
+    assert q.radices == (q.parts[0].codebook_size,) * 3
     assert len(calls) == 3
     for g, (group_in, group_out) in enumerate(calls):
         assert torch.equal(group_in, z[..., g * width : (g + 1) * width])
@@ -71,22 +71,22 @@ def test_changing_one_group_leaves_the_others_alone(base):
 @pytest.mark.parametrize("base", BASES)
 def test_shared_uses_one_module(base):
     own, shared = build(groups=3, base=base), build(groups=3, base=base, shared=True)
-    assert len(own.quantizers) == 3 and len({id(own.group(g)) for g in range(3)}) == 3
-    assert len(shared.quantizers) == 1 and all(shared.group(g) is shared.quantizers[0] for g in range(3))
+    assert len(own.parts) == 3 and len({id(own.part(g)) for g in range(3)}) == 3
+    assert len(shared.parts) == 1 and all(shared.part(g) is shared.parts[0] for g in range(3))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    assert count(shared) == count(shared.quantizers[0]) and count(own) == 3 * count(own.quantizers[0])
+    assert count(shared) == count(shared.parts[0]) and count(own) == 3 * count(own.parts[0])
 
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_hooks_reach_every_group_module_once(shared):
     q = build(groups=3, shared=shared)
     seen = []
-    for quantizer in q.quantizers:
+    for quantizer in q.parts:
         quantizer.set_step = lambda step, total, m=quantizer: seen.append(("set_step", id(m), step, total))
         quantizer.on_optimizer_step = lambda m=quantizer: seen.append(("on_optimizer_step", id(m)))
     q.set_step(5, 10)
     q.on_optimizer_step()
-    ids = [id(quantizer) for quantizer in q.quantizers]
+    ids = [id(quantizer) for quantizer in q.parts]
     assert seen == [("set_step", i, 5, 10) for i in ids] + [("on_optimizer_step", i) for i in ids]
     assert len(ids) == (1 if shared else 3)
 

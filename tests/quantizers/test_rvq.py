@@ -35,7 +35,7 @@ def tokens(q, seed=0):
 def record_stage_calls(q):
     """[(input, output)] of every stage call, in order."""
     calls = []
-    for stage in q.stages:
+    for stage in q.parts:
         stage.register_forward_hook(lambda module, args, out: calls.append((args[0], out)))
     return calls
 
@@ -56,7 +56,7 @@ def test_stage_inputs_are_the_scaled_residuals_and_z_q_their_sum(base, shared):
         for name, loss in stage_out.losses.items():
             assert out.losses[f"stage{k}/{name}"] is loss
     assert torch.equal(out.z_q, total)
-    assert out.codes.shape == (2, 8, 3) and q.radices == (q.stages[0].codebook_size,) * 3
+    assert out.codes.shape == (2, 8, 3) and q.radices == (q.parts[0].codebook_size,) * 3
 
 
 @pytest.mark.parametrize("base", LEARNED_BASES)
@@ -64,7 +64,7 @@ def test_each_stage_loss_is_the_base_loss_on_its_own_residual(base):
     q = build(depth=2, base=base)
     z = tokens(q)
     q(z)  # let data-dependent initialisation happen before the stages are copied
-    references = [copy.deepcopy(q.stage(k)) for k in range(2)]
+    references = [copy.deepcopy(q.part(k)) for k in range(2)]
     out = q(z)
     residual = z
     for k, reference in enumerate(references):
@@ -74,7 +74,7 @@ def test_each_stage_loss_is_the_base_loss_on_its_own_residual(base):
             torch.testing.assert_close(out.losses[f"stage{k}/{name}"], loss)
         assert torch.equal(out.codes[..., k], digits_to_index(expected.codes, q.base_radices))
         # by hand: beta * mean squared distance from the stage's residual (not z) to its code
-        code = q.stage(k).decode(out.codes[..., k : k + 1])
+        code = q.part(k).decode(out.codes[..., k : k + 1])
         torch.testing.assert_close(out.losses[f"stage{k}/commitment"], 0.25 * (residual - code).square().mean())
         residual = residual - expected.z_q.detach()
 
@@ -111,10 +111,10 @@ def test_per_channel_level_scaling_and_none():
 @pytest.mark.parametrize("base", BASES)
 def test_shared_uses_one_module(base):
     own, shared = build(depth=3, base=base), build(depth=3, base=base, shared=True)
-    assert len(own.stages) == 3 and len({id(own.stage(k)) for k in range(3)}) == 3
-    assert len(shared.stages) == 1 and all(shared.stage(k) is shared.stages[0] for k in range(3))
+    assert len(own.parts) == 3 and len({id(own.part(k)) for k in range(3)}) == 3
+    assert len(shared.parts) == 1 and all(shared.part(k) is shared.parts[0] for k in range(3))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    assert count(shared) == count(shared.stages[0]) and count(own) == 3 * count(own.stages[0])
+    assert count(shared) == count(shared.parts[0]) and count(own) == 3 * count(own.parts[0])
     calls = record_stage_calls(shared)
     shared(tokens(shared))
     assert len(calls) == 3
@@ -124,12 +124,12 @@ def test_shared_uses_one_module(base):
 def test_hooks_reach_every_stage_module_once(shared):
     q = build(depth=3, shared=shared)
     seen = []
-    for stage in q.stages:
+    for stage in q.parts:
         stage.set_step = lambda step, total, stage=stage: seen.append(("set_step", id(stage), step, total))
         stage.on_optimizer_step = lambda stage=stage: seen.append(("on_optimizer_step", id(stage)))
     q.set_step(5, 10)
     q.on_optimizer_step()
-    ids = [id(stage) for stage in q.stages]
+    ids = [id(stage) for stage in q.parts]
     assert seen == [("set_step", i, 5, 10) for i in ids] + [("on_optimizer_step", i) for i in ids]
     assert len(ids) == (1 if shared else 3)
 

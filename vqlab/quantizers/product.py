@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from vqlab import codes as codes_lib
-from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, registry
+from vqlab.quantizers._composite import Composite
+from vqlab.quantizers.base import QuantizerConfig, QuantizerOutput, registry
 from vqlab.quantizers.fsq import FSQConfig
 from vqlab.schema import require
 
@@ -46,47 +45,24 @@ class ProductConfig(QuantizerConfig):
 
 
 @registry.register("product", ProductConfig)
-class Product(Quantizer):
+class Product(Composite):
     def __init__(self, cfg: ProductConfig):
-        super().__init__()
-        from vqlab.quantizers import build  # the package finishes importing after its modules
-
+        super().__init__(cfg.base, cfg.groups, cfg.shared)
         self.cfg = cfg
-        self.quantizers = nn.ModuleList(build(cfg.base) for _ in range(1 if cfg.shared else cfg.groups))
-        base = self.quantizers[0]
-        self.group_dim = base.dim
-        self.dim = cfg.groups * base.dim
+        self.group_dim = self.parts[0].dim
+        self.dim = cfg.groups * self.group_dim
         require(
             cfg.dim in (0, self.dim),
             "dim",
-            f"{cfg.dim} is not groups ({cfg.groups}) x the base's width ({base.dim}) = {self.dim}",
+            f"{cfg.dim} is not groups ({cfg.groups}) x the base's width ({self.group_dim}) = {self.dim}",
         )
-        require(
-            codes_lib.fits_int64(base.radices),
-            "base",
-            f"a group's codebook of {base.codebook_size} codes does not fit an int64 index",
-        )
-        self.base_radices = tuple(base.radices)
-        self.radices = (base.codebook_size,) * cfg.groups
-
-    def group(self, g: int) -> Quantizer:
-        return self.quantizers[0 if self.cfg.shared else g]
-
-    def set_step(self, step: int, total_steps: int) -> None:
-        for quantizer in self.quantizers:
-            quantizer.set_step(step, total_steps)
-
-    def on_optimizer_step(self) -> None:
-        # self.quantizers holds each module once, so a shared one applies its updates once per step
-        for quantizer in self.quantizers:
-            quantizer.on_optimizer_step()
 
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
         parts, codes, losses, stats = [], [], {}, {}
         for g, chunk in enumerate(z.split(self.group_dim, dim=-1)):  # (B, N, D / groups) each
-            out = self.group(g)(chunk)
+            out = self.part(g)(chunk)
             parts.append(out.z_q)
-            codes.append(codes_lib.digits_to_index(out.codes, self.base_radices))  # (B, N)
+            codes.append(self.pack(out.codes))  # (B, N)
             losses |= {f"group{g}/{name}": value / self.cfg.groups for name, value in out.losses.items()}
             stats |= {f"group{g}/{name}": value for name, value in out.stats.items()}
         return QuantizerOutput(
@@ -95,12 +71,12 @@ class Product(Quantizer):
 
     def encode_fp32(self, z: torch.Tensor) -> torch.Tensor:
         chunks = z.split(self.group_dim, dim=-1)
-        codes = [codes_lib.digits_to_index(self.group(g).encode(c), self.base_radices) for g, c in enumerate(chunks)]
+        codes = [self.pack(self.part(g).encode(c)) for g, c in enumerate(chunks)]
         return torch.stack(codes, dim=-1)  # (B, N, groups)
 
     def decode_fp32(self, codes: torch.Tensor) -> torch.Tensor:
         parts = [
-            self.group(g).decode(codes_lib.index_to_digits(codes[..., g], self.base_radices))  # (..., D / groups)
+            self.part(g).decode(self.unpack(codes, g))  # (..., D / groups)
             for g in range(self.cfg.groups)
         ]
         return torch.cat(parts, dim=-1)  # (..., D)

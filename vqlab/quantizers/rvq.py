@@ -34,10 +34,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import nn
 
-from vqlab import codes as codes_lib
-from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, registry
+from vqlab.quantizers._composite import Composite
+from vqlab.quantizers.base import QuantizerConfig, QuantizerOutput, registry
 from vqlab.quantizers.fsq import FSQConfig
 from vqlab.schema import require
 
@@ -74,22 +73,11 @@ class RVQConfig(QuantizerConfig):
 
 
 @registry.register("rvq", RVQConfig)
-class RVQ(Quantizer):
+class RVQ(Composite):
     def __init__(self, cfg: RVQConfig):
-        super().__init__()
-        from vqlab.quantizers import build  # the package finishes importing after its modules
-
+        super().__init__(cfg.base, cfg.depth, cfg.shared)
         self.cfg = cfg
-        self.stages = nn.ModuleList(build(cfg.base) for _ in range(1 if cfg.shared else cfg.depth))
-        base = self.stages[0]
-        require(
-            codes_lib.fits_int64(base.radices),
-            "base",
-            f"a stage's codebook of {base.codebook_size} codes does not fit an int64 index",
-        )
-        self.base_radices = tuple(base.radices)
-        self.dim = base.dim
-        self.radices = (base.codebook_size,) * cfg.depth
+        self.dim = self.parts[0].dim
         if cfg.scaling == "levels" or (cfg.scaling == "auto" and cfg.base.name == "fsq"):
             steps = torch.tensor(cfg.base.levels, dtype=torch.float32) - 1
             scales = torch.stack([steps ** (-k) for k in range(cfg.depth)])
@@ -98,18 +86,9 @@ class RVQ(Quantizer):
         self.register_buffer("scales", scales, persistent=False)  # (depth, D)
         self._step = 0
 
-    def stage(self, k: int) -> Quantizer:
-        return self.stages[0 if self.cfg.shared else k]
-
     def set_step(self, step: int, total_steps: int) -> None:
         self._step = step
-        for stage in self.stages:
-            stage.set_step(step, total_steps)
-
-    def on_optimizer_step(self) -> None:
-        # self.stages holds each module once, so a shared stage applies its updates once per step
-        for stage in self.stages:
-            stage.on_optimizer_step()
+        super().set_step(step, total_steps)
 
     def active_depth(self) -> int:
         """Stages summed into ``z_q`` by the next forward: ``depth`` unless quantize dropout fires."""
@@ -126,12 +105,12 @@ class RVQ(Quantizer):
         z_q = torch.zeros_like(z)  # (B, N, D)
         codes, losses, stats = [], {}, {}
         for k in range(self.cfg.depth):
-            out = self.stage(k)(residual / self.scales[k])
+            out = self.part(k)(residual / self.scales[k])
             stage_q = out.z_q * self.scales[k]  # (B, N, D)
             if k < active:
                 z_q = z_q + stage_q
             residual = residual - stage_q.detach()
-            codes.append(codes_lib.digits_to_index(out.codes, self.base_radices))  # (B, N)
+            codes.append(self.pack(out.codes))  # (B, N)
             losses |= {f"stage{k}/{name}": value for name, value in out.losses.items()}
             stats |= {f"stage{k}/{name}": value for name, value in out.stats.items()}
         stats["active_depth"] = torch.tensor(float(active), device=z.device)
@@ -141,14 +120,13 @@ class RVQ(Quantizer):
         residual = z  # (B, N, D)
         codes = []
         for k in range(self.cfg.depth):
-            digits = self.stage(k).encode(residual / self.scales[k])  # (B, N, G_base)
-            residual = residual - self.stage(k).decode(digits) * self.scales[k]
-            codes.append(codes_lib.digits_to_index(digits, self.base_radices))
+            digits = self.part(k).encode(residual / self.scales[k])  # (B, N, G_base)
+            residual = residual - self.part(k).decode(digits) * self.scales[k]
+            codes.append(self.pack(digits))
         return torch.stack(codes, dim=-1)  # (B, N, depth)
 
     def decode_fp32(self, codes: torch.Tensor) -> torch.Tensor:
         z_q = torch.zeros(*codes.shape[:-1], self.dim, device=codes.device)  # (..., D)
         for k in range(self.cfg.depth):
-            digits = codes_lib.index_to_digits(codes[..., k], self.base_radices)  # (..., G_base)
-            z_q = z_q + self.stage(k).decode(digits) * self.scales[k]
+            z_q = z_q + self.part(k).decode(self.unpack(codes, k)) * self.scales[k]
         return z_q
