@@ -138,21 +138,20 @@ class ModelEMA:
 
 @torch.no_grad()
 def evaluate(
-    model: VQAutoencoder, loader: DataLoader, metrics: dict[str, evaluators.Evaluator], device: torch.device, dtype: str
+    model: VQAutoencoder, loader: DataLoader, metrics: evaluators.Evaluator, device: torch.device, dtype: str
 ) -> dict[str, float]:
-    """Run ``metrics`` over the whole validation set (all ranks' shards); un-prefixed keys."""
+    """Run ``metrics`` (an ``evaluators.Suite``) over the whole validation set (all ranks'
+    shards) from a fresh state; un-prefixed keys. ``python -m vqlab.evaluate`` calls this too."""
     was_training = model.training
     model.eval()
-    for evaluator in metrics.values():
-        evaluator.reset()
+    metrics.reset()
     for images in loader:
         images = images.to(device)
         with autocast(device, dtype):
             out = model(images)
-        for evaluator in metrics.values():
-            evaluator.update(images, out.reconstruction, out.quant.codes)
+        metrics.update(images, out.reconstruction, out.quant.codes)
     model.train(was_training)
-    return {k: v for evaluator in metrics.values() for k, v in evaluator.compute().items()}
+    return metrics.compute()
 
 
 @torch.no_grad()
@@ -211,7 +210,10 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
         splits.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, device.type == "cuda"
     )
     val_loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
-    objective = Objective(cfg.loss).to(device)  # fails on missing LPIPS weights before anything is written
+    # what needs weight files is built before anything is written, so a missing file leaves no trace
+    quantizer = quantizers.build(cfg.quantizer)
+    objective = Objective(cfg.loss).to(device)
+    metrics = evaluators.build(cfg.eval.metrics, quantizer.radices, device, cfg.eval)
     run_dir = None
     if ctx.main:
         run_dir = resume_folder(cfg, resume) if resume else None
@@ -224,7 +226,6 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     checkpoints = run_dir / "checkpoints"
 
     # --- build -----------------------------------------------------------------------------
-    quantizer = quantizers.build(cfg.quantizer)
     model = build_autoencoder(cfg.model, quantizer).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -242,7 +243,6 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
             adversary.parameters(), lr=cfg.loss.adversarial.lr, betas=cfg.loss.adversarial.betas
         )
         disc_model = DDP(adversary.discriminator) if distributed.initialized() else adversary.discriminator
-    metrics = evaluators.build(cfg.eval.metrics, quantizer.radices, device)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
     # --- resume ----------------------------------------------------------------------------
@@ -364,6 +364,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
                 val_metrics = {
                     f"val/{k}": v for k, v in evaluate(model, val_loader, metrics, device, cfg.train.dtype).items()
                 }
+                if step == cfg.train.steps:  # the final code histogram, for the analysis studies
+                    for path in metrics.save(run_dir):
+                        logger.artifact(path)
                 if ema is not None:
                     averaged = evaluate(ema.module, val_loader, metrics, device, cfg.train.dtype)
                     val_metrics |= {f"val_ema/{k}": v for k, v in averaged.items()}

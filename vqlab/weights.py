@@ -60,16 +60,18 @@ def expected_path(name: str, explicit: str = "") -> Path:
     return Path(explicit) if explicit else hub_checkpoints() / REGISTRY[name].filename
 
 
-def resolve(name: str, explicit: str = "") -> Path:
+def resolve(name: str, explicit: str = "", setting: str = "") -> Path:
     """The file holding ``name``'s weights: ``explicit`` if given, else the hub cache; raises
-    ``MissingWeightsError`` naming the path when it is absent."""
+    ``MissingWeightsError`` naming the path when it is absent (and ``setting``, the config key
+    that takes an explicit file, when the caller has one)."""
     path = expected_path(name, explicit)
     if not path.is_file():
         entry = REGISTRY[name]
+        where = f"set {setting} to the file" if setting else "point the config at the file"
         raise MissingWeightsError(
             f"{entry.used_by} needs the {name} weights at {path}, which does not exist. "
-            f"Copy {entry.filename} (from {entry.url}) there, or point the config at the file; "
-            f"vqlab never downloads at run time."
+            f"Copy {entry.filename} (from {entry.url}) there, or {where}; "
+            f"vqlab never downloads at run time (python -m vqlab.doctor lists every file)."
         )
     return path
 

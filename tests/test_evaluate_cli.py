@@ -1,0 +1,147 @@
+"""``python -m vqlab.evaluate`` on a smoke run trained without LPIPS/Inception weights: the same
+numbers as training-time validation, missing metrics reported as missing, MLflow. Under two
+ranks: tests/test_evaluators_ddp.py."""
+
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+import vqlab
+from vqlab.evaluate import main
+from vqlab.trainer import train
+
+ALL_METRICS = ["reconstruction", "codebook", "swd", "lpips", "fid"]
+MISSING_KEYS = ("lpips", "fid", "isc", "kid")
+
+
+@pytest.fixture(scope="module")
+def torch_home(tmp_path_factory):
+    """An empty torch hub cache: no LPIPS trunk, no Inception."""
+    return tmp_path_factory.mktemp("torch_home")
+
+
+@pytest.fixture(autouse=True)
+def empty_hub(torch_home, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small tensors on a shared CPU: a second OpenMP thread mostly waits for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, torch_home, one_thread):
+    """4 steps of the smoke preset asking for every metric; returns the result and the warnings."""
+    overrides = {
+        "tracking.root": str(tmp_path_factory.mktemp("runs")),
+        "train.steps": 4,
+        "train.log_every": 2,
+        "optim.warmup_steps": 0,
+        "eval.metrics": ALL_METRICS,
+    }
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        patch.setenv("TORCH_HOME", str(torch_home))
+        result = train(vqlab.config.load("smoke", overrides))
+    return result, [str(w.message) for w in caught]
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_training_skips_metrics_whose_weights_are_missing(smoke_run, torch_home):
+    result, caught = smoke_run
+    hub = torch_home / "hub" / "checkpoints"
+    assert any(str(hub / "alexnet-owt-7be5be79.pth") in w and "'lpips' skipped" in w for w in caught)
+    assert any(str(hub / "weights-inception-2015-12-05-6726825d.pth") in w and "'fid' skipped" in w for w in caught)
+    assert {"val/l1", "val/psnr", "val/ssim", "val/swd", "val/swd_32", "val/codebook_usage"} <= set(result.metrics)
+    assert not [k for k in result.metrics if k.split("/")[1].startswith(MISSING_KEYS)]
+
+
+def test_training_saves_the_code_histogram(smoke_run):
+    result, _ = smoke_run
+    with np.load(result.run_dir / "codebook_histogram.npz") as saved:
+        assert saved["counts"].sum() == 64 * 4 * 4  # val_count images x (32 / 8)^2 tokens
+        assert saved["radices"].tolist() == [8, 5, 5, 5]
+        assert len(saved["indices"]) / 1000 == pytest.approx(result.metrics["val/codebook_usage"])
+
+
+def test_evaluate_reproduces_training_validation(smoke_run, capsys):
+    result, _ = smoke_run
+    with pytest.warns(UserWarning) as caught:
+        assert main(["--run", str(result.run_dir)]) == 0
+    assert sorted(str(w.message).split("'")[1] for w in caught) == ["fid", "lpips"]
+    record = read(result.run_dir / "eval.json")
+    assert record["step"] == 4 and record["world_size"] == 1
+    assert record["checkpoint"].endswith("step_0000004.pt")
+    assert record["metrics"] == pytest.approx({f"eval/{k[4:]}": v for k, v in result.metrics.items()}, rel=1e-9)
+    assert set(record["missing"]) == {"lpips", "fid"}
+    assert "weights-inception-2015-12-05-6726825d.pth" in record["missing"]["fid"]
+    out = capsys.readouterr().out
+    assert "missing fid: FID / IS / KID" in out and "eval/psnr" in out
+    with (
+        np.load(result.run_dir / "codebook_histogram.npz") as trained,
+        np.load(result.run_dir / "eval_codebook_histogram.npz") as evaluated,
+    ):
+        assert np.array_equal(trained["counts"], evaluated["counts"])
+
+
+def test_metrics_checkpoint_data_and_output_options(smoke_run, tmp_path):
+    result, _ = smoke_run
+    out = tmp_path / "small.json"
+    checkpoint = result.run_dir / "checkpoints" / "step_0000004.pt"
+    args = ["--run", str(result.run_dir), "--checkpoint", str(checkpoint), "--metrics", "reconstruction"]
+    assert main([*args, "--out", str(out), "data.val_count=16"]) == 0
+    record = read(out)
+    assert set(record["metrics"]) == {"eval/l1", "eval/mse", "eval/psnr", "eval/ssim"}
+    assert record["data"]["val_count"] == 16 and record["missing"] == {}
+    assert record["metrics"]["eval/l1"] != pytest.approx(result.metrics["val/l1"])
+
+
+def test_bad_requests_fail_with_a_message(smoke_run, tmp_path, capsys, torch_home):
+    result, _ = smoke_run
+    assert main(["--run", str(tmp_path)]) == 2
+    assert "no run folder" in capsys.readouterr().err
+    assert main(["--run", str(result.run_dir), "model.width=8"]) == 2
+    assert "cannot change model.width" in capsys.readouterr().err
+    strict = ["--run", str(result.run_dir), "--metrics", "lpips", "--out", str(tmp_path / "e.json")]
+    assert main([*strict, "eval.missing_weights=error"]) == 2
+    assert str(torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()
+
+
+def test_evaluate_logs_to_the_runs_mlflow_run(smoke_run, tmp_path, monkeypatch):
+    """The MLflow calls, against a stand-in module (a real sqlite store costs ~10 s to create;
+    tests/test_train.py exercises one)."""
+    result, _ = smoke_run
+    run_dir = tmp_path / "smoke" / result.run_dir.name
+    shutil.copytree(result.run_dir, run_dir)
+    (run_dir / "mlflow_run_id").write_text("abc123\n")
+    mlflow = mock.MagicMock()
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--run", str(run_dir), "--metrics", "reconstruction,codebook"]
+    assert main([*args, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"]) == 0
+    mlflow.set_tracking_uri.assert_called_once_with(uri)
+    mlflow.start_run.assert_called_once_with(run_id="abc123")
+    (metrics,), options = mlflow.log_metrics.call_args
+    assert metrics == read(run_dir / "eval.json")["metrics"] and options == {"step": 4}
+    logged = {Path(c.args[0]).name for c in mlflow.log_artifact.call_args_list}
+    assert logged == {"eval.json", "eval_codebook_histogram.npz"}
+    mlflow.reset_mock()
+    (run_dir / "mlflow_run_id").unlink()
+    assert main([*args, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"]) == 0  # eval.json only
+    mlflow.start_run.assert_not_called()

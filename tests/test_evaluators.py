@@ -1,0 +1,393 @@
+"""Each evaluator against a reference computed independently on small inputs; the LPIPS and
+Inception code paths with stand-in weights under a temporary TORCH_HOME; missing weights."""
+
+import itertools
+import math
+import re
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from vqlab import evaluators, weights
+from vqlab.config import EvalConfig
+from vqlab.evaluators import CodebookMetrics, ReconstructionMetrics, SlicedWasserstein
+from vqlab.metrics import fidelity
+from vqlab.metrics import swd as swd_lib
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are small and the CPU is shared: a second OpenMP thread mostly waits (on a
+    loaded 2-core machine a stand-in Inception pass takes 6 s with two threads, 0.15 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def unit_to_model(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 - 1
+
+
+# --- reconstruction ------------------------------------------------------------------------------
+
+
+def test_l1_mse_psnr_by_hand():
+    x = torch.zeros(3, 3, 4, 4)  # [0, 1] space
+    y = x.clone()
+    y[0] += 0.1  # every pixel off by 0.1
+    y[1, :, :2] += 0.5  # half the pixels off by 0.5
+    metrics = ReconstructionMetrics(CPU)
+    metrics.update(unit_to_model(x[:2]), unit_to_model(y[:2]))
+    metrics.update(unit_to_model(x[2:]), unit_to_model(y[2:]))  # image 2 is exact
+    out = metrics.compute()
+    assert out["l1"] == pytest.approx((0.1 + 0.25 + 0) / 3)
+    assert out["mse"] == pytest.approx((0.01 + 0.125 + 0) / 3)
+    assert out["psnr"] == pytest.approx((10 * math.log10(1 / 0.01) + 10 * math.log10(1 / 0.125) + 100) / 3)
+    assert "ssim" not in out  # 4 px images are smaller than the 11 px SSIM window
+
+
+def test_reconstructions_are_clamped_before_measuring():
+    metrics = ReconstructionMetrics(CPU)
+    metrics.update(torch.ones(1, 3, 4, 4), torch.full((1, 3, 4, 4), 3.0))
+    assert metrics.compute()["l1"] == 0
+
+
+def test_ssim_matches_scikit_image():
+    from skimage.metrics import structural_similarity
+
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 20, 16)
+    y = (x + 0.15 * torch.randn_like(x)).clamp(0, 1)
+    metrics = ReconstructionMetrics(CPU)
+    metrics.update(unit_to_model(x), unit_to_model(y))
+    expected = np.mean(
+        [
+            structural_similarity(
+                a.permute(1, 2, 0).double().numpy(),
+                b.permute(1, 2, 0).double().numpy(),
+                channel_axis=2,
+                data_range=1,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+            )
+            for a, b in zip(to_unit_again(x), to_unit_again(y), strict=True)
+        ]
+    )
+    assert metrics.compute()["ssim"] == pytest.approx(expected, abs=1e-9)
+
+
+def to_unit_again(x: torch.Tensor) -> torch.Tensor:
+    """The [0, 1] images the evaluator sees after its round trip through [-1, 1]."""
+    return evaluators.to_unit(unit_to_model(x))
+
+
+# --- codebook ------------------------------------------------------------------------------------
+
+
+def known_codes():
+    """Radices (2, 4): flat index = d0 + 2 d1. Histogram {0: 4, 1: 2, 5: 1, 7: 1} over 8 codes."""
+    flat = torch.tensor([0, 0, 0, 0, 1, 1, 5, 7])
+    return torch.stack([flat % 2, flat // 2], dim=-1).reshape(2, 4, 2)  # (B, N, G)
+
+
+@pytest.mark.parametrize("dense_limit", [2**18, 1])  # dense vector, then the sparse table
+def test_usage_perplexity_dead_codes_on_a_known_histogram(dense_limit):
+    metrics = CodebookMetrics((2, 4), CPU, dense_limit=dense_limit)
+    assert metrics.dense == (dense_limit > 8)
+    codes = known_codes()
+    metrics.update(None, None, codes[:1])
+    metrics.update(None, None, codes[1:])
+    out = metrics.compute()
+    p = np.array([4, 2, 1, 1]) / 8
+    assert out["codebook_usage"] == 4 / 8
+    assert out["dead_codes"] == 4
+    assert out["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    # digit 0 (radix 2): values 0,0,0,0,1,1,1,1; digit 1 (radix 4): 0,0,0,0,0,0,2,3
+    assert out["usage_digit0"] == 1 and out["perplexity_digit0"] == pytest.approx(2)
+    q = np.array([6, 1, 1]) / 8
+    assert out["usage_digit1"] == 3 / 4 and out["dead_codes_digit1"] == 1
+    assert out["perplexity_digit1"] == pytest.approx(math.exp(-(q * np.log(q)).sum()))
+    indices, counts = metrics.histogram()
+    assert indices.tolist() == [0, 1, 5, 7] and counts.tolist() == [4, 2, 1, 1]
+
+
+def test_large_codebooks_are_counted_sparsely():
+    radices = (2,) * 24  # 16.7M codes: no dense histogram
+    metrics = CodebookMetrics(radices, CPU)
+    assert not metrics.dense
+    digits = torch.zeros(3, 5, 24, dtype=torch.int64)
+    digits[1, :, 0] = 1  # codes 0 (10 times) and 1 (5 times)
+    metrics.update(None, None, digits)
+    out = metrics.compute()
+    assert out["codebook_usage"] == 2 / 2**24 and out["dead_codes"] == 2**24 - 2
+    assert out["perplexity"] == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))))
+
+
+def test_histogram_artifact(tmp_path):
+    metrics = CodebookMetrics((2, 4), CPU)
+    metrics.update(None, None, known_codes())
+    (path,) = metrics.save(tmp_path, prefix="eval_")
+    assert path == tmp_path / "eval_codebook_histogram.npz"
+    with np.load(path) as saved:
+        assert saved["indices"].tolist() == [0, 1, 5, 7] and saved["counts"].tolist() == [4, 2, 1, 1]
+        assert saved["radices"].tolist() == [2, 4] and int(saved["codebook_size"]) == 8
+        assert saved["digit_counts_1"].tolist() == [6, 0, 1, 1] and not saved["sparse"]
+
+
+def test_reset_starts_a_new_evaluation():
+    metrics = CodebookMetrics((2, 4), CPU)
+    metrics.update(None, None, known_codes())
+    metrics.reset()
+    metrics.update(None, None, torch.zeros(1, 3, 2, dtype=torch.int64))
+    assert metrics.compute()["codebook_usage"] == 1 / 8
+
+
+# --- sliced Wasserstein distance -----------------------------------------------------------------
+
+
+def test_pyr_down_matches_scipy_mirror_convolution():
+    from scipy import ndimage
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16) * 255
+    kernel = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]) / 256
+    expected = ndimage.convolve(images.double().numpy(), kernel[None, None], mode="mirror")[:, :, ::2, ::2]
+    assert np.allclose(swd_lib.pyr_down(images).numpy(), expected, atol=1e-3)
+
+
+def test_laplacian_pyramid_reconstructs_the_image():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32) * 255
+    pyramid = swd_lib.laplacian_pyramid(images, 3)
+    assert [level.shape[-1] for level in pyramid] == [32, 16, 8]
+    image = pyramid[-1]
+    for band in reversed(pyramid[:-1]):
+        image = band + swd_lib.pyr_up(image, band.shape[-2:])
+    assert torch.allclose(image, images, atol=1e-3)
+    assert swd_lib.resolutions(32) == [32, 16] and swd_lib.resolutions(128) == [128, 64, 32, 16]
+    assert swd_lib.resolutions(8) == [8]
+
+
+def test_sliced_wasserstein_of_a_known_shift():
+    """Shifting a set by t moves every projection on direction u by <t, u>: the distance is the
+    mean of |<t, u>| over the directions, and linear in |t|."""
+    torch.manual_seed(0)
+    points = torch.randn(500, 5, dtype=torch.float64)
+    directions = swd_lib.random_directions(5, 64, torch.Generator().manual_seed(0))
+    t = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    for scale in (0.5, 1.0, 2.0):
+        expected = (scale * t @ directions).abs().mean().item()
+        assert swd_lib.sliced_wasserstein(points, points + scale * t, directions) == pytest.approx(expected)
+    assert swd_lib.sliced_wasserstein(points, points[torch.randperm(500)], directions) == pytest.approx(0, abs=1e-12)
+
+
+def smooth_images(count: int, size: int = 32) -> torch.Tensor:
+    """Smooth random colour fields in [-1, 1] (upsampled noise), like low-frequency photo content."""
+    torch.manual_seed(1)
+    coarse = torch.rand(count, 3, size // 4, size // 4) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
+
+
+def swd_of(images: torch.Tensor, reconstructions: torch.Tensor, batch: int = 8) -> dict[str, float]:
+    metric = SlicedWasserstein(CPU, per_image=32)
+    for start in range(0, len(images), batch):
+        metric.update(images[start : start + batch], reconstructions[start : start + batch])
+    return metric.compute()
+
+
+def test_swd_is_zero_on_identical_sets_and_grows_with_noise():
+    images = smooth_images(16)
+    same = swd_of(images, images.clone())
+    assert set(same) == {"swd_32", "swd_16", "swd"}
+    assert all(v == pytest.approx(0, abs=1e-6) for v in same.values())
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(images.shape, generator=generator)
+    values = [swd_of(images, (images + sigma * noise).clamp(-1, 1)) for sigma in (0.03, 0.1, 0.3)]
+    for key in ("swd_32", "swd_16", "swd"):
+        series = [v[key] for v in values]
+        assert all(a < b for a, b in itertools.pairwise(series)), (key, series)
+    assert values[0]["swd"] > 1.0  # well above the identical-set value
+
+
+def test_swd_does_not_depend_on_batching_or_touch_the_global_rng():
+    images = smooth_images(12)
+    noisy = (images + 0.1 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    one = swd_of(images, noisy, batch=12)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert swd_of(images, noisy, batch=5) == pytest.approx(one, rel=1e-5)
+
+
+# --- Fréchet distance ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [10, 50])  # fewer samples than dimensions (feature factor), then more
+def test_frechet_distance_matches_torch_fidelity(count):
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    torch.manual_seed(0)
+    a = torch.randn(count, 16, dtype=torch.float64)
+    b = torch.randn(count + 3, 16, dtype=torch.float64) * 1.5 + 0.3
+    expected = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)
+    ours = fidelity.frechet_distance(a.mean(0), fidelity.feature_factor(a), b.mean(0), fidelity.feature_factor(b))
+    assert ours == pytest.approx(expected[KEY_METRIC_FID], rel=1e-8)
+    _, sigma = fidelity.statistics(a)
+    from_stats = fidelity.frechet_distance(
+        a.mean(0), fidelity.covariance_factor(sigma), b.mean(0), fidelity.feature_factor(b)
+    )
+    assert from_stats == pytest.approx(expected[KEY_METRIC_FID], rel=1e-8)
+    assert fidelity.frechet_distance(a.mean(0), fidelity.feature_factor(a), a.mean(0), fidelity.feature_factor(a)) == (
+        pytest.approx(0, abs=1e-9)
+    )
+
+
+# --- weights: stand-ins, missing files -----------------------------------------------------------
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+def hub_file(torch_home, name):
+    path = torch_home / "hub" / "checkpoints" / weights.REGISTRY[name].filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+SMALL_INCEPTION_INPUT = 75  # the smallest input Inception takes; 299 costs seconds per image on a CPU
+
+
+@pytest.fixture
+def inception_file(torch_home, monkeypatch):
+    """Random Inception weights under torch hub's file name. He-initialised convolutions keep the
+    activations O(1) (PyTorch's default init shrinks them into slow float denormals), and a scaled
+    classifier spreads the logits so the Inception Score is not trivially 1."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", SMALL_INCEPTION_INPUT)
+    torch.manual_seed(0)
+    with (
+        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+        mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}),
+    ):
+        net = FeatureExtractorInceptionV3("stand-in", ["2048", "logits_unbiased"], feature_extractor_weights_path="-")
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    net.fc.weight.data *= 1000
+    path = hub_file(torch_home, "inception")
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
+    cache = tmp_path / "fid_cache"
+    options = EvalConfig(metrics=("fid",), reference_cache=str(cache))
+    suite = evaluators.build(("fid",), (8, 5), CPU, options)
+    fid = suite.evaluators["fid"]
+    images = smooth_images(6)
+    blurred = torch.nn.functional.avg_pool2d(images, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
+
+    extractor = fid.extractor
+    calls = []
+    fid.extractor = lambda x: calls.append(len(x)) or extractor(x)
+    suite.update(images, images.clone(), None)
+    same = suite.compute()
+    assert calls == [6, 6]  # originals, reconstructions
+    assert set(same) == {"fid", "isc", "isc_std", "kid", "kid_std"}
+    assert same["fid"] == pytest.approx(0, abs=1e-6)
+    assert same["isc"] >= 1 - 1e-9  # exp of a mean KL divergence
+
+    suite.reset()
+    suite.update(images[:4], blurred[:4], None)
+    suite.update(images[4:], blurred[4:], None)
+    different = suite.compute()
+    assert calls == [6, 6, 4, 2]  # the originals' features were remembered
+    assert different["fid"] > 1e-4 and different["kid"] > same["kid"]
+
+    (cached,) = cache.glob("*.npz")
+    assert re.fullmatch(r"inception-v3-compat-32x32-[0-9a-f]{16}\.npz", cached.name)
+    with np.load(cached) as stats:
+        assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and int(stats["count"]) == 6
+    suite.reset()
+    suite.update(images[:5], blurred[:5], None)  # other reference data: another file
+    suite.compute()
+    assert len(list(cache.glob("*.npz"))) == 2
+
+
+def test_lpips_with_stand_in_trunks(torch_home):
+    torch.manual_seed(0)
+    torch.save(torchvision.models.alexnet().state_dict(), hub_file(torch_home, "alexnet"))
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), hub_file(torch_home, "squeezenet1_1"))
+    images = smooth_images(4)
+    for net, key in (("alex", "lpips"), ("squeeze", "lpips_squeeze")):
+        suite = evaluators.build(("lpips",), (8, 5), CPU, EvalConfig(lpips_net=net))
+        suite.update(images, images.clone(), None)
+        assert suite.compute() == {key: pytest.approx(0, abs=1e-6)}
+        suite.reset()
+        suite.update(images, images.flip(-1), None)
+        assert suite.compute()[key] > 0
+
+
+def test_lpips_is_fed_minus_one_to_one():
+    """The network sees the images as given in [-1, 1] (reconstructions clamped), not [0, 1]."""
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, y):
+            self.seen = (x, y)
+            return torch.zeros(len(x), 1, 1, 1)
+
+    metric = evaluators.PerceptualDistance(Recorder(), "alex", CPU)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    metric.update(images, images * 3, None)
+    x, y = metric.network.seen
+    assert torch.equal(x, images) and y.min() == -1 and y.max() == 1
+
+
+def test_missing_weights_are_skipped_with_a_warning_naming_the_path(torch_home):
+    expected = torch_home / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    with pytest.warns(UserWarning, match=re.escape(str(expected))):
+        suite = evaluators.build(("reconstruction", "fid", "swd"), (8, 5), CPU)
+    assert set(suite.evaluators) == {"reconstruction", "swd"}
+    assert str(expected) in suite.missing["fid"] and "eval.inception_weights" in suite.missing["fid"]
+    images = smooth_images(2)
+    suite.update(images, images, None)
+    assert not any(k.startswith(("fid", "isc", "kid")) for k in suite.compute())
+
+
+def test_missing_weights_can_be_an_error(torch_home):
+    expected = torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    with pytest.raises(weights.MissingWeightsError, match=re.escape(str(expected))):
+        evaluators.build(("lpips",), (8, 5), CPU, EvalConfig(missing_weights="error"))
+
+
+def test_doctor_lists_the_evaluation_weights(torch_home, capsys):
+    from vqlab import doctor
+
+    assert doctor.main() == 0
+    out = capsys.readouterr().out
+    assert "MISSING inception" in out and str(torch_home / "hub" / "checkpoints") in out
+    assert "eval.inception_weights" in out and "fid_reference" in out
+
+
+def test_eval_config_validates_names_and_options():
+    from vqlab.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown evaluator"):
+        EvalConfig(metrics=("reconstruction", "fdi"))
+    assert {"reconstruction", "codebook", "lpips", "fid", "swd"} <= set(evaluators.registry.names())
+    with pytest.raises(ConfigError):
+        from vqlab.config import load
+
+        load("smoke", ["eval.missing_weights=ignore"])

@@ -1,0 +1,128 @@
+"""Evaluators and ``vqlab.evaluate`` under 2 gloo processes: the global metrics equal one
+process's on the same data (and differ from the average of per-rank values, the upstream
+mistake). The workers join through the environment variables torchrun sets (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as ``vqlab.distributed.setup`` expects under torchrun."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import vqlab
+from vqlab import distributed
+from vqlab.evaluate import evaluate_run
+from vqlab.evaluators import CodebookMetrics, FidelityMetrics, ReconstructionMetrics, SlicedWasserstein
+from vqlab.trainer import train
+
+CPU = torch.device("cpu")
+COUNT = 10
+RADICES = (2, 4)
+
+
+class TinyExtractor(torch.nn.Module):
+    """A deterministic stand-in for Inception: 2x2 average colours as "pool features" and a fixed
+    projection of them as "logits"."""
+
+    def __init__(self):
+        super().__init__()
+        self.projection = torch.randn(12, 7, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pool = torch.nn.functional.adaptive_avg_pool2d(images.float() / 255, 2).flatten(1)
+        return pool, 5 * pool @ self.projection
+
+
+def dataset():
+    """Images, reconstructions and codes; even samples use codes {0, 1}, odd samples {4, 5}, so a
+    2-rank interleaved split gives each rank half of the codes used."""
+    generator = torch.Generator().manual_seed(0)
+    coarse = torch.rand(COUNT, 3, 4, 4, generator=generator) * 2 - 1
+    images = torch.nn.functional.interpolate(coarse, size=16, mode="bilinear", align_corners=False)
+    reconstructions = (images + 0.2 * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
+    flat = torch.tensor([[(i % 2) * 4 + t % 2 for t in range(6)] for i in range(COUNT)])
+    codes = torch.stack([flat % 2, flat // 2], dim=-1)  # (COUNT, 6 tokens, 2 digits)
+    return images, reconstructions, codes
+
+
+def evaluate(indices: list[int], batch: int = 3) -> dict[str, float]:
+    images, reconstructions, codes = dataset()
+    evaluators = [
+        ReconstructionMetrics(CPU),
+        CodebookMetrics(RADICES, CPU),
+        FidelityMetrics(TinyExtractor(), CPU, kid_subset_size=4, kid_subsets=5),
+        SlicedWasserstein(CPU, per_image=16),
+    ]
+    for start in range(0, len(indices), batch):
+        chunk = indices[start : start + batch]
+        for evaluator in evaluators:
+            evaluator.update(images[chunk], reconstructions[chunk], codes[chunk])
+    return {k: v for evaluator in evaluators for k, v in evaluator.compute().items()}
+
+
+def worker(rank, folder, port, run_dir):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    distributed.setup("cpu")
+    torch.save(evaluate(list(range(rank, COUNT, 2))), folder / f"rank{rank}.pt")  # ShardSampler's split
+    evaluate_run(run_dir, out=folder / "two.json")  # leaves the process group at its end
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """A 2-step smoke run, then both ranks' evaluator results and the run's 2-rank eval.json."""
+    folder = tmp_path_factory.mktemp("ddp")
+    overrides = {
+        "tracking.root": str(folder / "runs"),
+        "train.steps": 2,
+        "optim.warmup_steps": 0,
+        "eval.metrics": ["reconstruction", "codebook", "swd"],
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_dir = train(vqlab.config.load("smoke", overrides)).run_dir
+        mp.spawn(worker, args=(folder, free_port(), run_dir), nprocs=2)
+        single = evaluate_run(run_dir, out=folder / "one.json")
+        evaluated = {n: json.loads((folder / f"{n}.json").read_text()) for n in ("one", "two")}
+        local = {
+            "single": evaluate(list(range(COUNT))),
+            "shards": [evaluate(list(range(rank, COUNT, 2))) for rank in range(2)],
+        }
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [torch.load(folder / f"rank{rank}.pt") for rank in range(2)]
+    return {"ranks": ranks, "evaluated": evaluated, "single_run": single, **local}
+
+
+def test_two_ranks_give_the_single_process_metrics(results):
+    single = results["single"]
+    assert single["codebook_usage"] == 4 / 8
+    for rank in range(2):
+        assert results["ranks"][rank].keys() == single.keys()
+        assert results["ranks"][rank] == pytest.approx(single, rel=1e-6, abs=1e-9)
+
+
+def test_the_per_rank_average_would_be_wrong(results):
+    single, shards = results["single"], results["shards"]
+    average = {k: (shards[0][k] + shards[1][k]) / 2 for k in single}
+    assert average["codebook_usage"] == 2 / 8
+    assert average["perplexity"] != pytest.approx(single["perplexity"])
+    assert average["fid"] != pytest.approx(single["fid"], rel=1e-3)
+    assert average["kid"] != pytest.approx(single["kid"], rel=1e-3)
+
+
+def test_evaluate_under_two_ranks_gives_the_single_process_numbers(results):
+    one, two = results["evaluated"]["one"], results["evaluated"]["two"]
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert {"eval/l1", "eval/ssim", "eval/swd", "eval/codebook_usage"} <= set(two["metrics"])
+    assert two["metrics"] == pytest.approx(one["metrics"], rel=1e-6)

@@ -1,0 +1,178 @@
+"""``python -m vqlab.evaluate --run runs/<exp>/<run>``: evaluate a run's checkpoint.
+
+    python -m vqlab.evaluate --run runs/demo/<run> [--checkpoint FILE] [--metrics fid,lpips] [key=value ...]
+    torchrun --nproc-per-node 8 -m vqlab.evaluate --run-dir runs/demo/<run>   # --run clashes with torchrun's --run-path
+
+The run's ``config.yaml`` rebuilds the model; the checkpoint is the newest valid one (or
+``--checkpoint``); the data is the run's validation split unless ``data.*`` overrides name
+another. The evaluators, and the function that runs them, are the ones training-time validation
+uses, so the numbers mean the same. Under ``torchrun`` every rank takes a shard and the metrics
+are computed over all of them. Rank 0 writes ``<run>/eval.json`` (metrics as ``eval/<name>``,
+``eval_ema/<name>`` for the model EMA when the checkpoint has one, and the metrics skipped for
+missing weights with the reason), the code histogram beside it, and logs both to the run's
+MLflow run when ``tracking.mlflow`` is on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from vqlab import checkpoint, data, distributed, evaluators, quantizers
+from vqlab.config import RunConfig, from_yaml, load, parse_override
+from vqlab.models import build_autoencoder
+from vqlab.schema import ConfigError, to_dict
+from vqlab.tracking import mlflow_uri
+from vqlab.trainer import evaluate
+
+# What may change between training and evaluation; the model must stay the one that was trained.
+OVERRIDABLE = ("data.", "eval.", "train.device", "train.dtype", "tracking.")
+
+
+@dataclass
+class EvalResult:
+    path: Path  # eval.json
+    metrics: dict[str, float]
+    missing: dict[str, str]  # metric -> why it was not computed
+    step: int
+
+
+def run_config(run_dir: Path, overrides: list[str], metrics: list[str] | None) -> RunConfig:
+    """The run's config with evaluation-side overrides; MLflow resolves to the run's own store."""
+    pairs = {"tracking.root": str(run_dir.resolve().parent.parent)}
+    for key, value in map(parse_override, overrides):
+        if not key.startswith(OVERRIDABLE):
+            raise ConfigError(key, f"cannot change {key} when evaluating; only {', '.join(OVERRIDABLE)}")
+        pairs[key] = value
+    if metrics:
+        pairs["eval.metrics"] = list(metrics)
+    return load(to_dict(from_yaml((run_dir / "config.yaml").read_text())), pairs)
+
+
+def evaluate_run(
+    run_dir: Path,
+    checkpoint_path: Path | None = None,
+    metrics: list[str] | None = None,
+    overrides: list[str] | None = None,
+    out: Path | None = None,
+) -> EvalResult:
+    """Evaluate one checkpoint of ``run_dir``; see the module docstring."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"no run folder (config.yaml) at {run_dir}")
+    cfg = run_config(run_dir, list(overrides or []), metrics)
+    out = Path(out) if out else run_dir / "eval.json"
+    ctx = distributed.setup(cfg.train.device)
+    try:
+        if checkpoint_path is None:
+            found = checkpoint.latest_valid(run_dir / "checkpoints", ctx.device)
+            if found is None:
+                raise FileNotFoundError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
+            checkpoint_path, state = found
+        else:
+            state = checkpoint.load(checkpoint_path, ctx.device)
+        quantizer = quantizers.build(cfg.quantizer)
+        model = build_autoencoder(cfg.model, quantizer).to(ctx.device)
+        model.load_state_dict(state["model"])
+        splits = data.build_datasets(cfg.data, cfg.train.seed)
+        loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
+        suite = evaluators.build(cfg.eval.metrics, quantizer.radices, ctx.device, cfg.eval)
+
+        results = {f"eval/{k}": v for k, v in evaluate(model, loader, suite, ctx.device, cfg.train.dtype).items()}
+        artifacts = suite.save(out.parent, prefix=f"{out.stem}_")
+        if "ema" in state:
+            averaged = copy.deepcopy(model)
+            averaged.load_state_dict(state["ema"])
+            ema_metrics = evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype)
+            results |= {f"eval_ema/{k}": v for k, v in ema_metrics.items()}
+        result = EvalResult(path=out, metrics=results, missing=suite.missing, step=int(state["step"]))
+        if ctx.main:
+            record = {
+                "run_dir": str(run_dir.resolve()),
+                "checkpoint": str(Path(checkpoint_path).resolve()),
+                "step": result.step,
+                "world_size": ctx.world_size,
+                "data": to_dict(cfg.data),
+                "metrics": results,
+                "missing": suite.missing,
+            }
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(record, indent=2) + "\n")
+            if cfg.tracking.mlflow:
+                log_to_mlflow(cfg, run_dir, result, [out, *artifacts])
+        return result
+    finally:
+        distributed.teardown()
+
+
+def log_to_mlflow(cfg: RunConfig, run_dir: Path, result: EvalResult, files: list[Path]) -> None:
+    """Add the metrics (at the checkpoint's step) and files to the MLflow run that trained ``run_dir``."""
+    id_file = run_dir / "mlflow_run_id"
+    if not id_file.is_file():
+        print(f"no MLflow run recorded for {run_dir} ({id_file} is missing); eval.json only", file=sys.stderr)
+        return
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri(cfg.tracking))
+    with mlflow.start_run(run_id=id_file.read_text().strip()):
+        mlflow.log_metrics({k: v for k, v in result.metrics.items() if math.isfinite(v)}, step=result.step)
+        if result.missing:
+            mlflow.set_tag("vqlab.eval.missing", ", ".join(sorted(result.missing)))
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="eval")
+
+
+def summary(result: EvalResult) -> list[str]:
+    values = "  ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+    missing = [f"missing {name}: {why}" for name, why in result.missing.items()]
+    return [f"eval step {result.step}: {values}", *missing, f"wrote {result.path}"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vqlab.evaluate",
+        description="Evaluate a run's checkpoint with vqlab's evaluators; writes <run>/eval.json.",
+    )
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        required=True,
+        type=Path,
+        help="the run folder, runs/<experiment>/<run> (under torchrun write --run-dir: torchrun's own parser "
+        "takes --run for its --run-path)",
+    )
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint file (default: the run's newest valid one)")
+    parser.add_argument(
+        "--metrics",
+        type=lambda text: [name for name in text.split(",") if name],
+        metavar="NAME[,NAME...]",
+        help=f"evaluators (default: the run's eval.metrics); available: {', '.join(evaluators.registry.names())}",
+    )
+    parser.add_argument("--out", type=Path, help="where to write the results (default: <run>/eval.json)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="data.*, eval.*, train.device, train.dtype or tracking.* overrides, e.g. another dataset: "
+        "data.name=imagefolder data.val_root=/data/val",
+    )
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate_run(args.run, args.checkpoint, args.metrics, args.overrides, args.out)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", 0)) == 0:  # the process group is gone by now, the environment is not
+        print("\n".join(summary(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
