@@ -36,6 +36,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert [r["step"] for r in rows if "train/loss" in r] == [10, 20, 30, 40, 50, 60]
     assert {"train/l1", "train/lr", "train/grad_norm", "train/perplexity", "train/images_per_s"} <= set(rows[-3])
     assert {"baseline/l1", "baseline/psnr", "model/params"} <= set(rows[0])
+    assert rows[0]["model/tokens"] == 16  # 32x32 crops, f8
     png = run_dir / "figures" / "reconstructions.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "checkpoints" / "last").read_text().strip() == "step_0000060.pt"

@@ -271,7 +271,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     budget = quantizer.codebook_size if quantizer.discrete else 2**24
     baseline = block_mean_baseline(val_loader, device, model.downsample, budget)
     if step == 0:
-        logger.log({"model/params": sum(p.numel() for p in model.parameters()), **baseline}, step=0, show=True)
+        params = sum(p.numel() for p in model.parameters())
+        shape = {"model/params": params, "model/tokens": cfg.model.tokens(cfg.data.image_size)}
+        logger.log({**shape, **baseline}, step=0, show=True)
         logger.log(
             {f"val/{k}": v for k, v in evaluate(model, val_loader, metrics, device, cfg.train.dtype).items()}, step=0
         )

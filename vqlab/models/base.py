@@ -26,6 +26,10 @@ class BackboneConfig:
         """Spatial reduction factor from image to token grid."""
         raise NotImplementedError
 
+    def tokens(self, image_size: int) -> int:
+        """Tokens per square image of side ``image_size``."""
+        return (image_size // self.downsample) ** 2
+
 
 @dataclass
 class Backbone:
