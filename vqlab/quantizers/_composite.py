@@ -7,8 +7,17 @@ import torch
 from torch import nn
 
 from vqlab import codes as codes_lib
-from vqlab.quantizers.base import Quantizer, QuantizerConfig
+from vqlab.quantizers.base import Quantizer, QuantizerConfig, registry
 from vqlab.schema import require
+
+
+def require_discrete_base(base: QuantizerConfig, parts: str) -> None:
+    """Config check shared by the composites: their parts must produce codes."""
+    require(
+        getattr(registry.get(base.name).builder, "discrete", True),
+        "base",
+        f"{base.name!r} is continuous; {parts} need a quantizer with codes",
+    )
 
 
 class Composite(Quantizer):

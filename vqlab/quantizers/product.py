@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vqlab.quantizers._composite import Composite
+from vqlab.quantizers._composite import Composite, require_discrete_base
 from vqlab.quantizers.base import QuantizerConfig, QuantizerOutput, registry
 from vqlab.quantizers.fsq import FSQConfig
 from vqlab.schema import require
@@ -35,11 +35,7 @@ class ProductConfig(QuantizerConfig):
 
     def __post_init__(self):
         require(self.groups >= 1, "groups", f"must be >= 1, got {self.groups}")
-        require(
-            getattr(registry.get(self.base.name).builder, "discrete", True),
-            "base",
-            f"{self.base.name!r} is continuous; product groups need a quantizer with codes",
-        )
+        require_discrete_base(self.base, "product groups")
         require(self.dim >= 0, "dim", f"must be >= 0 (0 = groups x the base's width), got {self.dim}")
         require(self.dim % self.groups == 0, "dim", f"{self.dim} is not divisible by groups ({self.groups})")
 

@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from vqlab.quantizers._composite import Composite
+from vqlab.quantizers._composite import Composite, require_discrete_base
 from vqlab.quantizers.base import QuantizerConfig, QuantizerOutput, registry
 from vqlab.quantizers.fsq import FSQConfig
 from vqlab.schema import require
@@ -53,11 +53,7 @@ class RVQConfig(QuantizerConfig):
 
     def __post_init__(self):
         require(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
-        require(
-            getattr(registry.get(self.base.name).builder, "discrete", True),
-            "base",
-            f"{self.base.name!r} is continuous; residual stages need a quantizer with codes",
-        )
+        require_discrete_base(self.base, "residual stages")
         require(
             self.scaling != "levels" or self.base.name == "fsq",
             "scaling",
