@@ -84,13 +84,12 @@ def evaluate_run(
         loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
         suite = evaluators.build(cfg.eval.metrics, quantizer.radices, ctx.device, cfg.eval)
 
-        results = {f"eval/{k}": v for k, v in evaluate(model, loader, suite, ctx.device, cfg.train.dtype).items()}
+        results = evaluate(model, loader, suite, ctx.device, cfg.train.dtype, "eval")
         artifacts = suite.save(out.parent, prefix=f"{out.stem}_")
         if "ema" in state:
             averaged = copy.deepcopy(model)
             averaged.load_state_dict(state["ema"])
-            ema_metrics = evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype)
-            results |= {f"eval_ema/{k}": v for k, v in ema_metrics.items()}
+            results |= evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype, "eval_ema")
         result = EvalResult(path=out, metrics=results, missing=suite.missing, step=int(state["step"]))
         if ctx.main:
             record = {

@@ -33,6 +33,7 @@ from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_cat, all_gather_objects, all_reduce_sum, rank, world_size
 from vqlab.metrics import fidelity
 from vqlab.metrics import swd as swd_lib
+from vqlab.quantizers.base import perplexity
 from vqlab.registry import Registry
 
 registry = Registry("evaluator")
@@ -198,14 +199,14 @@ class CodebookMetrics(Evaluator):
             raise RuntimeError("CodebookMetrics.compute() before any update()")
         metrics = {
             "codebook_usage": used.numel() / self.size,
-            "perplexity": perplexity(counts),
+            "perplexity": perplexity(counts).item(),
             "dead_codes": float(self.size - used.numel()),
         }
         for i, local in enumerate(self.digit_counts):
             digit = all_reduce_sum(local)
             seen = (digit > 0).sum().item()
             metrics[f"usage_digit{i}"] = seen / len(digit)
-            metrics[f"perplexity_digit{i}"] = perplexity(digit)
+            metrics[f"perplexity_digit{i}"] = perplexity(digit).item()
             metrics[f"dead_codes_digit{i}"] = float(len(digit) - seen)
         return metrics
 
@@ -228,14 +229,6 @@ class CodebookMetrics(Evaluator):
             **{f"digit_counts_{i}": d.cpu().numpy() for i, d in enumerate(digits)},
         )
         return [path]
-
-
-def perplexity(counts: torch.Tensor) -> float:
-    counts = counts[counts > 0].double()
-    if counts.numel() == 0:
-        return math.nan
-    p = counts / counts.sum()
-    return math.exp(-(p * p.log()).sum().item())
 
 
 class PerceptualDistance(Evaluator):

@@ -138,10 +138,15 @@ class ModelEMA:
 
 @torch.no_grad()
 def evaluate(
-    model: VQAutoencoder, loader: DataLoader, metrics: evaluators.Evaluator, device: torch.device, dtype: str
+    model: VQAutoencoder,
+    loader: DataLoader,
+    metrics: evaluators.Evaluator,
+    device: torch.device,
+    dtype: str,
+    prefix: str,
 ) -> dict[str, float]:
     """Run ``metrics`` (an ``evaluators.Suite``) over the whole validation set (all ranks'
-    shards) from a fresh state; un-prefixed keys. ``python -m vqlab.evaluate`` calls this too."""
+    shards) from a fresh state; keys ``<prefix>/<metric>``. ``python -m vqlab.evaluate`` calls this too."""
     was_training = model.training
     model.eval()
     metrics.reset()
@@ -151,7 +156,7 @@ def evaluate(
             out = model(images)
         metrics.update(images, out.reconstruction, out.quant.codes)
     model.train(was_training)
-    return metrics.compute()
+    return {f"{prefix}/{k}": v for k, v in metrics.compute().items()}
 
 
 @torch.no_grad()
@@ -274,9 +279,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
         params = sum(p.numel() for p in model.parameters())
         shape = {"model/params": params, "model/tokens": cfg.model.tokens(cfg.data.image_size)}
         logger.log({**shape, **baseline}, step=0, show=True)
-        logger.log(
-            {f"val/{k}": v for k, v in evaluate(model, val_loader, metrics, device, cfg.train.dtype).items()}, step=0
-        )
+        logger.log(evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val"), step=0)
 
     def save_checkpoint(done: int, next_position: tuple[int, int]) -> None:
         rngs = distributed.all_gather_objects(rng_state(device))
@@ -363,15 +366,12 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
 
             # --- eval --------------------------------------------------------------------------
             if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
-                val_metrics = {
-                    f"val/{k}": v for k, v in evaluate(model, val_loader, metrics, device, cfg.train.dtype).items()
-                }
+                val_metrics = evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val")
                 if step == cfg.train.steps:  # the final code histogram, for the analysis studies
                     for path in metrics.save(run_dir):
                         logger.artifact(path)
                 if ema is not None:
-                    averaged = evaluate(ema.module, val_loader, metrics, device, cfg.train.dtype)
-                    val_metrics |= {f"val_ema/{k}": v for k, v in averaged.items()}
+                    val_metrics |= evaluate(ema.module, val_loader, metrics, device, cfg.train.dtype, "val_ema")
                 logger.log(val_metrics, step=step, show=True)
 
             # --- checkpoint --------------------------------------------------------------------

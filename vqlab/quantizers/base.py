@@ -53,6 +53,16 @@ class fp32_island(torch.autocast):
         super().__init__(device_type=device.type, enabled=False)
 
 
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a histogram of code counts, in float64; zero counts are ignored and an
+    empty histogram has no perplexity (NaN)."""
+    counts = counts[counts > 0].double()
+    if counts.numel() == 0:
+        return torch.tensor(math.nan, dtype=torch.float64, device=counts.device)
+    p = counts / counts.sum()
+    return (-(p * p.log()).sum()).exp()
+
+
 def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Perplexity and number of distinct codes among the batch's tokens (detached)."""
     if not radices:
@@ -63,10 +73,8 @@ def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torc
         # An index that cannot be packed is still a distinct tuple of digits.
         flat = torch.unique(codes.detach().reshape(-1, codes.shape[-1]), dim=0, return_inverse=True)[1]
     _, counts = torch.unique(flat, return_counts=True)
-    p = counts.double() / counts.sum()
-    entropy = -(p * p.log()).sum()
     return {
-        "perplexity": entropy.exp().float(),
+        "perplexity": perplexity(counts).float(),
         "distinct_codes": torch.tensor(float(counts.numel()), device=codes.device),
     }
 
