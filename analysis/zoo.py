@@ -34,7 +34,7 @@ def run_all(names: list[str], base: str, steps: int, root: Path, experiment: str
             "tracking.run_name": name,
             "tracking.mlflow": False,
         }
-        vqlab.train(vqlab.config.load(raw, overrides))
+        vqlab.fit(vqlab.config.load(raw, overrides))
 
 
 def table(root: Path, experiment: str) -> list[dict]:

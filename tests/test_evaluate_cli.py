@@ -15,7 +15,7 @@ import torch
 
 import vqlab
 from vqlab.evaluate import main
-from vqlab.trainer import train
+from vqlab.trainer import fit
 
 ALL_METRICS = ["reconstruction", "codebook", "swd", "lpips", "fid"]
 MISSING_KEYS = ("lpips", "fid", "isc", "kid")
@@ -54,7 +54,7 @@ def smoke_run(tmp_path_factory, torch_home, one_thread):
     with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         patch.setenv("TORCH_HOME", str(torch_home))
-        result = train(vqlab.config.load("smoke", overrides))
+        result = fit(vqlab.config.load("smoke", overrides))
     return result, [str(w.message) for w in caught]
 
 

@@ -15,7 +15,7 @@ import vqlab
 from vqlab import distributed
 from vqlab.evaluate import evaluate_run
 from vqlab.evaluators import CodebookMetrics, FidelityMetrics, ReconstructionMetrics, SlicedWasserstein
-from vqlab.trainer import train
+from vqlab.trainer import fit
 
 CPU = torch.device("cpu")
 COUNT = 10
@@ -90,7 +90,7 @@ def results(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_dir = train(vqlab.config.load("smoke", overrides)).run_dir
+        run_dir = fit(vqlab.config.load("smoke", overrides)).run_dir
         mp.spawn(worker, args=(folder, free_port(), run_dir), nprocs=2)
         single = evaluate_run(run_dir, out=folder / "one.json")
         evaluated = {n: json.loads((folder / f"{n}.json").read_text()) for n in ("one", "two")}

@@ -10,7 +10,7 @@ import torchvision
 from vqlab import adversarial, checkpoint, weights
 from vqlab.config import AdversarialConfig
 from vqlab.perceptual import build_lpips
-from vqlab.trainer import train
+from vqlab.trainer import fit
 
 from .helpers import read_metrics
 
@@ -59,12 +59,12 @@ def test_missing_lpips_weights_name_the_path(torch_home):
 
 def test_missing_lpips_weights_stop_training_before_anything_is_written(torch_home, smoke_cfg, tmp_path):
     with pytest.raises(weights.MissingWeightsError, match=re.escape("alexnet-owt-7be5be79.pth")):
-        train(smoke_cfg(**{"loss.perceptual.weight": 1.0}))
+        fit(smoke_cfg(**{"loss.perceptual.weight": 1.0}))
     assert not (tmp_path / "runs").exists()
 
 
 def test_training_with_lpips(alexnet_file, smoke_cfg):
-    result = train(smoke_cfg(**{"loss.perceptual.weight": 0.5, "train.steps": 6, "optim.warmup_steps": 0}))
+    result = fit(smoke_cfg(**{"loss.perceptual.weight": 0.5, "train.steps": 6, "optim.warmup_steps": 0}))
     rows = [r for r in read_metrics(result.run_dir) if "train/perceptual" in r]
     assert rows and all(math.isfinite(r["train/perceptual"]) and r["train/perceptual"] > 0 for r in rows)
 
@@ -125,7 +125,7 @@ def test_discriminator_starts_at_its_start_step(smoke_cfg):
             "optim.warmup_steps": 0,
         }
     )
-    result = train(cfg)
+    result = fit(cfg)
     rows = [r for r in read_metrics(result.run_dir) if "train/loss" in r]
     assert [r["step"] for r in rows if "train/disc_loss" in r] == [6, 7, 8, 9, 10]
     assert [r["step"] for r in rows if "train/adversarial" in r] == [6, 7, 8, 9, 10]

@@ -4,7 +4,7 @@ import pytest
 
 import vqlab
 from vqlab.config import read_source
-from vqlab.trainer import train
+from vqlab.trainer import fit
 
 from .helpers import metric_at
 
@@ -16,7 +16,7 @@ def test_each_quantizer_preset_learns_on_photos(name, tmp_path):
     raw = read_source("smoke")
     raw["quantizer"] = read_source(name)["quantizer"]
     cfg = vqlab.config.load(raw, {"tracking.root": str(tmp_path), "train.steps": 80})
-    result = train(cfg)
+    result = fit(cfg)
     first = metric_at(result.run_dir, "val/l1", 0)
     assert result.metrics["val/l1"] < 0.8 * first
     if vqlab.quantizers.build(cfg.quantizer).discrete:
@@ -36,6 +36,6 @@ def test_dead_code_replacement_raises_usage(name, tmp_path):
         "quantizer.dim": 8,
         "quantizer.init": "normal",
     }
-    without = train(vqlab.config.load("smoke", common))
-    with_replacement = train(vqlab.config.load("smoke", {**common, "quantizer.dead_code_steps": 10}))
+    without = fit(vqlab.config.load("smoke", common))
+    with_replacement = fit(vqlab.config.load("smoke", {**common, "quantizer.dead_code_steps": 10}))
     assert with_replacement.metrics["val/codebook_usage"] > 1.5 * without.metrics["val/codebook_usage"]

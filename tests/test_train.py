@@ -8,7 +8,7 @@ import yaml
 import vqlab
 from vqlab import checkpoint
 from vqlab.config import from_yaml
-from vqlab.trainer import train
+from vqlab.trainer import fit
 
 from .helpers import metric_at, read_metrics
 
@@ -16,7 +16,7 @@ from .helpers import metric_at, read_metrics
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
-    return train(vqlab.config.load("smoke", {"tracking.root": str(root)}))
+    return fit(vqlab.config.load("smoke", {"tracking.root": str(root)}))
 
 
 def test_smoke_run_learns(smoke_run):
@@ -48,33 +48,42 @@ def test_smoke_run_writes_every_output(smoke_run):
 
 
 def test_same_seed_same_metrics(smoke_run, smoke_cfg):
-    again = train(smoke_cfg(**{"tracking.run_name": "again"}))
+    again = fit(smoke_cfg(**{"tracking.run_name": "again"}))
     assert again.metrics == smoke_run.metrics
     assert again.run_dir != smoke_run.run_dir
 
 
 def test_other_seed_other_metrics(smoke_run, smoke_cfg):
-    other = train(smoke_cfg(**{"train.seed": 1, "train.steps": 60}))
+    other = fit(smoke_cfg(**{"train.seed": 1, "train.steps": 60}))
     assert other.metrics["val/l1"] != smoke_run.metrics["val/l1"]
 
 
 def test_bf16_autocast_run(smoke_cfg):
-    result = train(smoke_cfg(**{"train.dtype": "bf16", "train.steps": 20, "train.log_every": 5}))
+    result = fit(smoke_cfg(**{"train.dtype": "bf16", "train.steps": 20, "train.log_every": 5}))
     rows = read_metrics(result.run_dir)
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows if "train/loss" in r)
     assert result.metrics["val/l1"] < metric_at(result.run_dir, "val/l1", 0)
 
 
-def test_run_names_are_never_reused(smoke_cfg):
+def test_a_named_run_is_never_overwritten_nor_silently_renamed(smoke_cfg):
     cfg = smoke_cfg(**{"tracking.run_name": "fixed", "train.steps": 2, "optim.warmup_steps": 0})
-    first, second = train(cfg), train(cfg)
-    assert first.run_dir.name == "fixed" and second.run_dir.name == "fixed-1"
+    first = fit(cfg)
+    before = (first.run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        fit(cfg)
+    assert (first.run_dir / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in first.run_dir.parent.iterdir()) == ["fixed"]
+
+
+def test_unnamed_runs_get_new_folders(smoke_cfg):
+    cfg = smoke_cfg(**{"train.steps": 2, "optim.warmup_steps": 0})
+    assert fit(cfg).run_dir != fit(cfg).run_dir
 
 
 def test_mlflow_records_params_metrics_and_artifacts(smoke_cfg, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train(smoke_cfg(**{"tracking.mlflow": True, "tracking.mlflow_uri": uri, "train.steps": 10}))
+    result = fit(smoke_cfg(**{"tracking.mlflow": True, "tracking.mlflow_uri": uri, "train.steps": 10}))
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["smoke"])
     assert len(runs) == 1

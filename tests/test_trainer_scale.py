@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vqlab import checkpoint, losses
-from vqlab.trainer import NonFiniteLossError, train
+from vqlab.trainer import NonFiniteLossError, fit
 
 from .helpers import read_metrics
 
@@ -40,14 +40,10 @@ def flatten_state(obj, prefix=""):
 
 def test_accumulating_4_x_8_equals_one_batch_of_32(smoke_cfg):
     common = {"train.steps": 1, "optim.warmup_steps": 0, "optim.name": "sgd", "optim.lr": 0.5, "data.flip": False}
-    whole = train(smoke_cfg(**common, **{"data.batch_size": 32, "tracking.run_name": "whole"}))
-    accumulated = train(
-        smoke_cfg(**common, **{"data.batch_size": 8, "train.grad_accum": 4, "tracking.run_name": "acc"})
-    )
+    whole = fit(smoke_cfg(**common, **{"data.batch_size": 32, "tracking.run_name": "whole"}))
+    accumulated = fit(smoke_cfg(**common, **{"data.batch_size": 8, "train.grad_accum": 4, "tracking.run_name": "acc"}))
     a, b = final_state(whole.run_dir)["model"], final_state(accumulated.run_dir)["model"]
-    initial = final_state(train(smoke_cfg(**{**common, "optim.lr": 1e-30, "tracking.run_name": "init"})).run_dir)[
-        "model"
-    ]
+    initial = final_state(fit(smoke_cfg(**{**common, "optim.lr": 1e-30, "tracking.run_name": "init"})).run_dir)["model"]
     moved = sum((a[k] - initial[k]).abs().sum().item() for k in a)
     assert moved > 1e-2  # the step really changed the weights
     for name in a:
@@ -134,13 +130,13 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(smoke_cfg, 
     monkeypatch.setattr(losses, "reconstruction_losses", poisoned)
     cfg = smoke_cfg(**{"train.checkpoint_every": 5, "tracking.run_name": "nan"})
     with pytest.raises(NonFiniteLossError, match="step 8"):
-        train(cfg)
+        fit(cfg)
     path, state = checkpoint.latest_valid(Path(cfg.tracking.root) / "smoke" / "nan" / "checkpoints")
     assert state["step"] == 5 and path.name == "step_0000005.pt"
 
 
 def test_model_ema_is_evaluated_beside_the_raw_model(smoke_cfg):
-    result = train(smoke_cfg(**{"train.ema_decay": 0.9, "train.steps": 20}))
+    result = fit(smoke_cfg(**{"train.ema_decay": 0.9, "train.steps": 20}))
     assert {"val_ema/l1", "val_ema/codebook_usage"} <= set(result.metrics)
     assert result.metrics["val_ema/l1"] != result.metrics["val/l1"]
     state = final_state(result.run_dir)
@@ -148,9 +144,9 @@ def test_model_ema_is_evaluated_beside_the_raw_model(smoke_cfg):
 
 
 def test_resume_refuses_another_config(smoke_cfg):
-    train(smoke_cfg(**{"train.steps": 4, "optim.warmup_steps": 0, "tracking.run_name": "r"}))
+    fit(smoke_cfg(**{"train.steps": 4, "optim.warmup_steps": 0, "tracking.run_name": "r"}))
     with pytest.raises(ValueError, match=r"optim\.lr"):
-        train(
+        fit(
             smoke_cfg(**{"train.steps": 4, "optim.warmup_steps": 0, "optim.lr": 0.1, "tracking.run_name": "r"}),
             resume="auto",
         )
@@ -160,7 +156,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(smoke_cfg):
     cfg = smoke_cfg(
         **{"train.steps": 10, "train.checkpoint_every": 5, "optim.warmup_steps": 0, "tracking.run_name": "c"}
     )
-    result = train(cfg)
+    result = fit(cfg)
     folder = result.run_dir / "checkpoints"
     (folder / "step_0000010.pt").write_bytes(b"torn")
     with warnings.catch_warnings(record=True) as caught:
@@ -174,6 +170,6 @@ def test_keeps_only_the_newest_checkpoints(smoke_cfg):
     cfg = smoke_cfg(
         **{"train.steps": 20, "train.checkpoint_every": 2, "train.keep_checkpoints": 2, "optim.warmup_steps": 0}
     )
-    result = train(cfg)
+    result = fit(cfg)
     names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
     assert names == ["last", "step_0000018.pt", "step_0000020.pt"]

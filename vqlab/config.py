@@ -169,6 +169,8 @@ class TrackingConfig:
     run_name: str = ""  # empty: <timestamp>-<quantizer>
     mlflow: bool = True
     mlflow_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
+    parent_run_id: str = ""  # an MLflow run (a sweep's) that this run is nested under
+    tags: dict[str, str] = field(default_factory=dict)  # MLflow tags of the run
     progress: bool = True  # tqdm bar on stderr
 
     def __post_init__(self):

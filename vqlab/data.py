@@ -327,7 +327,11 @@ class EpochSampler(DistributedSampler):
 def train_loader(
     dataset: Dataset, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
 ) -> DataLoader:
-    """Shuffled, ``drop_last``; call ``set_epoch(loader, e)`` before iterating epoch ``e``."""
+    """Shuffled, ``drop_last``; call ``set_epoch(loader, e)`` before iterating epoch ``e``.
+
+    Every loader of vqlab has a generator of its own: a DataLoader draws a seed each time it makes
+    an iterator, and from the global generator it would shift what the model draws (Gumbel noise,
+    dropout) by the number of passes made, which differs between a run and its resumed self."""
     if len(dataset) < cfg.batch_size * world_size:
         raise ValueError(
             f"{len(dataset)} training images cannot fill one batch of {cfg.batch_size} x {world_size} ranks"
@@ -341,6 +345,7 @@ def train_loader(
         num_workers=cfg.num_workers,
         pin_memory=pin_memory,
         persistent_workers=cfg.num_workers > 0,
+        generator=own_generator(seed),
     )
 
 
@@ -350,7 +355,14 @@ def val_loader(dataset: Dataset, cfg: DataConfig, rank: int = 0, world_size: int
         batch_size=cfg.val_batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=cfg.num_workers,
+        generator=own_generator(0),
     )
+
+
+def own_generator(seed: int) -> torch.Generator:
+    """A loader's own generator (see ``train_loader``); the datasets draw from ``sample_rng``, so it
+    only seeds the loader's workers."""
+    return torch.Generator().manual_seed(seed)
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:

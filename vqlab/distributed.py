@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +112,34 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 (what reads or writes the run folder), its result on every rank; an
+    exception raised there is raised on every rank, so none waits for a peer that gave up."""
+    value, error = None, None
+    if rank() == 0:
+        try:
+            value = fn()
+        except Exception as err:
+            error = err
+    shared = broadcast_object((value, portable(error)))
+    if error is not None:
+        raise error
+    if shared[1] is not None:
+        raise shared[1]
+    return shared[0]
+
+
+def portable(error: Exception | None) -> Exception | None:
+    """``error`` if it survives pickling (it crosses to the other ranks), else a RuntimeError with its text."""
+    if error is None:
+        return None
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def state_digest(module: torch.nn.Module) -> str:

@@ -11,6 +11,8 @@ from vqlab.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer of ``model``'s trainable parameters (the generator's, and the discriminator's
+    with its own ``OptimConfig``); fused kernels on CUDA."""
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"
     if cfg.name == "sgd":

@@ -2,19 +2,37 @@
 
 Only the main process (rank 0) constructs a ``RunLogger`` with ``active=True``; the other ranks
 get an inactive one, so no caller branches on the rank.
+
+MLflow is addressed through ``MlflowClient`` and explicit run ids, never the process-global active
+run, so a run can be nested under a sweep's parent run (``tracking.parent_run_id``) from a script,
+a notebook kernel or a torchrun worker alike. ``metrics.jsonl`` is the record; the MLflow run
+mirrors it. A resumed run drops what the interrupted process logged after its checkpoint from
+``metrics.jsonl``; MLflow cannot delete single metric values, so the run's previous MLflow run
+is deleted and a new one replays the kept rows (the new id is written to the run folder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from vqlab.config import TrackingConfig
+from vqlab.runfolder import RunFolder
+
+# What a person watches while training; everything else goes to the files and MLflow only.
+PROGRESS_KEYS = {"train/loss": "loss", "train/lr": "lr", "train/images_per_s": "img/s"}
+# The metrics a validation line and the final table show, in this order; per-digit detail is in the files.
+HEADLINE = ("l1", "mse", "psnr", "ssim", "lpips", "fid", "codebook_usage", "perplexity")
+BATCH = 1000  # MLflow accepts at most 1000 metrics and 100 params per log_batch call
+PARAM_BATCH = 100
 
 
 def mlflow_uri(cfg: TrackingConfig) -> str:
@@ -26,52 +44,153 @@ def mlflow_uri(cfg: TrackingConfig) -> str:
     return f"sqlite:///{Path(cfg.root).resolve() / 'mlflow.db'}"
 
 
+def headline(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """The headline metrics among ``<prefix>/<name>`` keys, without the prefix."""
+    return {name: metrics[f"{prefix}/{name}"] for name in HEADLINE if f"{prefix}/{name}" in metrics}
+
+
+def summary_table(rows: dict[str, dict[str, float]]) -> str:
+    """An aligned text table: one row per label, one column per headline metric any row has."""
+    columns = [name for name in HEADLINE if any(name in values for values in rows.values())]
+    width = max(len(label) for label in rows)
+    lines = [" " * width + "".join(f"{c:>16s}" for c in columns)]
+    for label, values in rows.items():
+        cells = "".join(f"{values[c]:16.4f}" if c in values else f"{'-':>16s}" for c in columns)
+        lines.append(f"{label:<{width}s}{cells}")
+    return "\n".join(lines)
+
+
+class MlflowRun:
+    """One MLflow run, by id."""
+
+    def __init__(self, client, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def log(self, rows: Iterable[dict[str, Any]]) -> None:
+        """``{"step": s, name: value, ...}`` rows; non-finite values are left out (MLflow rejects NaN in
+        some stores), so a missing value stays missing."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, int(row["step"]))
+            for row in rows
+            for key, value in row.items()
+            if key != "step" and math.isfinite(value)
+        ]
+        for i in range(0, len(metrics), BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + BATCH])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        values = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+        for i in range(0, len(values), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=values[i : i + PARAM_BATCH])
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def client(cfg: TrackingConfig):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=mlflow_uri(cfg))
+
+
+def experiment_id(mlflow_client, cfg: TrackingConfig) -> str:
+    """The experiment named ``cfg.experiment``, created with its artifacts under ``<root>/mlartifacts``."""
+    experiment = mlflow_client.get_experiment_by_name(cfg.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (Path(cfg.root).resolve() / "mlartifacts").as_uri()
+    return mlflow_client.create_experiment(cfg.experiment, artifact_location=location)
+
+
+def start_run(cfg: TrackingConfig, run: RunFolder, params: dict[str, Any], history: list[dict[str, Any]]) -> MlflowRun:
+    """A new MLflow run for ``run`` holding ``params`` and the ``history`` rows already logged; a
+    previous MLflow run of the same folder (an interrupted process's) is deleted."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(cfg)
+    previous = run.mlflow_run_id()
+    if previous is not None:
+        # already deleted, or recorded in another store: nothing to replace
+        with contextlib.suppress(MlflowException):
+            mlflow_client.delete_run(previous)
+    tags = {"vqlab.run_dir": str(run.path.resolve()), **cfg.tags}
+    if cfg.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.parent_run_id
+    created = mlflow_client.create_run(experiment_id(mlflow_client, cfg), run_name=run.name, tags=tags)
+    run.set_mlflow_run_id(created.info.run_id)
+    mlflow_run = MlflowRun(mlflow_client, created.info.run_id)
+    mlflow_run.log_params(params)
+    mlflow_run.log(history)
+    return mlflow_run
+
+
+def existing_run(cfg: TrackingConfig, run: RunFolder) -> MlflowRun | None:
+    """The MLflow run recorded in ``run``'s folder, or ``None`` if there is none."""
+    run_id = run.mlflow_run_id()
+    return MlflowRun(client(cfg), run_id) if run_id else None
+
+
 class RunLogger:
     def __init__(
         self,
         cfg: TrackingConfig,
-        run_dir: Path,
+        run: RunFolder,
         total_steps: int,
         params: dict[str, Any],
         active: bool = True,
-        resume_step: int = 0,
+        resume_step: int | None = None,
     ):
-        """``resume_step > 0`` continues a run: metrics logged after that step by the interrupted
-        process are dropped, and the same MLflow run is continued."""
+        """``resume_step``: ``None`` starts the run's records afresh; a step continues them from a
+        checkpoint of that step, dropping what the interrupted process logged after it."""
         self.active = active
-        self.run_dir = run_dir
-        self.mlflow = None
-        self.bar = tqdm(total=total_steps, disable=not (active and cfg.progress), dynamic_ncols=True, desc=run_dir.name)
+        self.run = run
+        self.mlflow: MlflowRun | None = None
+        self.bar = tqdm(total=total_steps, disable=not (active and cfg.progress), dynamic_ncols=True, desc=run.name)
         if not active:
             return
-        path = run_dir / "metrics.jsonl"
-        if resume_step and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(f"{line}\n" for line in kept))
-        self.jsonl = path.open("a")
+        history = [row for row in run.read_metrics() if resume_step is not None and row["step"] <= resume_step]
+        run.metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
+        self.jsonl = run.metrics_file.open("a")
         if cfg.mlflow:
-            self.mlflow = start_mlflow_run(cfg, run_dir, params, continue_run=resume_step > 0)
+            self.mlflow = start_run(cfg, run, params, history)
 
     def advance(self, steps: int = 1) -> None:
         self.bar.update(steps)
 
-    def log(self, metrics: dict[str, float], step: int, show: bool = False) -> None:
-        """Write ``metrics`` at ``step`` everywhere; ``show`` also prints them as a line."""
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Write ``metrics`` at ``step`` to ``metrics.jsonl`` and MLflow; the progress bar shows
+        what a person watches during training."""
         if not self.active:
             return
-        metrics = {k: float(v) for k, v in metrics.items()}
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
         if self.mlflow is not None:
-            self.mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
-        if show:
-            self.bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        else:
-            self.bar.set_postfix({k.split("/", 1)[-1]: f"{v:.4g}" for k, v in metrics.items()}, refresh=False)
+            self.mlflow.log([row])
+        shown = {label: f"{row[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in row}
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def print(self, text: str) -> None:
+        """A line above the progress bar (on the main process only)."""
+        if self.active:
+            self.bar.write(text)
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         if self.active and self.mlflow is not None:
-            self.mlflow.log_artifact(str(path), artifact_path=folder)
+            self.mlflow.artifact(path, folder)
 
     def close(self, status: str = "FINISHED") -> None:
         self.bar.close()
@@ -79,27 +198,25 @@ class RunLogger:
             return
         self.jsonl.close()
         if self.mlflow is not None:
-            self.mlflow.end_run(status=status)
+            self.mlflow.end(status)
 
 
-def start_mlflow_run(cfg: TrackingConfig, run_dir: Path, params: dict[str, Any], continue_run: bool = False):
-    """Open (or continue) the MLflow run of ``run_dir``; artifacts go to ``<root>/mlartifacts``."""
-    import mlflow
-
-    mlflow.set_tracking_uri(mlflow_uri(cfg))
-    id_file = run_dir / "mlflow_run_id"
-    if continue_run and id_file.is_file():
-        mlflow.start_run(run_id=id_file.read_text().strip())
-        return mlflow
-    experiment = mlflow.get_experiment_by_name(cfg.experiment)
-    if experiment is None:
-        location = (Path(cfg.root).resolve() / "mlartifacts").as_uri()
-        experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
-    run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_dir.name, tags={"vqlab.run_dir": str(run_dir.resolve())}
-    )
-    id_file.write_text(run.info.run_id + "\n")
-    mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in params.items()})
-    return mlflow
+def log_evaluation(
+    cfg: TrackingConfig,
+    run: RunFolder,
+    metrics: dict[str, float],
+    step: int,
+    missing: dict[str, str],
+    files: list[Path],
+) -> bool:
+    """Add an evaluation's metrics (at the checkpoint's step) and files to the MLflow run that
+    trained ``run``; ``False`` when the folder records no MLflow run."""
+    mlflow_run = existing_run(cfg, run)
+    if mlflow_run is None:
+        return False
+    mlflow_run.log([{"step": step, **metrics}])
+    if missing:
+        mlflow_run.set_tag("vqlab.eval.missing", ", ".join(sorted(missing)))
+    for path in files:
+        mlflow_run.artifact(path, "eval")
+    return True

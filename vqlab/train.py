@@ -1,6 +1,6 @@
 """``python -m vqlab.train [--config PRESET|FILE] [key=value ...]``: the trainer's command line.
 
-The trainer itself is ``vqlab.trainer.train`` (also ``vqlab.train(cfg)``).
+The trainer itself is ``vqlab.trainer.fit`` (also ``vqlab.fit(cfg)``).
 """
 
 import sys

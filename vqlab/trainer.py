@@ -1,41 +1,42 @@
-"""Train one VQ autoencoder (`python -m vqlab.train` is its command line).
+"""Train one VQ autoencoder (``python -m vqlab.train`` is its command line; ``vqlab.fit`` in Python).
 
-``train(cfg)`` is the whole recipe in one function with visible sections: setup, build, loop,
-eval, checkpoint. Everything it writes goes to ``<tracking.root>/<experiment>/<run>/``:
-``config.yaml`` (the single record of what ran), ``metrics.jsonl``, ``figures/`` and
-``checkpoints/``, and the same metrics go to MLflow.
+``fit(cfg)`` is the whole recipe in one function with visible sections: setup, build, resume,
+first reads, loop, eval, checkpoint. Nothing is written until everything a run needs to start has
+been read once (the config, the weights, a checkpoint to continue, the first training batch, the
+validation set); then the run folder (``vqlab.runfolder.RunFolder``) receives ``config.yaml``,
+``metrics.jsonl``, ``figures/``, ``checkpoints/`` and the code histograms, and MLflow the same.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import itertools
 import os
-import random
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
-from vqlab.config import RunConfig, flat_params, from_yaml, load, presets, to_yaml
+from vqlab.config import OptimConfig, RunConfig, flat_params, load, presets
 from vqlab.losses import Objective
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
+from vqlab.runfolder import RunFolder
+from vqlab.runtime import ModelEMA, autocast, seed_everything
 from vqlab.schema import ConfigError, flatten, to_dict
-from vqlab.tracking import RunLogger, mlflow_uri
+from vqlab.state import TrainState
+from vqlab.tracking import RunLogger, headline, mlflow_uri, summary_table
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm became NaN/inf; the last good checkpoint is kept."""
+    """The loss or gradient norm became NaN/inf; the run stops and its checkpoints stay as they are."""
 
 
 @dataclass
@@ -43,52 +44,96 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, float]  # the final validation metrics, "val/..." (and "val_ema/...") keys
     baseline: dict[str, float]  # trivial block-mean codecs measured the same way, "baseline*/..."
+    resumed_from: Path | None = None  # the checkpoint this process continued from
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts: its folder (``None``: a new, unnamed one), the checkpoint to continue
+    from (``None``: step 0) and whether the folder's earlier records are set aside first."""
+
+    folder: RunFolder | None
+    checkpoint: Path | None = None
+    restart: bool = False
 
 
-def create_run_dir(cfg: RunConfig) -> Path:
-    """A new folder ``<root>/<experiment>/<run>``; an existing run is never reused or overwritten."""
-    base = Path(cfg.tracking.root) / cfg.tracking.experiment
-    name = cfg.tracking.run_name or f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.quantizer.name}"
-    for suffix in range(1000):
-        run_dir = base / (name if suffix == 0 else f"{name}-{suffix}")
-        try:
-            run_dir.mkdir(parents=True, exist_ok=False)
-            return run_dir
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"too many runs named {name} under {base}")
-
-
-def resume_folder(cfg: RunConfig, resume: str) -> Path | None:
-    """The run folder to continue: ``auto`` = the folder named by ``tracking.run_name`` if it has
-    checkpoints (else start afresh); otherwise a run folder or a checkpoint file's folder."""
-    if resume == "auto":
-        if not cfg.tracking.run_name:
-            raise ValueError("--resume auto needs tracking.run_name, the run to continue")
-        run_dir = Path(cfg.tracking.root) / cfg.tracking.experiment / cfg.tracking.run_name
-        return run_dir if any((run_dir / "checkpoints").glob("step_*.pt")) else None
-    path = Path(resume)
-    run_dir = path.parent.parent if path.is_file() else path
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"--resume {resume}: no run folder (config.yaml) at {run_dir}")
-    return run_dir
-
-
-def check_same_config(run_dir: Path, cfg: RunConfig) -> None:
+def check_same_config(run: RunFolder, cfg: RunConfig) -> None:
     """A resumed run must be the run that was started; only ``tracking`` may differ."""
-    saved = flatten(to_dict(from_yaml((run_dir / "config.yaml").read_text())))
+    saved = flatten(to_dict(run.read_config()))
     wanted = flatten(to_dict(cfg))
     changed = sorted(
         k for k in saved.keys() | wanted.keys() if not k.startswith("tracking.") and saved.get(k) != wanted.get(k)
     )
     if changed:
-        raise ValueError(f"cannot resume {run_dir} with a different config: {', '.join(changed)}")
+        raise ValueError(f"cannot resume {run.path} with a different config: {', '.join(changed)}")
+
+
+def newest_checkpoint(run: RunFolder, restart: bool) -> Path | None:
+    """The newest readable checkpoint of ``run``; ``None`` when it has none (a run killed before
+    its first checkpoint starts again from step 0 in its own folder). When checkpoints exist but
+    none loads, that is an error unless ``restart``: silently starting over would mix two runs."""
+    files = checkpoint.step_files(run.checkpoints)
+    if not files or restart:
+        return None
+    found = checkpoint.latest_valid(run.checkpoints)
+    if found is None:
+        names = ", ".join(str(p) for p in files)
+        raise RuntimeError(
+            f"no checkpoint of {run.path} loads ({names}); move them away, or pass --restart "
+            "(restart=True) to start the run again from step 0 with its checkpoints set aside"
+        )
+    return found[0]
+
+
+def plan_start(cfg: RunConfig, resume: str | None, restart: bool) -> Start:
+    """Where to start, from what is on disk; reads only.
+
+    ``resume=None``: a new run, in the folder named by ``tracking.run_name`` (made beforehand by a
+    driver or not; one holding another run's ``config.yaml`` is an error unless ``restart``) or in
+    a new timestamped folder. ``"auto"``: the folder named by ``tracking.run_name``, whatever it
+    holds: its newest readable checkpoint, or step 0 when it has none. A run folder or a
+    checkpoint file: that run, from its newest checkpoint or from exactly that file."""
+    if resume is None:
+        if not cfg.tracking.run_name:
+            return Start(folder=None)
+        run = RunFolder.of(cfg)
+        if run.has_config() and not restart:
+            raise FileExistsError(
+                f"run {run.path} exists; continue it with --resume auto, start it again with --restart, "
+                "or choose another tracking.run_name"
+            )
+        return Start(folder=run, restart=restart)
+    if resume == "auto":
+        if not cfg.tracking.run_name:
+            raise ValueError("--resume auto needs tracking.run_name, the run to continue")
+        run = RunFolder.of(cfg)
+        if not run.has_config():
+            return Start(folder=run)
+    else:
+        path = Path(resume)
+        run = RunFolder(path.parent.parent if path.is_file() else path)
+        if not run.has_config():
+            raise FileNotFoundError(f"--resume {resume}: no run folder (config.yaml) at {run.path}")
+        if path.is_file():
+            check_same_config(run, cfg)
+            return Start(folder=run, checkpoint=path, restart=restart)
+    if not restart:
+        check_same_config(run, cfg)
+    return Start(folder=run, checkpoint=newest_checkpoint(run, restart), restart=restart)
+
+
+def open_folder(cfg: RunConfig, start: Start) -> RunFolder:
+    """The run's folder, ready to be written: made if new, earlier checkpoints set aside on a
+    restart, the config written unless the run continues."""
+    run = start.folder or RunFolder.new(cfg)
+    if start.restart:
+        aside = checkpoint.set_aside(run.checkpoints)
+        if aside is not None:
+            print(f"restart: the earlier checkpoints of {run.path} are in {aside}", file=sys.stderr)
+    if start.checkpoint is None:
+        run.write_config(cfg)
+    checkpoint.remove_temporaries(run.checkpoints)
+    return run
 
 
 def batches(loader: DataLoader, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
@@ -113,27 +158,29 @@ def accumulate(window: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
         window[name] = window.get(name, 0.0) + value.detach().float() / micro_batches
 
 
-def autocast(device: torch.device, dtype: str):
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
+class IntervalMeans:
+    """Per-step values summed on the device between two log lines; ``read`` averages them over
+    the steps and over all ranks with one all-reduce (so ``train/*`` metrics are the whole job's,
+    not rank 0's) and starts a new interval. Every rank calls ``read`` at the same steps."""
 
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
 
-class ModelEMA:
-    """Exponential moving average of every floating parameter and buffer (EMA codebooks
-    included); integer buffers are copied."""
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+            self.counts[name] = self.counts.get(name, 0) + 1
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay = decay
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for average, current in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
-            if average.is_floating_point():
-                average.lerp_(current, 1.0 - self.decay)
-            else:
-                average.copy_(current)
+    def read(self) -> dict[str, float]:
+        names = sorted(self.sums)  # the same names on every rank: they come from the same code paths
+        if not names:
+            return {}
+        totals = distributed.all_reduce_sum_(torch.stack([self.sums[n] for n in names]))
+        means = (totals / distributed.world_size()).tolist()
+        values = {n: m / self.counts[n] for n, m in zip(names, means, strict=True)}
+        self.sums, self.counts = {}, {}
+        return values
 
 
 @torch.no_grad()
@@ -190,22 +237,11 @@ def save_reconstruction_grid(model: VQAutoencoder, images: torch.Tensor, path: P
     save_image(grid.cpu(), path, nrow=len(images), padding=1)
 
 
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
+def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> TrainResult:
     """Train as ``cfg`` says. ``resume``: ``"auto"`` (continue the run named by
-    ``tracking.run_name`` if it has checkpoints) or a run folder / checkpoint path."""
+    ``tracking.run_name``, from step 0 if it has no checkpoint yet), a run folder, or a checkpoint
+    file to continue from exactly. ``restart``: start the named run again from step 0, its earlier
+    checkpoints set aside (the way out when none of them loads)."""
     # --- setup -----------------------------------------------------------------------------
     ctx = distributed.setup(cfg.train.device)
     device = ctx.device
@@ -215,20 +251,10 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
         splits.train, cfg.data, cfg.train.seed, ctx.rank, ctx.world_size, device.type == "cuda"
     )
     val_loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
-    # what needs weight files is built before anything is written, so a missing file leaves no trace
     quantizer = quantizers.build(cfg.quantizer)
     objective = Objective(cfg.loss).to(device)
     metrics = evaluators.build(cfg.eval.metrics, quantizer.radices, device, cfg.eval)
-    run_dir = None
-    if ctx.main:
-        run_dir = resume_folder(cfg, resume) if resume else None
-        if run_dir is None:
-            run_dir = create_run_dir(cfg)
-            (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        else:
-            check_same_config(run_dir, cfg)
-    run_dir = Path(distributed.broadcast_object(str(run_dir)))
-    checkpoints = run_dir / "checkpoints"
+    start = distributed.on_main(lambda: plan_start(cfg, resume, restart))
 
     # --- build -----------------------------------------------------------------------------
     model = build_autoencoder(cfg.model, quantizer).to(device)
@@ -242,82 +268,73 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     train_model = DDP(model, broadcast_buffers=False) if distributed.initialized() else model
     if cfg.train.compile:
         train_model = torch.compile(train_model)
-    adversary = objective.adversary
+    adversary, disc_optimizer = objective.adversary, None
     if adversary is not None:
-        disc_optimizer = torch.optim.Adam(
-            adversary.parameters(), lr=cfg.loss.adversarial.lr, betas=cfg.loss.adversarial.betas
-        )
+        adversarial = cfg.loss.adversarial
+        disc_cfg = OptimConfig(name="adam", lr=adversarial.lr, betas=adversarial.betas, schedule="constant")
+        disc_optimizer = build_optimizer(adversary, disc_cfg, device)
         disc_model = DDP(adversary.discriminator) if distributed.initialized() else adversary.discriminator
+    state = TrainState(model, optimizer, schedule, device, ema, adversary, disc_optimizer)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
 
     # --- resume ----------------------------------------------------------------------------
-    step, position = 0, (0, 0)
-    found = checkpoint.latest_valid(checkpoints, device) if resume else None
-    if found is not None:
-        path, state = found
-        if state["world_size"] != ctx.world_size:
-            raise ValueError(f"{path} was written by {state['world_size']} ranks; resume it with as many")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if ema is not None:
-            ema.module.load_state_dict(state["ema"])
-        if adversary is not None:
-            adversary.load_state_dict(state["adversary"])
-            disc_optimizer.load_state_dict(state["disc_optimizer"])
-        step, position = state["step"], tuple(state["position"])
-        set_rng_state(state["rng"][ctx.rank], device)
+    if start.checkpoint is not None:
+        state.load_state_dict(checkpoint.load(start.checkpoint, device))
+    if state.step >= cfg.train.steps:  # nothing left to do: report what the run recorded
+        run = start.folder
+        distributed.teardown()
+        if ctx.main:
+            print(f"{run.path} is complete at step {state.step} ({start.checkpoint})", file=sys.stderr)
+        recorded = run.last_metrics(("val/", "val_ema/"))
+        return TrainResult(run.path, recorded, run.last_metrics(("baseline",)), start.checkpoint)
 
-    logger = RunLogger(cfg.tracking, run_dir, cfg.train.steps, flat_params(cfg), active=ctx.main, resume_step=step)
-    logger.artifact(run_dir / "config.yaml")
-    logger.advance(step)
-    grid_images = torch.stack([splits.val[i] for i in range(min(cfg.eval.grid_images, len(splits.val)))]).to(device)
+    # --- first reads: a batch and the whole validation set, before anything is written ------
+    stream = batches(train_loader, *state.position)
+    stream = itertools.chain([next(stream)], stream)
     # one code per token: compare with one palette colour per token-sized block
     budget = quantizer.codebook_size if quantizer.discrete else 2**24
     baseline = block_mean_baseline(val_loader, device, model.downsample, budget)
-    if step == 0:
+    grid_images = torch.stack([splits.val[i] for i in range(min(cfg.eval.grid_images, len(splits.val)))]).to(device)
+
+    run = distributed.on_main(lambda: open_folder(cfg, start))
+    resume_step = state.step if start.checkpoint is not None else None
+    logger = RunLogger(cfg.tracking, run, cfg.train.steps, flat_params(cfg), active=ctx.main, resume_step=resume_step)
+    logger.artifact(run.config_file)
+    logger.advance(state.step)
+    if start.checkpoint is not None:
+        logger.print(f"resumed {run.path} from {start.checkpoint} at step {state.step}")
+    else:
         params = sum(p.numel() for p in model.parameters())
         shape = {"model/params": params, "model/tokens": cfg.model.tokens(cfg.data.image_size)}
-        logger.log({**shape, **baseline}, step=0, show=True)
-        logger.log(evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val"), step=0)
+        logger.log({**shape, **baseline}, step=0)
+        initial = evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val")
+        logger.log(initial, step=0)
+        logger.print(validation_line(0, initial))
 
-    def save_checkpoint(done: int, next_position: tuple[int, int]) -> None:
-        rngs = distributed.all_gather_objects(rng_state(device))
-        distributed.check_in_sync(model, f"step {done}")
+    def save_checkpoint() -> None:
+        saved = state.state_dict()  # gathers every rank's RNG state
+        distributed.check_in_sync(model, f"step {state.step}")
         if adversary is not None:
-            distributed.check_in_sync(adversary, f"step {done} (discriminator)")
-        if not ctx.main:
-            return
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "step": done,
-            "position": list(next_position),
-            "world_size": ctx.world_size,
-            "rng": rngs,
-            "config": to_dict(cfg),
-        }
-        if ema is not None:
-            state["ema"] = ema.module.state_dict()
-        if adversary is not None:
-            state["adversary"] = adversary.state_dict()
-            state["disc_optimizer"] = disc_optimizer.state_dict()
-        checkpoint.save_step(state, checkpoints, done, cfg.train.keep_checkpoints)
+            distributed.check_in_sync(adversary, f"step {state.step} (discriminator)")
+        if ctx.main:
+            saved["config"] = to_dict(cfg)
+            checkpoint.save_step(saved, run.checkpoints, state.step, cfg.train.keep_checkpoints)
 
     # --- loop ------------------------------------------------------------------------------
     model.train()
-    stream = batches(train_loader, *position)
     val_metrics: dict[str, float] = {}
+    interval = IntervalMeans()
     status = "FAILED"
+    state.restore_rng()
     try:
         tick, seen = time.perf_counter(), 0
-        while step < cfg.train.steps:
+        while state.step < cfg.train.steps:
+            step = state.step
             quantizer.set_step(step, cfg.train.steps)
             window: dict[str, torch.Tensor] = {}
             pairs = []  # (real, reconstruction) micro-batches for the discriminator
             for micro in range(cfg.train.grad_accum):
-                images, position = next(stream)
+                images, state.position = next(stream)
                 images = images.to(device, non_blocking=True)
                 with no_sync_unless(train_model, micro == cfg.train.grad_accum - 1):
                     with autocast(device, cfg.train.dtype):
@@ -332,10 +349,10 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
                 seen += len(images)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             if not (torch.isfinite(window["loss"]) and torch.isfinite(grad_norm)):
-                raise NonFiniteLossError(
-                    f"non-finite loss {window['loss'].item()} or grad norm {grad_norm.item()} at step {step + 1}; "
-                    f"the last good checkpoint is kept in {checkpoints}"
-                )
+                kept = checkpoint.step_files(run.checkpoints)
+                where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+                values = f"loss {window['loss'].item()}, grad norm {grad_norm.item()}"
+                raise NonFiniteLossError(f"non-finite {values} at step {step + 1}; {where}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             quantizer.on_optimizer_step()
@@ -351,14 +368,14 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
                 disc_optimizer.step()
                 disc_optimizer.zero_grad(set_to_none=True)
             schedule.step()
-            step += 1
+            interval.add({**window, "grad_norm": grad_norm})
+            state.step = step = step + 1
             logger.advance()
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                elapsed = time.perf_counter() - tick
-                logged = {f"train/{k}": v.item() for k, v in window.items()}
-                logged |= {"train/lr": schedule.get_last_lr()[0], "train/grad_norm": grad_norm.item()}
-                logged["train/images_per_s"] = seen * ctx.world_size / elapsed
+                logged = {f"train/{k}": v for k, v in interval.read().items()}
+                logged["train/lr"] = schedule.get_last_lr()[0]
+                logged["train/images_per_s"] = seen * ctx.world_size / (time.perf_counter() - tick)
                 if device.type == "cuda":
                     logged["train/peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 logger.log(logged, step=step)
@@ -368,25 +385,46 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
             if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
                 val_metrics = evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val")
                 if step == cfg.train.steps:  # the final code histogram, for the analysis studies
-                    for path in metrics.save(run_dir):
+                    for path in metrics.save(run.path):
                         logger.artifact(path)
                 if ema is not None:
                     val_metrics |= evaluate(ema.module, val_loader, metrics, device, cfg.train.dtype, "val_ema")
-                logger.log(val_metrics, step=step, show=True)
+                logger.log(val_metrics, step=step)
+                logger.print(validation_line(step, val_metrics))
 
             # --- checkpoint --------------------------------------------------------------------
             if step == cfg.train.steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-                save_checkpoint(step, position)
+                save_checkpoint()
 
         if ctx.main:
-            figure = run_dir / "figures" / "reconstructions.png"
+            figure = run.figure("reconstructions.png")
             save_reconstruction_grid(model, grid_images, figure, cfg.train.dtype)
             logger.artifact(figure, "figures")
         status = "FINISHED"
     finally:
         logger.close(status)
         distributed.teardown()
-    return TrainResult(run_dir=run_dir, metrics=val_metrics, baseline=baseline)
+    return TrainResult(run_dir=run.path, metrics=val_metrics, baseline=baseline, resumed_from=start.checkpoint)
+
+
+def validation_line(step: int, metrics: dict[str, float]) -> str:
+    """``step 500 val: l1 0.0544  psnr 23.95 ...``: the headline metrics of each evaluated model."""
+    parts = []
+    for prefix in ("val", "val_ema"):
+        shown = headline(metrics, prefix)
+        if shown:
+            parts.append(f"{prefix}: " + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    return f"step {step} " + "  |  ".join(parts)
+
+
+def final_table(result: TrainResult) -> str:
+    """The final headline metrics beside the two trivial codecs, as an aligned table."""
+    rows = {"model": headline(result.metrics, "val")}
+    if any(k.startswith("val_ema/") for k in result.metrics):
+        rows["model EMA"] = headline(result.metrics, "val_ema")
+    rows["block mean colour"] = headline(result.baseline, "baseline")
+    rows["block mean, palette"] = headline(result.baseline, "baseline_palette")
+    return summary_table(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,8 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--resume",
         metavar="auto|PATH",
-        help="continue a run: 'auto' = the run named by tracking.run_name if it has checkpoints "
-        "(else start it), or a run folder / checkpoint file",
+        help="continue a run: 'auto' = the run named by tracking.run_name (from step 0 if it has no "
+        "checkpoint yet), a run folder (its newest readable checkpoint) or a checkpoint file (exactly that one)",
+    )
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="start the run named by tracking.run_name again from step 0; its earlier checkpoints are set aside",
     )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     args = parser.parse_args(argv)
@@ -409,17 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = train(cfg, resume=args.resume)
+    result = fit(cfg, resume=args.resume, restart=args.restart)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     print(f"run folder:   {result.run_dir}")
     if cfg.tracking.mlflow:
         print(f"mlflow store: {mlflow_uri(cfg.tracking)}")
-    summary = "  ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
-    print(f"final:        {summary}")
-    for prefix, meaning in (("baseline/", "block mean colour"), ("baseline_palette/", "block mean, palette colour")):
-        values = "  ".join(f"{k} {v:.4f}" for k, v in result.baseline.items() if k.startswith(prefix))
-        print(f"{'baseline:':14s}{values}  ({meaning})")
+    print(final_table(result))
     return 0
 
 

@@ -1,9 +1,9 @@
 from analysis.runs import collect, table
-from vqlab.trainer import train
+from vqlab.trainer import fit
 
 
 def test_collect_reads_config_and_last_metrics(smoke_cfg, tmp_path):
-    result = train(smoke_cfg(**{"train.steps": 4, "optim.warmup_steps": 1, "tracking.run_name": "a"}))
+    result = fit(smoke_cfg(**{"train.steps": 4, "optim.warmup_steps": 1, "tracking.run_name": "a"}))
     rows = collect(tmp_path / "runs")
     assert len(rows) == 1
     row = rows[0]

@@ -70,7 +70,7 @@ def test_smoke_run_lowers_val_l1(smoke_cfg, name, size):
         **{"data.image_size": size, "data.batch_size": 8, "data.val_count": 32},
         **{"train.steps": steps, "train.log_every": steps, "eval.metrics": ["reconstruction"]},
     )
-    result = vqlab.trainer.train(cfg)
+    result = vqlab.trainer.fit(cfg)
     assert result.metrics["val/l1"] < 0.8 * metric_at(result.run_dir, "val/l1", 0)
 
 

@@ -1,0 +1,124 @@
+"""One run's folder: the only place that spells out the names of the files in it.
+
+``<tracking.root>/<experiment>/<run>/`` (docs/architecture.md, "Run folder") holds
+
+    config.yaml                 the single record of what ran (rerun with ``--config`` on it)
+    metrics.jsonl               every logged metric, one JSON object per line with its ``step``
+    checkpoints/                ``step_*.pt`` and the ``last`` pointer (``vqlab.checkpoint``)
+    figures/                    figures shown to people
+    <prefix>codebook_histogram.npz   code histograms of the final validation (``ema_`` for the model EMA)
+    eval.json                   ``python -m vqlab.evaluate``'s results
+    run.ipynb                   the executed notebook, when a notebook ran the run
+    mlflow_run_id               the run's MLflow run id
+
+A driver (a notebook, a sweep) may make the folder before training starts, so that it knows where
+everything will land; training then uses it as long as it holds no ``config.yaml`` of another run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from vqlab.config import RunConfig, from_yaml, to_yaml
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", Path(self.path))
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> RunFolder:
+        """The folder ``cfg`` names: ``<root>/<experiment>/<tracking.run_name>``."""
+        if not cfg.tracking.run_name:
+            raise ValueError("tracking.run_name is empty: a run without a name gets a new folder when it starts")
+        return cls(Path(cfg.tracking.root) / cfg.tracking.experiment / cfg.tracking.run_name)
+
+    @classmethod
+    def new(cls, cfg: RunConfig) -> RunFolder:
+        """A new folder ``<timestamp>-<quantizer>`` (with a suffix if that exists) for an unnamed run."""
+        base = Path(cfg.tracking.root) / cfg.tracking.experiment
+        name = f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.quantizer.name}"
+        for suffix in range(1000):
+            path = base / (name if suffix == 0 else f"{name}-{suffix}")
+            try:
+                path.mkdir(parents=True, exist_ok=False)
+                return cls(path)
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"too many runs named {name} under {base}")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def figures(self) -> Path:
+        return self.path / "figures"
+
+    @property
+    def eval_file(self) -> Path:
+        return self.path / "eval.json"
+
+    @property
+    def notebook(self) -> Path:
+        return self.path / "run.ipynb"
+
+    @property
+    def mlflow_id_file(self) -> Path:
+        return self.path / "mlflow_run_id"
+
+    def histogram(self, prefix: str = "") -> Path:
+        """The code histogram of a validation pass: ``""`` for the model, ``"ema_"`` for its EMA."""
+        return self.path / f"{prefix}codebook_histogram.npz"
+
+    def figure(self, name: str) -> Path:
+        return self.figures / name
+
+    # --- contents ------------------------------------------------------------------------------
+    def has_config(self) -> bool:
+        return self.config_file.is_file()
+
+    def read_config(self) -> RunConfig:
+        return from_yaml(self.config_file.read_text())
+
+    def write_config(self, cfg: RunConfig) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(to_yaml(cfg))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """Every row of ``metrics.jsonl`` (``[]`` before the first log)."""
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
+
+    def last_metrics(self, prefix: str | tuple[str, ...] = "") -> dict[str, float]:
+        """The latest value of every metric (whose name starts with ``prefix``, or one of them)."""
+        latest: dict[str, float] = {}
+        for row in self.read_metrics():
+            latest |= {k: v for k, v in row.items() if k != "step" and k.startswith(prefix)}
+        return latest
+
+    def mlflow_run_id(self) -> str | None:
+        return self.mlflow_id_file.read_text().strip() or None if self.mlflow_id_file.is_file() else None
+
+    def set_mlflow_run_id(self, run_id: str) -> None:
+        self.mlflow_id_file.write_text(run_id + "\n")

@@ -1,0 +1,59 @@
+"""What every training-time component shares about how it runs: seeding, the RNG state a
+checkpoint carries, mixed precision, and the model EMA.
+
+The fp32 island of the quantizers is the other half of the mixed-precision contract
+(docs/architecture.md, "Quantizer").
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The global torch generators this process draws from (CPU, and the device's on CUDA)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast for ``train.dtype=bf16``; fp32 runs as it is."""
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class ModelEMA:
+    """Exponential moving average of every floating parameter and buffer (EMA codebooks
+    included); integer buffers are copied."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for average, current in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if average.is_floating_point():
+                average.lerp_(current, 1.0 - self.decay)
+            else:
+                average.copy_(current)
