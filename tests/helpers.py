@@ -1,6 +1,10 @@
 import json
 from pathlib import Path
 
+import torch
+
+from vqlab import checkpoint
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -8,3 +12,24 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def metric_at(run_dir: Path, key: str, step: int) -> float:
     return next(row[key] for row in read_metrics(run_dir) if row["step"] == step and key in row)
+
+
+def final_state(run_dir):
+    return checkpoint.latest_valid(run_dir / "checkpoints")[1]
+
+
+def assert_states_equal(a, b):
+    for key in ("model", "optimizer", "schedule"):
+        flat_a, flat_b = flatten_state(a[key]), flatten_state(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for name in flat_a:
+            va, vb = flat_a[name], flat_b[name]
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, f"{key}.{name}"
+
+
+def flatten_state(obj, prefix=""):
+    if isinstance(obj, dict):
+        return {k: v for key, value in obj.items() for k, v in flatten_state(value, f"{prefix}{key}.").items()}
+    if isinstance(obj, list):
+        return {k: v for i, value in enumerate(obj) for k, v in flatten_state(value, f"{prefix}{i}.").items()}
+    return {prefix: obj}

@@ -14,28 +14,7 @@ import torch
 from vqlab import checkpoint, losses
 from vqlab.trainer import NonFiniteLossError, fit
 
-from .helpers import read_metrics
-
-
-def final_state(run_dir):
-    return checkpoint.latest_valid(run_dir / "checkpoints")[1]
-
-
-def assert_states_equal(a, b):
-    for key in ("model", "optimizer", "schedule"):
-        flat_a, flat_b = flatten_state(a[key]), flatten_state(b[key])
-        assert flat_a.keys() == flat_b.keys()
-        for name in flat_a:
-            va, vb = flat_a[name], flat_b[name]
-            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, f"{key}.{name}"
-
-
-def flatten_state(obj, prefix=""):
-    if isinstance(obj, dict):
-        return {k: v for key, value in obj.items() for k, v in flatten_state(value, f"{prefix}{key}.").items()}
-    if isinstance(obj, list):
-        return {k: v for i, value in enumerate(obj) for k, v in flatten_state(value, f"{prefix}{i}.").items()}
-    return {prefix: obj}
+from .helpers import assert_states_equal, final_state, read_metrics
 
 
 def test_accumulating_4_x_8_equals_one_batch_of_32(smoke_cfg):

@@ -1,0 +1,186 @@
+"""Resuming runs: whatever the folder holds, the run named is the run continued, exactly."""
+
+import shutil
+import warnings
+from collections import Counter
+
+import pytest
+import torch
+
+import vqlab
+from vqlab import checkpoint
+from vqlab.config import read_source
+from vqlab.runfolder import RunFolder
+from vqlab.trainer import NonFiniteLossError, fit, main
+
+from .helpers import assert_states_equal, final_state
+
+SHORT = {"train.steps": 6, "train.checkpoint_every": 2, "train.log_every": 1, "optim.warmup_steps": 0}
+
+
+def forget_after(run: RunFolder, step: int) -> None:
+    """What a SIGKILL after the checkpoint of ``step`` leaves: later checkpoints gone, the pointer
+    at ``step``, and the records the killed process wrote after it still in place."""
+    for path in checkpoint.step_files(run.checkpoints):
+        if int(path.stem[5:]) > step:
+            path.unlink()
+    (run.checkpoints / "last").write_text(checkpoint.step_path(run.checkpoints, step).name + "\n")
+
+
+def logged_pairs(run: RunFolder) -> Counter:
+    return Counter((row["step"], key) for row in run.read_metrics() for key in row if key != "step")
+
+
+def preset_quantizer_cfg(name: str, root, **overrides):
+    raw = read_source("smoke")
+    raw["quantizer"] = read_source(name)["quantizer"]
+    return vqlab.config.load(raw, {"tracking.root": str(root), **SHORT, **overrides})
+
+
+@pytest.mark.parametrize("name", vqlab.quantizers.available())
+def test_every_quantizer_resumes_bit_for_bit(name, tmp_path):
+    cfg = preset_quantizer_cfg(name, tmp_path, **{"tracking.run_name": "r", "eval.every": 2})
+    whole = fit(cfg)
+    reference = final_state(whole.run_dir)
+    run = RunFolder(whole.run_dir)
+    forget_after(run, 2)
+    resumed = fit(cfg, resume="auto")
+    assert resumed.resumed_from == checkpoint.step_path(run.checkpoints, 2)
+    assert_states_equal(reference, final_state(run.path))
+    assert resumed.metrics == whole.metrics
+
+
+def test_a_run_killed_before_its_first_checkpoint_continues_in_its_own_folder(smoke_cfg):
+    cfg = smoke_cfg(**SHORT, **{"tracking.run_name": "early"})
+    first = fit(cfg)
+    run = RunFolder(first.run_dir)
+    shutil.rmtree(run.checkpoints)  # killed before step 2's checkpoint: config and metrics only
+    again = fit(cfg, resume="auto")
+    assert again.run_dir == run.path and again.resumed_from is None
+    assert sorted(p.name for p in run.path.parent.iterdir()) == ["early"]
+    assert max(logged_pairs(run).values()) == 1  # step 0 and every later step logged once
+    assert again.metrics == first.metrics  # the same run, from step 0
+
+
+def test_a_folder_made_beforehand_is_used(smoke_cfg):
+    cfg = smoke_cfg(**SHORT, **{"tracking.run_name": "prepared"})
+    run = RunFolder.of(cfg)
+    run.path.mkdir(parents=True)
+    (run.path / "notes.txt").write_text("made by a driver\n")
+    result = fit(cfg)
+    assert result.run_dir == run.path and run.has_config()
+    assert (run.path / "notes.txt").is_file()
+
+
+def test_when_no_checkpoint_loads_the_run_stops_naming_them_unless_restarted(smoke_cfg):
+    cfg = smoke_cfg(**SHORT, **{"tracking.run_name": "torn"})
+    run = RunFolder(fit(cfg).run_dir)
+    files = checkpoint.step_files(run.checkpoints)
+    for path in files:
+        path.write_bytes(b"torn")
+    before = run.metrics_file.read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match=r"step_0000006\.pt") as caught:
+            fit(cfg, resume="auto")
+    assert "--restart" in str(caught.value)
+    assert run.metrics_file.read_text() == before
+    restarted = fit(cfg, resume="auto", restart=True)
+    assert restarted.resumed_from is None
+    assert max(logged_pairs(run).values()) == 1
+    aside = [p for p in run.checkpoints.iterdir() if p.name.startswith("discarded-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].glob("step_*.pt")) == [p.name for p in files]
+    assert checkpoint.latest_valid(run.checkpoints)[1]["step"] == 6
+
+
+def test_resume_from_a_named_checkpoint_file_uses_that_file(smoke_cfg):
+    cfg = smoke_cfg(**SHORT, **{"tracking.run_name": "file"})
+    whole = fit(cfg)
+    reference = final_state(whole.run_dir)
+    chosen = checkpoint.step_path(whole.run_dir / "checkpoints", 2)
+    resumed = fit(cfg, resume=str(chosen))
+    assert resumed.resumed_from == chosen
+    assert_states_equal(reference, final_state(whole.run_dir))
+    assert max(logged_pairs(RunFolder(whole.run_dir)).values()) == 1
+
+
+def test_resuming_a_finished_run_reports_its_metrics_and_checkpoint(smoke_cfg, capsys):
+    root = smoke_cfg().tracking.root
+    args = [
+        "--config",
+        "smoke",
+        f"tracking.root={root}",
+        "tracking.run_name=done",
+        "train.steps=4",
+        "optim.warmup_steps=0",
+    ]
+    assert main(args) == 0
+    run = RunFolder(RunFolder.of(smoke_cfg(**{"tracking.run_name": "done"})).path)
+    capsys.readouterr()
+    assert main([*args, "--resume", "auto"]) == 0
+    captured = capsys.readouterr()
+    assert "complete at step 4" in captured.err and "step_0000004.pt" in captured.err
+    model_row = next(line for line in captured.out.splitlines() if line.startswith("model"))
+    assert f"{run.last_metrics('val/')['val/l1']:.4f}" in model_row
+
+
+def test_a_resumed_run_says_which_checkpoint_it_loaded(smoke_cfg, capsys):
+    cfg = smoke_cfg(**SHORT, **{"tracking.run_name": "said"})
+    run = RunFolder(fit(cfg).run_dir)
+    forget_after(run, 4)
+    capsys.readouterr()
+    fit(cfg, resume="auto")
+    assert f"from {checkpoint.step_path(run.checkpoints, 4)} at step 4" in capsys.readouterr().out
+
+
+def test_mlflow_agrees_with_metrics_jsonl_after_a_resume(smoke_cfg, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = smoke_cfg(**SHORT, **{"tracking.run_name": "tracked", "tracking.mlflow": True, "tracking.mlflow_uri": uri})
+    run = RunFolder(fit(cfg).run_dir)
+    forget_after(run, 2)  # steps 3..6 were logged by the "killed" process
+    fit(cfg, resume="auto")
+    client = MlflowClient(tracking_uri=uri)
+    history = client.get_metric_history(run.mlflow_run_id(), "train/loss")
+    recorded = {row["step"]: row["train/loss"] for row in run.read_metrics() if "train/loss" in row}
+    assert sorted(m.step for m in history) == sorted(recorded)
+    assert {m.step: m.value for m in history} == pytest.approx(recorded)
+    alive = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert [r.info.run_id for r in alive] == [run.mlflow_run_id()]
+
+
+def test_a_save_killed_midway_leaves_no_temporary_behind(smoke_cfg):
+    cfg = smoke_cfg(**SHORT, **{"tracking.run_name": "tmp"})
+    run = RunFolder(fit(cfg).run_dir)
+    forget_after(run, 4)
+    stale = run.checkpoints / ".step_0000006.pt.tmp-12345"
+    stale.write_bytes(b"half a checkpoint")
+    fit(cfg, resume="auto")
+    assert not stale.exists()
+
+
+def test_pruning_orders_checkpoints_by_step_beyond_seven_digits(tmp_path):
+    for step in (9_999_999, 10_000_000, 10_000_001):
+        checkpoint.save_step({"step": step}, tmp_path, step, keep=2)
+    kept = [checkpoint.load(p)["step"] for p in checkpoint.step_files(tmp_path)]
+    assert kept == [10_000_000, 10_000_001]
+    assert checkpoint.latest_valid(tmp_path)[1]["step"] == 10_000_001
+
+
+def test_the_non_finite_stop_does_not_promise_a_checkpoint_it_does_not_have(smoke_cfg):
+    cfg = smoke_cfg(**{"optim.lr": 1e30, "optim.warmup_steps": 0, "tracking.run_name": "nan"})
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
+        fit(cfg)
+
+
+def test_gumbel_noise_does_not_depend_on_the_passes_made_before_the_loop(smoke_cfg):
+    """The loaders draw their iterator seeds from their own generators, not the global one."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    cfg = smoke_cfg()
+    loaders = vqlab.data.build_datasets(cfg.data, 0)
+    for loader in (vqlab.data.train_loader(loaders.train, cfg.data, 0), vqlab.data.val_loader(loaders.val, cfg.data)):
+        next(iter(loader))
+    assert torch.equal(torch.rand(3), expected)
