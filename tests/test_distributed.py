@@ -5,6 +5,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vqlab import distributed
+from vqlab.trainer import IntervalMeans
 
 
 def worker(rank, init_file, results):
@@ -26,6 +27,13 @@ def worker(rank, init_file, results):
             out["perturbed_detected"] = False
         except RuntimeError as err:
             out["perturbed_detected"] = "out of sync" in str(err)
+        means = IntervalMeans()
+        for step in range(3):  # rank r logs r + step; "late" appears only from the second step on
+            means.add({"loss": torch.tensor(float(rank + step))})
+            if step:
+                means.add({"late": torch.tensor(10.0 * (rank + 1))})
+        out["interval"] = means.read()
+        out["interval_after_read"] = means.read()
         results[rank] = out
     finally:
         dist.barrier()  # no rank leaves while a peer still talks to it
@@ -41,3 +49,6 @@ def test_collectives_and_desync_detection(tmp_path):
         assert out["gather"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]  # rank 0 gave 1 row, rank 1 gave 2
         assert out["broadcast"] == "from 0"
         assert out["same_ok"] and out["perturbed_detected"]
+        # the mean over both ranks and all steps of the interval, identical on every rank
+        assert out["interval"] == {"loss": (0 + 1 + 2 + 1 + 2 + 3) / 6, "late": (10 + 20) / 2}
+        assert out["interval_after_read"] == {}

@@ -140,3 +140,36 @@ def test_block_mean_baselines_by_hand():
 def test_smoke_run_reports_both_baselines(smoke_run):
     assert smoke_run.baseline["baseline_palette/colors"] == 1000
     assert smoke_run.baseline["baseline_palette/l1"] > smoke_run.baseline["baseline/l1"]
+
+
+def test_the_terminal_shows_headline_metrics_and_a_final_table(tmp_path, capsys):
+    from vqlab.trainer import main
+
+    args = ["--config", "smoke", f"tracking.root={tmp_path}", "train.steps=4", "optim.warmup_steps=0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    step0 = next(line for line in out.splitlines() if line.startswith("step 0 "))
+    assert "l1" in step0 and "psnr" in step0 and "codebook_usage" in step0
+    assert "digit" not in out  # per-digit detail stays in the files and MLflow
+    header, *rows = out.split("run folder:")[1].splitlines()[1:]
+    assert header.split() == ["l1", "mse", "psnr", "ssim", "codebook_usage", "perplexity"]
+    labels = [row[:19].strip() for row in rows]
+    assert labels == ["model", "block mean colour", "block mean, palette"]
+    assert rows[1].split()[-2:] == ["-", "-"]  # the baselines have no codes to count
+    assert max(len(line) for line in out.splitlines()) < 140
+
+
+def test_the_progress_bar_shows_what_a_person_watches(tmp_path):
+    from vqlab.config import TrackingConfig
+    from vqlab.runfolder import RunFolder
+    from vqlab.tracking import RunLogger
+
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    logger = RunLogger(TrackingConfig(root=str(tmp_path), mlflow=False), run, 10, {})
+    logger.log({"val/l1": 0.2, "val/usage_digit0": 0.5, "val/perplexity_digit0": 3.0}, step=0)
+    assert logger.bar.postfix is None
+    logger.log({"train/loss": 0.5, "train/lr": 1e-3, "train/images_per_s": 99.0, "train/perplexity": 7.0}, step=1)
+    assert logger.bar.postfix.replace(" ", "") == "loss=0.5,lr=0.001,img/s=99"
+    logger.close()
+    assert [row["step"] for row in run.read_metrics()] == [0, 1]
