@@ -97,6 +97,24 @@ def test_mlflow_records_params_metrics_and_artifacts(smoke_cfg, tmp_path):
     assert (tmp_path / "runs" / "mlartifacts").is_dir()
 
 
+def test_a_run_nests_under_a_parent_mlflow_run_with_its_tags(smoke_cfg, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.create_run(client.create_experiment("smoke"), run_name="sweep").info.run_id
+    tracking = {"tracking.mlflow": True, "tracking.mlflow_uri": uri, "tracking.parent_run_id": parent}
+    cfg = smoke_cfg(
+        **tracking, **{"tracking.tags": {"sweep": "s", "variant": "v"}, "train.steps": 2, "optim.warmup_steps": 0}
+    )
+    result = fit(cfg)
+    child = client.get_run((result.run_dir / "mlflow_run_id").read_text().strip())
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.data.tags["sweep"] == "s" and child.data.tags["variant"] == "v"
+    assert child.info.status == "FINISHED" and client.get_run(parent).info.status == "RUNNING"
+    assert vqlab.config.load("smoke", ["tracking.tags.variant=w"]).tracking.tags == {"variant": "w"}
+
+
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "vqlab.train", *args], capture_output=True, text=True, cwd=cwd)
 

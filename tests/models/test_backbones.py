@@ -1,4 +1,4 @@
-"""Every new backbone through VQAutoencoder: shapes, gradients, training, compile, config checks."""
+"""Every registered backbone through VQAutoencoder: shapes, gradients, training, compile, config checks."""
 
 import pytest
 import torch
@@ -12,11 +12,14 @@ from ..helpers import metric_at
 # Tiny widths so that a forward pass takes milliseconds and a smoke run a few seconds.
 TINY_VIT = {"name": "vit", "patch_size": 8, "width": 32, "depth": 1, "heads": 2, "mlp_ratio": 2}
 TINY = {
+    "conv": {"name": "conv", "width": 32, "channels": 32},
     "resnet": {"name": "resnet", "width": 8, "multipliers": [1, 1, 2], "groups": 4, "channels": 16},
     "vit": TINY_VIT,
     "vit_linear": {**TINY_VIT, "attention": "linear"},
 }
-BACKBONES = list(TINY)
+# Every registered backbone (a new one without a tiny config fails with a KeyError in tiny()),
+# plus options that change a backbone's computation enough to test on their own.
+BACKBONES = [*vqlab.models.available(), "vit_linear"]
 
 
 def tiny(name: str, **options) -> BackboneConfig:
