@@ -2,37 +2,28 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import yaml
+from vqlab.runfolder import RunFolder
+from vqlab.schema import flatten, to_dict
 
-from vqlab.schema import flatten
 
-
-def last_metrics(run_dir: Path) -> dict[str, float]:
-    """The latest value of every metric in ``metrics.jsonl``."""
-    latest: dict[str, float] = {}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            latest.update({k: v for k, v in row.items() if k != "step"})
-    return latest
+def run_folders(root: str | Path = "runs", experiment: str | None = None) -> list[RunFolder]:
+    """Every run folder (one holding a config) under ``root/<experiment>/``, sorted by path."""
+    experiments = [Path(root) / experiment] if experiment else sorted(p for p in Path(root).iterdir() if p.is_dir())
+    folders = (RunFolder(p) for base in experiments if base.is_dir() for p in sorted(base.iterdir()) if p.is_dir())
+    return [run for run in folders if run.has_config()]
 
 
 def collect(root: str | Path = "runs", experiment: str | None = None) -> list[dict[str, Any]]:
     """One row per run folder under ``root`` (or ``root/experiment``): ``run``, ``experiment``,
     every flattened config key and every last metric."""
-    base = Path(root)
-    pattern = f"{experiment}/*/config.yaml" if experiment else "*/*/config.yaml"
     rows = []
-    for config in sorted(base.glob(pattern)):
-        run_dir = config.parent
-        row = {"experiment": run_dir.parent.name, "run": run_dir.name}
-        row |= flatten(yaml.safe_load(config.read_text()) or {})
-        row |= last_metrics(run_dir)
+    for run in run_folders(root, experiment):
+        row = {"experiment": run.path.parent.name, "run": run.name}
+        row |= flatten(to_dict(run.read_config()))
+        row |= run.last_metrics()
         rows.append(row)
     return rows
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import vqlab
 from analysis.runs import collect
 from vqlab.config import read_source
+from vqlab.runfolder import RunFolder
 
 COLUMNS = ("val/l1", "val/psnr", "val/codebook_usage", "val/perplexity")
 
@@ -40,7 +41,7 @@ def run_all(names: list[str], base: str, steps: int, root: Path, experiment: str
 def table(root: Path, experiment: str) -> list[dict]:
     rows = []
     for run in collect(root, experiment):
-        size = vqlab.quantizers.build(vqlab.config.load(str(root / experiment / run["run"] / "config.yaml")).quantizer)
+        size = vqlab.quantizers.build(RunFolder(root / experiment / run["run"]).read_config().quantizer)
         row = {"quantizer": run["run"], "codes": size.codebook_size if size.discrete else None}
         row |= {column: run.get(column, math.nan) for column in COLUMNS}
         row["steps"] = run["train.steps"]

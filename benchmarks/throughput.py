@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from vqlab.runfolder import RunFolder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -76,7 +78,7 @@ def run_variant(
     done = subprocess.run([*command, *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return {"variant": name, "error": done.stderr[-2000:]}
-    rows = [json.loads(line) for line in (root / "reproduction" / run_name / "metrics.jsonl").read_text().splitlines()]
+    rows = RunFolder(root / "reproduction" / run_name).read_metrics()
     speeds = [r["train/images_per_s"] for r in rows if "train/images_per_s" in r][2:]
     peak = max((r.get("train/peak_memory_gb", 0.0) for r in rows), default=0.0)
     return {
