@@ -13,9 +13,8 @@ import torchvision
 
 from vqlab import evaluators, weights
 from vqlab.config import EvalConfig
-from vqlab.evaluators import CodebookMetrics, ReconstructionMetrics, SlicedWasserstein
-from vqlab.metrics import fidelity
-from vqlab.metrics import swd as swd_lib
+from vqlab.evaluators import CodebookMetrics, ReconstructionMetrics, SlicedWasserstein, fidelity
+from vqlab.evaluators import swd as swd_lib
 
 CPU = torch.device("cpu")
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from vqlab import weights
-from vqlab.metrics import fidelity
+from vqlab.evaluators import fidelity
 
 # The config keys that take an explicit file instead of the hub cache.
 SETTINGS = {

@@ -30,6 +30,7 @@ from vqlab.config import RunConfig, flat_params, from_yaml, load, presets, to_ya
 from vqlab.losses import Objective
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
+from vqlab.precision import autocast
 from vqlab.schema import ConfigError, flatten, to_dict
 from vqlab.tracking import RunLogger, mlflow_uri
 
@@ -113,12 +114,6 @@ def accumulate(window: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
         window[name] = window.get(name, 0.0) + value.detach().float() / micro_batches
 
 
-def autocast(device: torch.device, dtype: str):
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
 class ModelEMA:
     """Exponential moving average of every floating parameter and buffer (EMA codebooks
     included); integer buffers are copied."""
@@ -134,45 +129,6 @@ class ModelEMA:
                 average.lerp_(current, 1.0 - self.decay)
             else:
                 average.copy_(current)
-
-
-@torch.no_grad()
-def evaluate(
-    model: VQAutoencoder,
-    loader: DataLoader,
-    metrics: evaluators.Evaluator,
-    device: torch.device,
-    dtype: str,
-    prefix: str,
-) -> dict[str, float]:
-    """Run ``metrics`` (an ``evaluators.Suite``) over the whole validation set (all ranks'
-    shards) from a fresh state; keys ``<prefix>/<metric>``. ``python -m vqlab.evaluate`` calls this too."""
-    was_training = model.training
-    model.eval()
-    metrics.reset()
-    for images in loader:
-        images = images.to(device)
-        with autocast(device, dtype):
-            out = model(images)
-        metrics.update(images, out.reconstruction, out.quant.codes)
-    model.train(was_training)
-    return {f"{prefix}/{k}": v for k, v in metrics.compute().items()}
-
-
-@torch.no_grad()
-def block_mean_baseline(loader: DataLoader, device: torch.device, block: int, codebook_size: int) -> dict[str, float]:
-    """Pixel metrics of two trivial codecs measured like the model: each ``block x block`` patch
-    replaced by its mean colour (``baseline/``), and by that colour from an RGB palette of at most
-    ``codebook_size`` colours, one code per block like the tokenizer's (``baseline_palette/``)."""
-    levels = evaluators.palette_levels(codebook_size)
-    exact, palette = evaluators.ReconstructionMetrics(device), evaluators.ReconstructionMetrics(device)
-    for images in loader:
-        images = images.to(device)
-        exact.update(images, evaluators.block_mean(images, block))
-        palette.update(images, evaluators.block_mean(images, block, levels))
-    metrics = {f"baseline/{k}": v for k, v in exact.compute().items()}
-    metrics |= {f"baseline_palette/{k}": v for k, v in palette.compute().items()}
-    return metrics | {"baseline_palette/colors": float(levels**3)}
 
 
 @torch.no_grad()
@@ -274,12 +230,12 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     grid_images = torch.stack([splits.val[i] for i in range(min(cfg.eval.grid_images, len(splits.val)))]).to(device)
     # one code per token: compare with one palette colour per token-sized block
     budget = quantizer.codebook_size if quantizer.discrete else 2**24
-    baseline = block_mean_baseline(val_loader, device, model.downsample, budget)
+    baseline = evaluators.block_mean_baseline(val_loader, device, model.downsample, budget)
     if step == 0:
         params = sum(p.numel() for p in model.parameters())
         shape = {"model/params": params, "model/tokens": cfg.model.tokens(cfg.data.image_size)}
         logger.log({**shape, **baseline}, step=0, show=True)
-        logger.log(evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val"), step=0)
+        logger.log(evaluators.evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val"), step=0)
 
     def save_checkpoint(done: int, next_position: tuple[int, int]) -> None:
         rngs = distributed.all_gather_objects(rng_state(device))
@@ -366,12 +322,14 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
 
             # --- eval --------------------------------------------------------------------------
             if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
-                val_metrics = evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val")
+                val_metrics = evaluators.evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val")
                 if step == cfg.train.steps:  # the final code histogram, for the analysis studies
                     for path in metrics.save(run_dir):
                         logger.artifact(path)
                 if ema is not None:
-                    val_metrics |= evaluate(ema.module, val_loader, metrics, device, cfg.train.dtype, "val_ema")
+                    val_metrics |= evaluators.evaluate(
+                        ema.module, val_loader, metrics, device, cfg.train.dtype, "val_ema"
+                    )
                 logger.log(val_metrics, step=step, show=True)
 
             # --- checkpoint --------------------------------------------------------------------

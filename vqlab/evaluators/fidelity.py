@@ -21,6 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqlab import weights
+from vqlab.config import EvalConfig
+from vqlab.distributed import all_gather_cat, rank
+from vqlab.evaluators.base import Evaluator, image_digests, registry, to_uint8
+
 EXTRACTOR = "inception-v3-compat"
 POOL, LOGITS = "2048", "logits_unbiased"  # torch-fidelity's layers for FID/KID and for IS
 
@@ -37,17 +42,6 @@ def build_inception(weights_file: Path, device: torch.device) -> torch.nn.Module
 
     net = FeatureExtractorInceptionV3(EXTRACTOR, [POOL, LOGITS], feature_extractor_weights_path=str(weights_file))
     return net.to(device)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> uint8 [0, 255], clamped and rounded: what saving the image as a PNG would give."""
-    return images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-
-
-def image_digests(images: torch.Tensor) -> list[bytes]:
-    """A 16-byte digest of each uint8 image's shape and pixels."""
-    host = images.cpu().contiguous().numpy()
-    return [hashlib.blake2b(f"{image.shape}".encode() + image.tobytes(), digest_size=16).digest() for image in host]
 
 
 def reference_key(digests: list[bytes], height: int, width: int) -> str:
@@ -124,3 +118,99 @@ def kernel_inception_distance(
     size = min(subset_size, len(real), len(fake))
     out = kid_features_to_metric(real.cpu(), fake.cpu(), kid_subsets=subsets, kid_subset_size=size, verbose=False)
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+
+
+class FidelityMetrics(Evaluator):
+    """rFID, IS and KID from one set of Inception features (torch-fidelity ``inception-v3-compat``).
+
+    fid      Fréchet distance between the pool features of the originals and of their
+             reconstructions (rFID; 0 is identical statistics, unbounded above)
+    isc      Inception Score of the reconstructions (1 to 1008, higher is better), ``isc_std``
+             its spread over splits
+    kid      Kernel Inception Distance between originals and reconstructions (unbiased MMD^2 with
+             the cubic polynomial kernel; about 0 when equal, may dip below), ``kid_std``
+
+    The features of every rank are gathered and put in one order (by the originals' pixel
+    digests, so sharding cannot change IS splits or KID subsets) and the metrics computed once on
+    the whole set. The originals' features are remembered by pixel digest, so later evaluations
+    in the same process run Inception on the reconstructions only. The originals' mean and
+    covariance are cached under a name hashing their pixels and size (module docstring).
+    """
+
+    def __init__(
+        self,
+        extractor: torch.nn.Module,
+        device: torch.device,
+        cache_dir: Path | None = None,
+        kid_subsets: int = 100,
+        kid_subset_size: int = 1000,
+        isc_splits: int = 10,
+    ):
+        self.extractor = extractor
+        self.device = device
+        self.cache_dir = cache_dir
+        self.kid_subsets, self.kid_subset_size, self.isc_splits = kid_subsets, kid_subset_size, isc_splits
+        self.remembered: dict[bytes, torch.Tensor] = {}  # digest -> pool features of an original (CPU)
+        self.reset()
+
+    def reset(self) -> None:
+        self.real: list[torch.Tensor] = []
+        self.fake: list[torch.Tensor] = []
+        self.logits: list[torch.Tensor] = []
+        self.digests: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+        real, fake = to_uint8(images), to_uint8(reconstructions)
+        self.shape = tuple(real.shape[-2:])
+        digests = image_digests(real)
+        new = [i for i, d in enumerate(digests) if d not in self.remembered]
+        if new:
+            pool, _ = self.extractor(real[new])
+            self.remembered.update(zip([digests[i] for i in new], pool.float().cpu(), strict=True))
+        self.real.append(torch.stack([self.remembered[d] for d in digests]).to(self.device))
+        pool, logits = self.extractor(fake)
+        self.fake.append(pool.float().to(self.device))
+        self.logits.append(logits.float().to(self.device))
+        table = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), -1)
+        self.digests.append(torch.from_numpy(table.copy()).to(self.device))
+
+    def reference_statistics(self, real: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The originals' mean and covariance: from the cache file named by ``key`` if there is one,
+        else computed and written there (by rank 0)."""
+        path = self.cache_dir / f"{key}.npz" if self.cache_dir is not None else None
+        cached = load_statistics(path) if path is not None else None
+        if cached is not None:
+            return cached[0].to(real.device), cached[1].to(real.device)
+        mu, sigma = statistics(real)
+        if path is not None and rank() == 0:
+            save_statistics(path, mu, sigma, len(real))
+        return mu, sigma
+
+    def compute(self) -> dict[str, float]:
+        if not self.real:
+            raise RuntimeError("FidelityMetrics.compute() before any update()")
+        # the statistics stay on the evaluation device (a 2048^2 covariance of 50k images is slow on a CPU)
+        real = all_gather_cat(torch.cat(self.real))
+        fake = all_gather_cat(torch.cat(self.fake))
+        logits = all_gather_cat(torch.cat(self.logits))
+        digests = all_gather_cat(torch.cat(self.digests)).cpu().numpy()
+        if len(real) < 2:
+            raise ValueError(f"FID needs at least 2 images, got {len(real)}")
+        order = torch.from_numpy(np.lexsort(digests.T[::-1]).copy()).to(real.device)  # by digest, first byte first
+        real, fake, logits = real[order], fake[order], logits[order]
+        key = reference_key([row.tobytes() for row in digests], *self.shape)
+        mu_real, sigma_real = self.reference_statistics(real, key)
+        few = len(real) - 1 <= real.shape[1]  # then the centred features are the smaller exact factor
+        factor_real = feature_factor(real) if few else covariance_factor(sigma_real)
+        fid = frechet_distance(mu_real, factor_real, fake.double().mean(0), feature_factor(fake))
+        isc, isc_std = inception_score(logits, self.isc_splits)
+        kid, kid_std = kernel_inception_distance(real, fake, self.kid_subsets, self.kid_subset_size)
+        return {"fid": fid, "isc": isc, "isc_std": isc_std, "kid": kid, "kid_std": kid_std}
+
+
+@registry.register("fid")
+def _fid(radices: tuple[int, ...], device: torch.device, options: EvalConfig) -> Evaluator:
+    path = weights.resolve("inception", options.inception_weights, setting="eval.inception_weights")
+    cache = Path(options.reference_cache) if options.reference_cache else default_cache_dir()
+    return FidelityMetrics(build_inception(path, device), device, cache)
