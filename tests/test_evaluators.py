@@ -16,6 +16,8 @@ from vqlab.config import EvalConfig
 from vqlab.evaluators import CodebookMetrics, ReconstructionMetrics, SlicedWasserstein, fidelity
 from vqlab.evaluators import swd as swd_lib
 
+from .helpers import model_output
+
 CPU = torch.device("cpu")
 
 
@@ -42,8 +44,8 @@ def test_l1_mse_psnr_by_hand():
     y[0] += 0.1  # every pixel off by 0.1
     y[1, :, :2] += 0.5  # half the pixels off by 0.5
     metrics = ReconstructionMetrics(CPU)
-    metrics.update(unit_to_model(x[:2]), unit_to_model(y[:2]))
-    metrics.update(unit_to_model(x[2:]), unit_to_model(y[2:]))  # image 2 is exact
+    metrics.update_pairs(unit_to_model(x[:2]), unit_to_model(y[:2]))
+    metrics.update_pairs(unit_to_model(x[2:]), unit_to_model(y[2:]))  # image 2 is exact
     out = metrics.compute()
     assert out["l1"] == pytest.approx((0.1 + 0.25 + 0) / 3)
     assert out["mse"] == pytest.approx((0.01 + 0.125 + 0) / 3)
@@ -53,7 +55,7 @@ def test_l1_mse_psnr_by_hand():
 
 def test_reconstructions_are_clamped_before_measuring():
     metrics = ReconstructionMetrics(CPU)
-    metrics.update(torch.ones(1, 3, 4, 4), torch.full((1, 3, 4, 4), 3.0))
+    metrics.update_pairs(torch.ones(1, 3, 4, 4), torch.full((1, 3, 4, 4), 3.0))
     assert metrics.compute()["l1"] == 0
 
 
@@ -64,7 +66,7 @@ def test_ssim_matches_scikit_image():
     x = torch.rand(3, 3, 20, 16)
     y = (x + 0.15 * torch.randn_like(x)).clamp(0, 1)
     metrics = ReconstructionMetrics(CPU)
-    metrics.update(unit_to_model(x), unit_to_model(y))
+    metrics.update_pairs(unit_to_model(x), unit_to_model(y))
     expected = np.mean(
         [
             structural_similarity(
@@ -101,8 +103,8 @@ def test_usage_perplexity_dead_codes_on_a_known_histogram(dense_limit):
     metrics = CodebookMetrics((2, 4), CPU, dense_limit=dense_limit)
     assert metrics.dense == (dense_limit > 8)
     codes = known_codes()
-    metrics.update(None, None, codes[:1])
-    metrics.update(None, None, codes[1:])
+    metrics.update(None, model_output(codes=codes[:1]))
+    metrics.update(None, model_output(codes=codes[1:]))
     out = metrics.compute()
     p = np.array([4, 2, 1, 1]) / 8
     assert out["codebook_usage"] == 4 / 8
@@ -123,7 +125,7 @@ def test_large_codebooks_are_counted_sparsely():
     assert not metrics.dense
     digits = torch.zeros(3, 5, 24, dtype=torch.int64)
     digits[1, :, 0] = 1  # codes 0 (10 times) and 1 (5 times)
-    metrics.update(None, None, digits)
+    metrics.update(None, model_output(codes=digits))
     out = metrics.compute()
     assert out["codebook_usage"] == 2 / 2**24 and out["dead_codes"] == 2**24 - 2
     assert out["perplexity"] == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))))
@@ -131,7 +133,7 @@ def test_large_codebooks_are_counted_sparsely():
 
 def test_histogram_artifact(tmp_path):
     metrics = CodebookMetrics((2, 4), CPU)
-    metrics.update(None, None, known_codes())
+    metrics.update(None, model_output(codes=known_codes()))
     (path,) = metrics.save(tmp_path, prefix="eval_")
     assert path == tmp_path / "eval_codebook_histogram.npz"
     with np.load(path) as saved:
@@ -142,9 +144,9 @@ def test_histogram_artifact(tmp_path):
 
 def test_reset_starts_a_new_evaluation():
     metrics = CodebookMetrics((2, 4), CPU)
-    metrics.update(None, None, known_codes())
+    metrics.update(None, model_output(codes=known_codes()))
     metrics.reset()
-    metrics.update(None, None, torch.zeros(1, 3, 2, dtype=torch.int64))
+    metrics.update(None, model_output(codes=torch.zeros(1, 3, 2, dtype=torch.int64)))
     assert metrics.compute()["codebook_usage"] == 1 / 8
 
 
@@ -197,7 +199,7 @@ def smooth_images(count: int, size: int = 32) -> torch.Tensor:
 def swd_of(images: torch.Tensor, reconstructions: torch.Tensor, batch: int = 8) -> dict[str, float]:
     metric = SlicedWasserstein(CPU, per_image=32)
     for start in range(0, len(images), batch):
-        metric.update(images[start : start + batch], reconstructions[start : start + batch])
+        metric.update_pairs(images[start : start + batch], reconstructions[start : start + batch])
     return metric.compute()
 
 
@@ -246,6 +248,40 @@ def test_frechet_distance_matches_torch_fidelity(count):
     assert fidelity.frechet_distance(a.mean(0), fidelity.feature_factor(a), a.mean(0), fidelity.feature_factor(a)) == (
         pytest.approx(0, abs=1e-9)
     )
+
+
+# --- the validation loop ---------------------------------------------------------------------------
+
+
+def test_the_validation_loop_hands_evaluators_the_whole_model_output(smoke_cfg):
+    from vqlab import quantizers
+    from vqlab.models import build_autoencoder
+
+    cfg = smoke_cfg()
+    quantizer = quantizers.build(cfg.quantizer)
+    model = build_autoencoder(cfg.model, quantizer)
+
+    class Recorder(evaluators.Evaluator):
+        def reset(self):
+            self.seen = []
+
+        def update(self, images, out):
+            self.seen.append((images, out))
+
+        def compute(self):
+            return {"batches": float(len(self.seen))}
+
+    recorder = Recorder()
+    images = smooth_images(6)
+    assert evaluators.evaluate(model, [images[:4], images[4:]], recorder, CPU, cfg.train.dtype, "val") == {
+        "val/batches": 2.0
+    }
+    for batch, out in recorder.seen:
+        tokens, _ = model.tokens(batch)
+        assert out.latents.shape == (len(batch), tokens.shape[1], quantizer.dim)
+        assert torch.equal(out.latents, tokens)  # what the quantizer was fed, before quantization
+        assert torch.equal(out.quant.codes, quantizer.encode(out.latents))
+        assert out.reconstruction.shape == batch.shape
 
 
 # --- weights: stand-ins, missing files -----------------------------------------------------------
@@ -301,7 +337,7 @@ def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
     extractor = fid.extractor
     calls = []
     fid.extractor = lambda x: calls.append(len(x)) or extractor(x)
-    suite.update(images, images.clone(), None)
+    suite.update(images, model_output(images.clone()))
     same = suite.compute()
     assert calls == [6, 6]  # originals, reconstructions
     assert set(same) == {"fid", "isc", "isc_std", "kid", "kid_std"}
@@ -309,8 +345,8 @@ def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
     assert same["isc"] >= 1 - 1e-9  # exp of a mean KL divergence
 
     suite.reset()
-    suite.update(images[:4], blurred[:4], None)
-    suite.update(images[4:], blurred[4:], None)
+    suite.update(images[:4], model_output(blurred[:4]))
+    suite.update(images[4:], model_output(blurred[4:]))
     different = suite.compute()
     assert calls == [6, 6, 4, 2]  # the originals' features were remembered
     assert different["fid"] > 1e-4 and different["kid"] > same["kid"]
@@ -320,7 +356,7 @@ def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
     with np.load(cached) as stats:
         assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and int(stats["count"]) == 6
     suite.reset()
-    suite.update(images[:5], blurred[:5], None)  # other reference data: another file
+    suite.update(images[:5], model_output(blurred[:5]))  # other reference data: another file
     suite.compute()
     assert len(list(cache.glob("*.npz"))) == 2
 
@@ -332,10 +368,10 @@ def test_lpips_with_stand_in_trunks(torch_home):
     images = smooth_images(4)
     for net, key in (("alex", "lpips"), ("squeeze", "lpips_squeeze")):
         suite = evaluators.build(("lpips",), (8, 5), CPU, EvalConfig(lpips_net=net))
-        suite.update(images, images.clone(), None)
+        suite.update(images, model_output(images.clone()))
         assert suite.compute() == {key: pytest.approx(0, abs=1e-6)}
         suite.reset()
-        suite.update(images, images.flip(-1), None)
+        suite.update(images, model_output(images.flip(-1)))
         assert suite.compute()[key] > 0
 
 
@@ -349,7 +385,7 @@ def test_lpips_is_fed_minus_one_to_one():
 
     metric = evaluators.PerceptualDistance(Recorder(), "alex", CPU)
     images = torch.rand(2, 3, 8, 8) * 2 - 1
-    metric.update(images, images * 3, None)
+    metric.update_pairs(images, images * 3)
     x, y = metric.network.seen
     assert torch.equal(x, images) and y.min() == -1 and y.max() == 1
 
@@ -361,7 +397,7 @@ def test_missing_weights_are_skipped_with_a_warning_naming_the_path(torch_home):
     assert set(suite.evaluators) == {"reconstruction", "swd"}
     assert str(expected) in suite.missing["fid"] and "eval.inception_weights" in suite.missing["fid"]
     images = smooth_images(2)
-    suite.update(images, images, None)
+    suite.update(images, model_output(images))
     assert not any(k.startswith(("fid", "isc", "kid")) for k in suite.compute())
 
 

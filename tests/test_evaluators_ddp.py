@@ -17,6 +17,8 @@ from vqlab.evaluate import evaluate_run
 from vqlab.evaluators import CodebookMetrics, FidelityMetrics, ReconstructionMetrics, SlicedWasserstein
 from vqlab.trainer import train
 
+from .helpers import model_output
+
 CPU = torch.device("cpu")
 COUNT = 10
 RADICES = (2, 4)
@@ -58,7 +60,7 @@ def evaluate(indices: list[int], batch: int = 3) -> dict[str, float]:
     for start in range(0, len(indices), batch):
         chunk = indices[start : start + batch]
         for evaluator in evaluators:
-            evaluator.update(images[chunk], reconstructions[chunk], codes[chunk])
+            evaluator.update(images[chunk], model_output(reconstructions[chunk], codes[chunk]))
     return {k: v for evaluator in evaluators for k, v in evaluator.compute().items()}
 
 

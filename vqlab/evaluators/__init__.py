@@ -1,4 +1,5 @@
-"""Evaluators: ``update(images, reconstructions, codes)`` / ``compute() -> dict`` / ``reset()``.
+"""Evaluators: ``update(images, out)`` / ``compute() -> dict`` / ``reset()``, ``out`` the model's
+``AutoencoderOutput`` (reconstruction, quantizer output with codes, pre-quantization latents).
 
 The same evaluators serve training-time validation and ``python -m vqlab.evaluate``, both through
 ``evaluate`` (``loop``). One module per family, each registered by the name used in
@@ -22,7 +23,7 @@ as an image would do). Pixel metrics map both to [0, 1]; LPIPS takes [-1, 1]; In
 take the uint8 [0, 255] images a PNG would hold.
 """
 
-from vqlab.evaluators.base import Evaluator, Suite, build, image_digests, registry, to_uint8, to_unit
+from vqlab.evaluators.base import Evaluator, PairEvaluator, Suite, build, image_digests, registry, to_uint8, to_unit
 from vqlab.evaluators.baselines import block_mean, block_mean_baseline, palette_levels
 from vqlab.evaluators.codebook import DENSE_HISTOGRAM_LIMIT, CodebookMetrics
 from vqlab.evaluators.fidelity import FidelityMetrics
@@ -36,6 +37,7 @@ __all__ = [
     "CodebookMetrics",
     "Evaluator",
     "FidelityMetrics",
+    "PairEvaluator",
     "PerceptualDistance",
     "ReconstructionMetrics",
     "SlicedWasserstein",

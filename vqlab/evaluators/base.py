@@ -15,6 +15,7 @@ import torch
 from vqlab import weights
 from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_objects
+from vqlab.models import AutoencoderOutput
 from vqlab.registry import Registry
 
 registry = Registry("evaluator")
@@ -37,11 +38,13 @@ def image_digests(images: torch.Tensor) -> list[bytes]:
 
 
 class Evaluator:
-    """One metric family: ``reset`` starts an evaluation, ``update`` takes each batch (images and
-    reconstructions in [-1, 1], codes ``(B, N, G)``), ``compute`` reduces over ranks and returns
-    floats. Every rank calls ``compute`` (and ``save``) at the same point."""
+    """One metric family: ``reset`` starts an evaluation, ``update`` takes each batch (images in
+    [-1, 1] and the model's whole output for them: ``out.reconstruction``, ``out.quant.codes``
+    ``(B, N, G)``, ``out.latents`` ``(B, N, D)``, so a family may measure codes or latents as well
+    as pixels), ``compute`` reduces over ranks and returns floats. Every rank calls ``compute``
+    (and ``save``) at the same point."""
 
-    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor) -> None:
+    def update(self, images: torch.Tensor, out: AutoencoderOutput) -> None:
         raise NotImplementedError
 
     def compute(self) -> dict[str, float]:
@@ -56,6 +59,17 @@ class Evaluator:
         return []
 
 
+class PairEvaluator(Evaluator):
+    """A family that compares images with reconstructions and needs nothing else of the model:
+    ``update_pairs`` takes any reconstructions, e.g. a baseline codec's, which has no model output."""
+
+    def update(self, images: torch.Tensor, out: AutoencoderOutput) -> None:
+        self.update_pairs(images, out.reconstruction)
+
+    def update_pairs(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
 class Suite(Evaluator):
     """The evaluators of one evaluation, run as one; ``missing`` maps each metric left out because
     its pretrained weights are missing to the error naming the file (reported, never a number)."""
@@ -67,9 +81,9 @@ class Suite(Evaluator):
         for evaluator in self.evaluators.values():
             evaluator.reset()
 
-    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor) -> None:
+    def update(self, images: torch.Tensor, out: AutoencoderOutput) -> None:
         for evaluator in self.evaluators.values():
-            evaluator.update(images, reconstructions, codes)
+            evaluator.update(images, out)
 
     def compute(self) -> dict[str, float]:
         return {k: v for evaluator in self.evaluators.values() for k, v in evaluator.compute().items()}

@@ -35,8 +35,8 @@ def block_mean_baseline(loader: DataLoader, device: torch.device, block: int, co
     exact, palette = ReconstructionMetrics(device), ReconstructionMetrics(device)
     for images in loader:
         images = images.to(device)
-        exact.update(images, block_mean(images, block))
-        palette.update(images, block_mean(images, block, levels))
+        exact.update_pairs(images, block_mean(images, block))
+        palette.update_pairs(images, block_mean(images, block, levels))
     metrics = {f"baseline/{k}": v for k, v in exact.compute().items()}
     metrics |= {f"baseline_palette/{k}": v for k, v in palette.compute().items()}
     return metrics | {"baseline_palette/colors": float(levels**3)}

@@ -11,6 +11,7 @@ from vqlab import codes as codes_lib
 from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_cat, all_reduce_sum, rank
 from vqlab.evaluators.base import Evaluator, registry
+from vqlab.models import AutoencoderOutput
 from vqlab.quantizers.base import perplexity
 
 # From this many codes on, the histogram is a sparse (sorted unique index, count) table instead of
@@ -54,8 +55,8 @@ class CodebookMetrics(Evaluator):
             self.index_counts = torch.zeros(0, dtype=torch.int64, device=self.device)
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor) -> None:
-        digits = codes.reshape(-1, len(self.radices)).to(self.device)
+    def update(self, images: torch.Tensor, out: AutoencoderOutput) -> None:
+        digits = out.quant.codes.reshape(-1, len(self.radices)).to(self.device)
         for i, counts in enumerate(self.digit_counts):
             counts += torch.bincount(digits[:, i], minlength=len(counts))
         index = codes_lib.digits_to_index(digits, self.radices)

@@ -24,7 +24,7 @@ import torch
 from vqlab import weights
 from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_cat, rank
-from vqlab.evaluators.base import Evaluator, image_digests, registry, to_uint8
+from vqlab.evaluators.base import Evaluator, PairEvaluator, image_digests, registry, to_uint8
 
 EXTRACTOR = "inception-v3-compat"
 POOL, LOGITS = "2048", "logits_unbiased"  # torch-fidelity's layers for FID/KID and for IS
@@ -120,7 +120,7 @@ def kernel_inception_distance(
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
-class FidelityMetrics(Evaluator):
+class FidelityMetrics(PairEvaluator):
     """rFID, IS and KID from one set of Inception features (torch-fidelity ``inception-v3-compat``).
 
     fid      Fréchet distance between the pool features of the originals and of their
@@ -160,7 +160,7 @@ class FidelityMetrics(Evaluator):
         self.digests: list[torch.Tensor] = []
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+    def update_pairs(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
         real, fake = to_uint8(images), to_uint8(reconstructions)
         self.shape = tuple(real.shape[-2:])
         digests = image_digests(real)

@@ -29,6 +29,6 @@ def evaluate(
         images = images.to(device)
         with autocast(device, dtype):
             out = model(images)
-        metrics.update(images, out.reconstruction, out.quant.codes)
+        metrics.update(images, out)
     model.train(was_training)
     return {f"{prefix}/{k}": v for k, v in metrics.compute().items()}

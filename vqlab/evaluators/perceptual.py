@@ -7,10 +7,10 @@ import torch
 from vqlab import weights
 from vqlab.config import EvalConfig
 from vqlab.distributed import all_reduce_sum
-from vqlab.evaluators.base import Evaluator, registry
+from vqlab.evaluators.base import Evaluator, PairEvaluator, registry
 
 
-class PerceptualDistance(Evaluator):
+class PerceptualDistance(PairEvaluator):
     """LPIPS (Zhang et al. 2018) through the ``lpips`` package, per image on [-1, 1] inputs,
     averaged over the evaluation set: 0 for identical images, higher is more different
     (typically below 1). Reported as ``lpips`` for the AlexNet trunk, ``lpips_<net>`` otherwise,
@@ -26,7 +26,7 @@ class PerceptualDistance(Evaluator):
         self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # distance, images
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+    def update_pairs(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
         distance = self.network(images.float().clamp(-1, 1), reconstructions.float().clamp(-1, 1)).flatten()
         self.sums += torch.stack([distance.double().sum(), distance.new_tensor(len(distance), dtype=torch.float64)])
 

@@ -6,7 +6,7 @@ import torch
 
 from vqlab.config import EvalConfig
 from vqlab.distributed import all_reduce_sum
-from vqlab.evaluators.base import Evaluator, registry, to_unit
+from vqlab.evaluators.base import Evaluator, PairEvaluator, registry, to_unit
 
 # skimage's and torchmetrics' Gaussian window: sigma 1.5 truncated at 3.5 sigma.
 SSIM_WINDOW = 11
@@ -38,7 +38,7 @@ def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ssim.flatten(1).mean(1)
 
 
-class ReconstructionMetrics(Evaluator):
+class ReconstructionMetrics(PairEvaluator):
     """Per-image pixel metrics on [0, 1] images, averaged over the evaluation set.
 
     l1   mean |x - y|                      (0 is perfect, at most 1)
@@ -57,7 +57,7 @@ class ReconstructionMetrics(Evaluator):
         self.sums = torch.zeros(6, dtype=torch.float64, device=self.device)
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+    def update_pairs(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
         x, y = to_unit(images), to_unit(reconstructions)
         diff = (x - y).flatten(1).double()
         mse = diff.square().mean(1)

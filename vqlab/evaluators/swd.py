@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_cat, world_size
-from vqlab.evaluators.base import Evaluator, image_digests, registry, to_uint8
+from vqlab.evaluators.base import Evaluator, PairEvaluator, image_digests, registry, to_uint8
 
 # The 5-tap binomial filter of cv2.pyrDown / pyrUp, as in the reference code.
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16
@@ -126,7 +126,7 @@ def swd(
     return 1e3 * sum(distances) / repeats
 
 
-class SlicedWasserstein(Evaluator):
+class SlicedWasserstein(PairEvaluator):
     """Multi-scale sliced Wasserstein distance between originals and reconstructions
     (Karras et al. 2018, appendix D), x 10^3 as in the paper: ``swd_<size>`` per
     Laplacian level (e.g. ``swd_32``, ``swd_16`` for 32 px images) and ``swd``, their mean.
@@ -150,7 +150,7 @@ class SlicedWasserstein(Evaluator):
         self.taken = 0
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, reconstructions: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+    def update_pairs(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
         quota = math.ceil(self.max_images / world_size()) - self.taken
         if quota <= 0:
             return
