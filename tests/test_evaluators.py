@@ -115,8 +115,8 @@ def test_usage_perplexity_dead_codes_on_a_known_histogram(dense_limit):
     q = np.array([6, 1, 1]) / 8
     assert out["usage_digit1"] == 3 / 4 and out["dead_codes_digit1"] == 1
     assert out["perplexity_digit1"] == pytest.approx(math.exp(-(q * np.log(q)).sum()))
-    indices, counts = metrics.histogram()
-    assert indices.tolist() == [0, 1, 5, 7] and counts.tolist() == [4, 2, 1, 1]
+    digits, counts = metrics.histogram()
+    assert digits.tolist() == [[0, 0], [1, 0], [1, 2], [1, 3]] and counts.tolist() == [4, 2, 1, 1]
 
 
 def test_large_codebooks_are_counted_sparsely():
@@ -138,8 +138,38 @@ def test_histogram_artifact(tmp_path):
     assert path == tmp_path / "eval_codebook_histogram.npz"
     with np.load(path) as saved:
         assert saved["indices"].tolist() == [0, 1, 5, 7] and saved["counts"].tolist() == [4, 2, 1, 1]
+        assert saved["digits"].tolist() == [[0, 0], [1, 0], [1, 2], [1, 3]]
         assert saved["radices"].tolist() == [2, 4] and int(saved["codebook_size"]) == 8
         assert saved["digit_counts_1"].tolist() == [6, 0, 1, 1] and not saved["sparse"]
+
+
+WIDE = (1024,) * 7  # 2^70 codes: no int64 flat index exists
+
+
+def wide_codes() -> torch.Tensor:
+    """Over ``WIDE``: 3 x zero, 2 x (5, 0.., 1), 1 x (0, 0.., 1), 1 x (7, 0..): flat order 0, 7,
+    1024^6, 1024^6 + 5, which lexicographic order from digit 0 would not give."""
+    rows = torch.zeros(7, 7, dtype=torch.int64)
+    rows[3:5, 0], rows[3:6, 6], rows[6, 0] = 5, 1, 7
+    return rows.reshape(1, 7, 7)  # (B, N, G)
+
+
+def test_codebooks_beyond_int64_are_counted_by_digits(tmp_path):
+    metrics = CodebookMetrics(WIDE, CPU)
+    metrics.update(None, model_output(codes=wide_codes()[:, :4]))
+    metrics.update(None, model_output(codes=wide_codes()[:, 4:]))
+    out = metrics.compute()
+    p = np.array([3, 2, 1, 1]) / 7
+    assert out["codebook_usage"] == 4 / 2**70 and out["dead_codes"] == float(2**70 - 4)
+    assert out["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    assert out["usage_digit0"] == 3 / 1024 and out["usage_digit6"] == 2 / 1024
+    digits, counts = metrics.histogram()
+    assert digits[:, [0, 6]].tolist() == [[0, 0], [7, 0], [0, 1], [5, 1]] and counts.tolist() == [3, 1, 1, 2]
+    (path,) = metrics.save(tmp_path)
+    with np.load(path) as saved:
+        assert "indices" not in saved and "codebook_size" not in saved and bool(saved["sparse"])
+        assert saved["digits"].tolist() == digits.tolist() and saved["counts"].tolist() == [3, 1, 1, 2]
+        assert saved["radices"].tolist() == list(WIDE)
 
 
 def test_reset_starts_a_new_evaluation():

@@ -14,15 +14,15 @@ from vqlab.evaluators.base import Evaluator, registry
 from vqlab.models import AutoencoderOutput
 from vqlab.quantizers.base import perplexity
 
-# From this many codes on, the histogram is a sparse (sorted unique index, count) table instead of
-# a dense vector; both give the same metrics.
+# From this many codes on, the histogram is a sparse table of the codes seen and their counts
+# instead of a dense vector; both give the same metrics.
 DENSE_HISTOGRAM_LIMIT = 2**18
 
 
-def merge_counts(indices: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum the counts of equal indices: a sorted sparse histogram."""
-    unique, inverse = torch.unique(indices, return_inverse=True)
-    return unique, torch.zeros_like(unique).index_add_(0, inverse, counts)
+def merge_counts(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the counts of equal rows of ``keys`` ``(M, K)``: a sparse histogram, rows ascending."""
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    return unique, torch.zeros(len(unique), dtype=counts.dtype, device=counts.device).index_add_(0, inverse, counts)
 
 
 class CodebookMetrics(Evaluator):
@@ -34,14 +34,18 @@ class CodebookMetrics(Evaluator):
     usage_digit{i}, perplexity_digit{i}, dead_codes_digit{i}: the same for digit (level, group) i
     alone over its radix, when there is more than one digit.
 
-    Codebooks of ``DENSE_HISTOGRAM_LIMIT`` (2^18) codes or more are counted sparsely: a sorted
-    table of the indices seen and their counts, merged across ranks, instead of a dense vector.
+    Codebooks of ``DENSE_HISTOGRAM_LIMIT`` (2^18) codes or more are counted sparsely: a table of
+    the codes seen and their counts, merged across ranks (so a code seen on two ranks counts once),
+    instead of a dense vector. The table is keyed by flat index where ``prod(radices)`` fits an
+    int64, and by the tuple of digits beyond (e.g. RVQ of depth 7 over 1024 codes: 2^70 codes),
+    as the quantizers' batch statistics are.
     """
 
     def __init__(self, radices: tuple[int, ...], device: torch.device, dense_limit: int = DENSE_HISTOGRAM_LIMIT):
         self.radices = tuple(radices)
         self.size = codes_lib.codebook_size(self.radices)
         self.dense = self.size < dense_limit
+        self.indexed = codes_lib.fits_int64(self.radices)
         self.device = device
         self.reset()
 
@@ -51,38 +55,53 @@ class CodebookMetrics(Evaluator):
         if self.dense:
             self.counts = torch.zeros(self.size, dtype=torch.int64, device=self.device)
         else:
-            self.indices = torch.zeros(0, dtype=torch.int64, device=self.device)
-            self.index_counts = torch.zeros(0, dtype=torch.int64, device=self.device)
+            width = 1 if self.indexed else len(self.radices)
+            self.keys = torch.zeros(0, width, dtype=torch.int64, device=self.device)
+            self.key_counts = torch.zeros(0, dtype=torch.int64, device=self.device)
+
+    def to_keys(self, digits: torch.Tensor) -> torch.Tensor:
+        """``(T, G)`` digits -> ``(T, K)`` sparse-table keys whose rows sort in flat-index order:
+        the flat index, or the digits most significant (the last) first."""
+        if self.indexed:
+            return codes_lib.digits_to_index(digits, self.radices)[:, None]
+        return digits.flip(-1)
+
+    def to_digits(self, keys: torch.Tensor) -> torch.Tensor:
+        if self.indexed:
+            return codes_lib.index_to_digits(keys[:, 0], self.radices)
+        return keys.flip(-1)
 
     @torch.no_grad()
     def update(self, images: torch.Tensor, out: AutoencoderOutput) -> None:
         digits = out.quant.codes.reshape(-1, len(self.radices)).to(self.device)
         for i, counts in enumerate(self.digit_counts):
             counts += torch.bincount(digits[:, i], minlength=len(counts))
-        index = codes_lib.digits_to_index(digits, self.radices)
         if self.dense:
-            self.counts += torch.bincount(index, minlength=self.size)
+            self.counts += torch.bincount(codes_lib.digits_to_index(digits, self.radices), minlength=self.size)
         else:
-            self.indices, self.index_counts = merge_counts(
-                torch.cat([self.indices, index]), torch.cat([self.index_counts, torch.ones_like(index)])
+            keys = self.to_keys(digits)
+            self.keys, self.key_counts = merge_counts(
+                torch.cat([self.keys, keys]), torch.cat([self.key_counts, keys.new_ones(len(keys))])
             )
 
     def histogram(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global ``(indices, counts)`` of the codes seen (all ranks), indices ascending."""
+        """Global ``(digits (M, G), counts (M,))`` of the codes seen on all ranks, in ascending
+        flat-index order."""
         if self.dense:
             counts = all_reduce_sum(self.counts)
             used = counts.nonzero().squeeze(1)
-            return used, counts[used]
-        return merge_counts(all_gather_cat(self.indices), all_gather_cat(self.index_counts))
+            return codes_lib.index_to_digits(used, self.radices), counts[used]
+        keys, counts = merge_counts(all_gather_cat(self.keys), all_gather_cat(self.key_counts))
+        return self.to_digits(keys), counts
 
     def compute(self) -> dict[str, float]:
         used, counts = self.histogram()
         if counts.sum() == 0:
             raise RuntimeError("CodebookMetrics.compute() before any update()")
         metrics = {
-            "codebook_usage": used.numel() / self.size,
+            "codebook_usage": len(used) / self.size,
             "perplexity": perplexity(counts).item(),
-            "dead_codes": float(self.size - used.numel()),
+            "dead_codes": float(self.size - len(used)),
         }
         for i, local in enumerate(self.digit_counts):
             digit = all_reduce_sum(local)
@@ -93,22 +112,34 @@ class CodebookMetrics(Evaluator):
         return metrics
 
     def save(self, folder: Path, prefix: str = "") -> list[Path]:
-        """``<prefix>codebook_histogram.npz``: ``indices`` and ``counts`` of every code seen (flat
-        index per vqlab.codes), ``radices``, ``codebook_size``, ``digit_counts_{i}``, ``sparse``."""
-        indices, counts = self.histogram()
-        digits = [all_reduce_sum(c) for c in self.digit_counts]
+        """``<prefix>codebook_histogram.npz``, every code seen over the whole set (all ranks):
+
+        digits            (M, G) int64, the digits of each code, in ascending flat-index order
+        counts            (M,) int64, how often each was seen
+        indices           (M,) int64 flat index of each (vqlab.codes), and
+        codebook_size     prod(radices), both only where prod(radices) fits an int64
+        radices           (G,) int64
+        digit_counts_{i}  (radix_i,) int64 histogram of digit i alone, when there are several digits
+        sparse            whether it was counted sparsely (the file's content is the same)
+        """
+        digits, counts = self.histogram()
+        per_digit = [all_reduce_sum(c) for c in self.digit_counts]
         if rank() != 0:
             return []
         path = Path(folder) / f"{prefix}codebook_histogram.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
+        flat = {}
+        if self.indexed:
+            flat["indices"] = codes_lib.digits_to_index(digits, self.radices).cpu().numpy()
+            flat["codebook_size"] = np.array(self.size, dtype=np.int64)
         np.savez_compressed(
             path,
-            indices=indices.cpu().numpy(),
+            digits=digits.cpu().numpy(),
             counts=counts.cpu().numpy(),
             radices=np.array(self.radices, dtype=np.int64),
-            codebook_size=np.array(self.size, dtype=np.int64),
             sparse=np.array(not self.dense),
-            **{f"digit_counts_{i}": d.cpu().numpy() for i, d in enumerate(digits)},
+            **flat,
+            **{f"digit_counts_{i}": d.cpu().numpy() for i, d in enumerate(per_digit)},
         )
         return [path]
 
