@@ -12,14 +12,13 @@ level (the image itself); 32 px images have two (32 and 16).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vqlab.config import EvalConfig
-from vqlab.distributed import all_gather_cat, world_size
+from vqlab.data import ShardSampler
+from vqlab.distributed import all_gather_cat, rank, world_size
 from vqlab.evaluators.base import Evaluator, PairEvaluator, image_digests, registry, to_uint8
 
 # The 5-tap binomial filter of cv2.pyrDown / pyrUp, as in the reference code.
@@ -135,8 +134,10 @@ class SlicedWasserstein(PairEvaluator):
     An original and its reconstruction are sampled at the same ``per_image`` positions, drawn
     from a generator seeded by ``seed`` and the original's pixels: identical sets give exactly 0,
     and the result does not depend on how the images are sharded over ranks or batched. Only the
-    first ``max_images`` images (split evenly over ranks) are sampled, which bounds memory on
-    large validation sets. The global random state is left alone.
+    first ``max_images`` images of the whole set are sampled, which bounds memory on large
+    validation sets: each rank takes those of them that ``data.ShardSampler`` deals it, assuming
+    its batches arrive in that sampler's order (as the validation loader's do), so the selection
+    does not depend on the number of ranks. The global random state is left alone.
     """
 
     def __init__(self, device: torch.device, max_images: int = 8192, per_image: int = 128, seed: int = 0):
@@ -151,7 +152,8 @@ class SlicedWasserstein(PairEvaluator):
 
     @torch.no_grad()
     def update_pairs(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
-        quota = math.ceil(self.max_images / world_size()) - self.taken
+        # the first max_images images of the whole set, on whichever rank holds them
+        quota = len(ShardSampler(self.max_images, rank(), world_size())) - self.taken
         if quota <= 0:
             return
         real, fake = to_uint8(images[:quota]), to_uint8(reconstructions[:quota])
