@@ -145,3 +145,20 @@ def test_evaluate_logs_to_the_runs_mlflow_run(smoke_run, tmp_path, monkeypatch):
     (run_dir / "mlflow_run_id").unlink()
     assert main([*args, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"]) == 0  # eval.json only
     mlflow.start_run.assert_not_called()
+
+
+def test_the_model_ema_code_histogram_is_saved_beside_the_models(tmp_path):
+    overrides = {"tracking.root": str(tmp_path), "train.steps": 2, "optim.warmup_steps": 0, "train.ema_decay": 0.5}
+    result = train(vqlab.config.load("smoke", overrides))
+    assert main(["--run", str(result.run_dir)]) == 0
+    evaluated = read(result.run_dir / "eval.json")["metrics"]
+    for name, metrics, key in (
+        ("codebook_histogram.npz", result.metrics, "val/"),
+        ("ema_codebook_histogram.npz", result.metrics, "val_ema/"),
+        ("eval_codebook_histogram.npz", evaluated, "eval/"),
+        ("eval_ema_codebook_histogram.npz", evaluated, "eval_ema/"),
+    ):
+        with np.load(result.run_dir / name) as saved:
+            assert saved["counts"].sum() == 64 * 4 * 4, name
+            assert len(saved["indices"]) / 1000 == pytest.approx(metrics[f"{key}codebook_usage"]), name
+    assert result.metrics["val_ema/codebook_usage"] != result.metrics["val/codebook_usage"]  # another histogram

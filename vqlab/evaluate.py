@@ -9,8 +9,9 @@ another. The evaluators, and the function that runs them, are the ones training-
 uses, so the numbers mean the same. Under ``torchrun`` every rank takes a shard and the metrics
 are computed over all of them. Rank 0 writes ``<run>/eval.json`` (metrics as ``eval/<name>``,
 ``eval_ema/<name>`` for the model EMA when the checkpoint has one, and the metrics skipped for
-missing weights with the reason), the code histogram beside it, and logs both to the run's
-MLflow run when ``tracking.mlflow`` is on.
+missing weights with the reason), the code histogram beside it (``eval_codebook_histogram.npz``,
+and ``eval_ema_codebook_histogram.npz`` for the EMA), and logs them to the run's MLflow run when
+``tracking.mlflow`` is on.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def evaluate_run(
             averaged = copy.deepcopy(model)
             averaged.load_state_dict(state["ema"])
             results |= evaluators.evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype, "eval_ema")
+            artifacts += suite.save(out.parent, prefix=f"{out.stem}_ema_")
         result = EvalResult(path=out, metrics=results, missing=suite.missing, step=int(state["step"]))
         if ctx.main:
             record = {

@@ -330,6 +330,9 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
                     val_metrics |= evaluators.evaluate(
                         ema.module, val_loader, metrics, device, cfg.train.dtype, "val_ema"
                     )
+                    if step == cfg.train.steps:  # the EMA's own histogram, beside the model's
+                        for path in metrics.save(run_dir, prefix="ema_"):
+                            logger.artifact(path)
                 logger.log(val_metrics, step=step, show=True)
 
             # --- checkpoint --------------------------------------------------------------------
