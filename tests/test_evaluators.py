@@ -333,15 +333,13 @@ def hub_file(torch_home, name):
 SMALL_INCEPTION_INPUT = 75  # the smallest input Inception takes; 299 costs seconds per image on a CPU
 
 
-@pytest.fixture
-def inception_file(torch_home, monkeypatch):
-    """Random Inception weights under torch hub's file name. He-initialised convolutions keep the
-    activations O(1) (PyTorch's default init shrinks them into slow float denormals), and a scaled
-    classifier spreads the logits so the Inception Score is not trivially 1."""
+def write_stand_in_inception(path, seed: int = 0):
+    """Random Inception weights at ``path``. He-initialised convolutions keep the activations O(1)
+    (PyTorch's default init shrinks them into slow float denormals), and a scaled classifier
+    spreads the logits so the Inception Score is not trivially 1."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", SMALL_INCEPTION_INPUT)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with (
         mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
         mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}),
@@ -351,22 +349,34 @@ def inception_file(torch_home, monkeypatch):
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     net.fc.weight.data *= 1000
-    path = hub_file(torch_home, "inception")
     torch.save(net.state_dict(), path)
     return path
 
 
-def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
-    cache = tmp_path / "fid_cache"
-    options = EvalConfig(metrics=("fid",), reference_cache=str(cache))
-    suite = evaluators.build(("fid",), (8, 5), CPU, options)
+@pytest.fixture
+def inception_file(torch_home, monkeypatch):
+    """Stand-in Inception weights under torch hub's file name, on small inputs."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", SMALL_INCEPTION_INPUT)
+    return write_stand_in_inception(hub_file(torch_home, "inception"))
+
+
+def counting_extractor(suite) -> list[int]:
+    """The batch sizes the suite's Inception is run on, appended as it runs."""
     fid = suite.evaluators["fid"]
+    extractor, calls = fid.extractor, []
+    fid.extractor = lambda x: calls.append(len(x)) or extractor(x)
+    return calls
+
+
+def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
+    options = EvalConfig(metrics=("fid",), reference_cache=str(tmp_path / "fid_cache"))
+    suite = evaluators.build(("fid",), (8, 5), CPU, options)
     images = smooth_images(6)
     blurred = torch.nn.functional.avg_pool2d(images, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
 
-    extractor = fid.extractor
-    calls = []
-    fid.extractor = lambda x: calls.append(len(x)) or extractor(x)
+    calls = counting_extractor(suite)
     suite.update(images, model_output(images.clone()))
     same = suite.compute()
     assert calls == [6, 6]  # originals, reconstructions
@@ -381,14 +391,31 @@ def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
     assert calls == [6, 6, 4, 2]  # the originals' features were remembered
     assert different["fid"] > 1e-4 and different["kid"] > same["kid"]
 
-    (cached,) = cache.glob("*.npz")
-    assert re.fullmatch(r"inception-v3-compat-32x32-[0-9a-f]{16}\.npz", cached.name)
-    with np.load(cached) as stats:
-        assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and int(stats["count"]) == 6
-    suite.reset()
-    suite.update(images[:5], model_output(blurred[:5]))  # other reference data: another file
-    suite.compute()
-    assert len(list(cache.glob("*.npz"))) == 2
+
+def test_the_reference_cache_skips_the_originals_and_follows_the_weights(inception_file, tmp_path):
+    """A later process with the same Inception weights runs it on the reconstructions only and
+    gets the same numbers; other weights never reuse the first weights' features."""
+    images = smooth_images(6)
+    blurred = torch.nn.functional.avg_pool2d(images, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
+
+    def fid_of(weights_file, reconstructions, expected_calls):
+        options = EvalConfig(
+            metrics=("fid",), reference_cache=str(tmp_path / "cache"), inception_weights=str(weights_file)
+        )
+        suite = evaluators.build(("fid",), (8, 5), CPU, options)  # a fresh evaluator, as in a new process
+        calls = counting_extractor(suite)
+        suite.update(images, model_output(reconstructions))
+        metrics = suite.compute()
+        assert calls == expected_calls
+        return metrics
+
+    cold = fid_of(inception_file, blurred, [6, 6])
+    (cached,) = (tmp_path / "cache").glob("*.npz")
+    assert re.fullmatch(r"inception-v3-compat-[0-9a-f]{16}\.npz", cached.name)
+    assert fid_of(inception_file, blurred, [6]) == pytest.approx(cold, rel=1e-9)  # a hit: reconstructions only
+    other = write_stand_in_inception(tmp_path / "other-inception.pth", seed=1)
+    assert fid_of(other, images.clone(), [6, 6])["fid"] == pytest.approx(0, abs=1e-6)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
 
 def test_lpips_with_stand_in_trunks(torch_home):

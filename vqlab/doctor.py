@@ -42,7 +42,7 @@ def main() -> int:
     missing += not present
     cache = fidelity.default_cache_dir()
     count = len(list(cache.glob("*.npz"))) if cache.is_dir() else 0
-    print(f"FID reference statistics: {cache}  ({count} cached; eval.reference_cache moves it)")
+    print(f"FID reference features: {cache}  ({count} Inception weights cached; eval.reference_cache moves it)")
     if missing:
         print(f"{missing} missing: copy each file to the path shown (URLs in vqlab/weights.py).")
         print(

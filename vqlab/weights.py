@@ -7,6 +7,7 @@ A missing file is a ``MissingWeightsError`` that names the exact path and where 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,12 @@ REGISTRY = {
         ),
     )
 }
+
+
+def sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes (about 0.25 s per 100 MB on one CPU core)."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def hub_checkpoints() -> Path:

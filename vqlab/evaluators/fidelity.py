@@ -1,4 +1,4 @@
-"""Inception features for rFID, IS and KID, the Fréchet distance, and the reference-statistics cache.
+"""Inception features for rFID, IS and KID, the Fréchet distance, and the cache of the originals' features.
 
 Features come from torch-fidelity's ``inception-v3-compat`` extractor (the TensorFlow Inception of
 the original FID code, ported bit-exactly), loaded from a file on disk so nothing is downloaded.
@@ -6,15 +6,16 @@ IS and KID are torch-fidelity's own functions; the Fréchet distance is computed
 form that avoids the non-symmetric 2048 x 2048 eigendecomposition torch-fidelity uses (tens of
 seconds on a CPU) and agrees with it to rounding (tests/test_evaluators.py checks this).
 
-Reference statistics (mean and covariance of the real images' pool features, torch-fidelity's
-``mu``/``sigma`` npz layout) are cached as ``<dir>/inception-v3-compat-<H>x<W>-<hash>.npz``, where
-``<hash>`` digests every reference image's pixels: different or changed reference data, or another
-image size, gets another file, so stale statistics are never picked up.
+The originals' pool features are cached on disk by image digest (``FeatureStore``), in one file
+per Inception weights file (named by its sha256): a later process evaluating the same originals
+runs Inception on the reconstructions only (about 0.3 s per image on one CPU core), and other
+weights never see another file's features. The originals' mean and covariance factor are
+recomputed from the features each time: they are cheap beside Inception (no eigendecomposition
+up to 2048 images, one 2048 x 2048 ``eigh``, a few seconds on a CPU, beyond).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -44,12 +45,6 @@ def build_inception(weights_file: Path, device: torch.device) -> torch.nn.Module
     return net.to(device)
 
 
-def reference_key(digests: list[bytes], height: int, width: int) -> str:
-    """The cache name of a reference set: order-free (sharding must not change it), with its size."""
-    content = hashlib.sha256(b"".join(sorted(digests))).hexdigest()[:16]
-    return f"{EXTRACTOR}-{height}x{width}-{content}"
-
-
 def statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased covariance (float64) of ``(N, D)`` features, as ``np.cov(rowvar=False)``."""
     features = features.double()
@@ -57,20 +52,34 @@ def statistics(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return features.mean(0), centred.T @ centred / (len(features) - 1)
 
 
-def load_statistics(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if not path.is_file():
-        return None
-    with np.load(path) as stats:
-        return torch.from_numpy(stats["mu"]), torch.from_numpy(stats["sigma"])
+class FeatureStore:
+    """The originals' Inception pool features on disk, by image digest, for one weights file:
+    ``<folder>/inception-v3-compat-<first 16 hex digits of the weights' sha256>.npz`` holding
+    ``digests`` (M, 16) uint8 (``image_digests``: each image's shape and pixels) and ``features``
+    (M, 2048) float32. Written whole through a temporary file, so a reader never sees a torn file;
+    of two processes adding at once the last writer's entries stay, and the other's are recomputed
+    next time (never wrong)."""
 
+    def __init__(self, folder: Path, weights_file: Path):
+        self.path = Path(folder) / f"{EXTRACTOR}-{weights.sha256(weights_file)[:16]}.npz"
+        self.features: dict[bytes, torch.Tensor] = {}  # what the file holds
+        if self.path.is_file():
+            with np.load(self.path) as stored:
+                rows = (row.tobytes() for row in stored["digests"])
+                self.features = dict(zip(rows, torch.from_numpy(stored["features"]), strict=True))
 
-def save_statistics(path: Path, mu: torch.Tensor, sigma: torch.Tensor, count: int) -> None:
-    """Written through a temporary file, so a reader never sees a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as handle:
-        np.savez(handle, mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), count=count)
-    os.replace(tmp, path)
+    def add(self, digests: list[bytes], features: torch.Tensor) -> None:
+        """Write the features of the images the file does not hold yet."""
+        new = [i for i, digest in enumerate(digests) if digest not in self.features]
+        if not new:
+            return
+        self.features.update(zip([digests[i] for i in new], features[new].float().cpu(), strict=True))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        table = np.frombuffer(b"".join(self.features), dtype=np.uint8).reshape(len(self.features), -1)
+        with tmp.open("wb") as handle:
+            np.savez(handle, digests=table, features=torch.stack(list(self.features.values())).numpy())
+        os.replace(tmp, self.path)
 
 
 def covariance_factor(sigma: torch.Tensor) -> torch.Tensor:
@@ -133,24 +142,25 @@ class FidelityMetrics(PairEvaluator):
     The features of every rank are gathered and put in one order (by the originals' pixel
     digests, so sharding cannot change IS splits or KID subsets) and the metrics computed once on
     the whole set. The originals' features are remembered by pixel digest, so later evaluations
-    in the same process run Inception on the reconstructions only. The originals' mean and
-    covariance are cached under a name hashing their pixels and size (module docstring).
+    in the same process run Inception on the reconstructions only, and kept in ``store`` (rank 0
+    writes it), so later processes with the same weights do too.
     """
 
     def __init__(
         self,
         extractor: torch.nn.Module,
         device: torch.device,
-        cache_dir: Path | None = None,
+        store: FeatureStore | None = None,
         kid_subsets: int = 100,
         kid_subset_size: int = 1000,
         isc_splits: int = 10,
     ):
         self.extractor = extractor
         self.device = device
-        self.cache_dir = cache_dir
+        self.store = store
         self.kid_subsets, self.kid_subset_size, self.isc_splits = kid_subsets, kid_subset_size, isc_splits
-        self.remembered: dict[bytes, torch.Tensor] = {}  # digest -> pool features of an original (CPU)
+        # digest -> pool features of an original (CPU)
+        self.remembered: dict[bytes, torch.Tensor] = dict(store.features) if store is not None else {}
         self.reset()
 
     def reset(self) -> None:
@@ -162,7 +172,6 @@ class FidelityMetrics(PairEvaluator):
     @torch.no_grad()
     def update_pairs(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
         real, fake = to_uint8(images), to_uint8(reconstructions)
-        self.shape = tuple(real.shape[-2:])
         digests = image_digests(real)
         new = [i for i, d in enumerate(digests) if d not in self.remembered]
         if new:
@@ -175,18 +184,6 @@ class FidelityMetrics(PairEvaluator):
         table = np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), -1)
         self.digests.append(torch.from_numpy(table.copy()).to(self.device))
 
-    def reference_statistics(self, real: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The originals' mean and covariance: from the cache file named by ``key`` if there is one,
-        else computed and written there (by rank 0)."""
-        path = self.cache_dir / f"{key}.npz" if self.cache_dir is not None else None
-        cached = load_statistics(path) if path is not None else None
-        if cached is not None:
-            return cached[0].to(real.device), cached[1].to(real.device)
-        mu, sigma = statistics(real)
-        if path is not None and rank() == 0:
-            save_statistics(path, mu, sigma, len(real))
-        return mu, sigma
-
     def compute(self) -> dict[str, float]:
         if not self.real:
             raise RuntimeError("FidelityMetrics.compute() before any update()")
@@ -198,12 +195,10 @@ class FidelityMetrics(PairEvaluator):
         if len(real) < 2:
             raise ValueError(f"FID needs at least 2 images, got {len(real)}")
         order = torch.from_numpy(np.lexsort(digests.T[::-1]).copy()).to(real.device)  # by digest, first byte first
-        real, fake, logits = real[order], fake[order], logits[order]
-        key = reference_key([row.tobytes() for row in digests], *self.shape)
-        mu_real, sigma_real = self.reference_statistics(real, key)
-        few = len(real) - 1 <= real.shape[1]  # then the centred features are the smaller exact factor
-        factor_real = feature_factor(real) if few else covariance_factor(sigma_real)
-        fid = frechet_distance(mu_real, factor_real, fake.double().mean(0), feature_factor(fake))
+        real, fake, logits, digests = real[order], fake[order], logits[order], digests[order.cpu().numpy()]
+        if self.store is not None and rank() == 0:
+            self.store.add([row.tobytes() for row in digests], real)
+        fid = frechet_distance(real.double().mean(0), feature_factor(real), fake.double().mean(0), feature_factor(fake))
         isc, isc_std = inception_score(logits, self.isc_splits)
         kid, kid_std = kernel_inception_distance(real, fake, self.kid_subsets, self.kid_subset_size)
         return {"fid": fid, "isc": isc, "isc_std": isc_std, "kid": kid, "kid_std": kid_std}
@@ -212,5 +207,5 @@ class FidelityMetrics(PairEvaluator):
 @registry.register("fid")
 def _fid(radices: tuple[int, ...], device: torch.device, options: EvalConfig) -> Evaluator:
     path = weights.resolve("inception", options.inception_weights, setting="eval.inception_weights")
-    cache = Path(options.reference_cache) if options.reference_cache else default_cache_dir()
-    return FidelityMetrics(build_inception(path, device), device, cache)
+    folder = Path(options.reference_cache) if options.reference_cache else default_cache_dir()
+    return FidelityMetrics(build_inception(path, device), device, FeatureStore(folder, path))
