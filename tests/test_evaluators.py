@@ -1,9 +1,13 @@
 """Each evaluator against a reference computed independently on small inputs; the LPIPS and
 Inception code paths with stand-in weights under a temporary TORCH_HOME; missing weights."""
 
+import dataclasses
+import hashlib
 import itertools
 import math
 import re
+import shutil
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -464,13 +468,65 @@ def test_missing_weights_can_be_an_error(torch_home):
         evaluators.build(("lpips",), (8, 5), CPU, EvalConfig(missing_weights="error"))
 
 
-def test_doctor_lists_the_evaluation_weights(torch_home, capsys):
+def test_doctor_fails_naming_the_missing_files_a_preset_needs(torch_home, capsys):
     from vqlab import doctor
 
-    assert doctor.main() == 0
+    assert doctor.main() != 0
     out = capsys.readouterr().out
-    assert "MISSING inception" in out and str(torch_home / "hub" / "checkpoints") in out
-    assert "eval.inception_weights" in out and "fid_reference" in out
+    alexnet = torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    assert re.search(rf"MISSING alexnet .*{re.escape(str(alexnet))}", out)
+    assert "needed by reproduction" in out  # its perceptual loss
+    assert "MISSING inception" in out and "eval.inception_weights" in out and "fid_reference" in out
+
+
+def stand_in_named_by_its_digest(torch_home, monkeypatch, name: str) -> Path:
+    """A stand-in file for ``name`` under a hub-style name carrying its own sha256 prefix, the
+    registry pointed at that name."""
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    draft = folder / "draft.pth"
+    torch.save({"weight": torch.randn(3, generator=torch.Generator().manual_seed(len(name)))}, draft)
+    digest = hashlib.sha256(draft.read_bytes()).hexdigest()
+    entry = dataclasses.replace(weights.REGISTRY[name], filename=f"{name}-{digest[:8]}.pth")
+    monkeypatch.setitem(weights.REGISTRY, name, entry)
+    return draft.rename(folder / entry.filename)
+
+
+def test_doctor_passes_files_whose_sha256_matches_their_name(torch_home, monkeypatch, capsys):
+    from vqlab import doctor
+
+    path = stand_in_named_by_its_digest(torch_home, monkeypatch, "alexnet")
+    assert doctor.main() == 0  # what no preset needs may be missing
+    out = capsys.readouterr().out
+    assert re.search(rf"ok +alexnet .*{re.escape(str(path))}", out)
+    for net in ("alex", "vgg", "squeeze"):  # the heads shipped inside the lpips package
+        assert re.search(rf"ok +lpips_{net} .*{net}\.pth", out)
+
+
+def test_doctor_fails_on_a_file_whose_sha256_does_not_match_its_name(torch_home, monkeypatch, capsys):
+    from vqlab import doctor
+
+    stand_in_named_by_its_digest(torch_home, monkeypatch, "alexnet")
+    vgg = torch_home / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    vgg.write_bytes(b"not the weights")
+    assert doctor.main() != 0  # wrong even though no preset needs it
+    out = capsys.readouterr().out
+    assert re.search(rf"WRONG +vgg16 .*{re.escape(str(vgg))}", out) and "397923af" in out
+
+
+def test_doctor_checks_every_lpips_head(torch_home, monkeypatch, tmp_path, capsys):
+    from vqlab import doctor
+
+    stand_in_named_by_its_digest(torch_home, monkeypatch, "alexnet")
+    heads = tmp_path / "lpips_weights"
+    heads.mkdir()
+    shutil.copy(doctor.lpips_heads()["alex"], heads / "alex.pth")
+    (heads / "vgg.pth").write_bytes(b"not a state dict")
+    monkeypatch.setattr(doctor, "lpips_layers", lambda: heads)
+    assert doctor.main() != 0
+    out = capsys.readouterr().out
+    assert re.search(r"ok +lpips_alex", out) and re.search(r"WRONG +lpips_vgg", out)
+    assert re.search(rf"MISSING lpips_squeeze .*{re.escape(str(heads / 'squeeze.pth'))}", out)
 
 
 def test_eval_config_validates_names_and_options():
