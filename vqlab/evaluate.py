@@ -27,6 +27,7 @@ from pathlib import Path
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import RunConfig, from_yaml, load, parse_override
+from vqlab.evaluators import evaluate
 from vqlab.models import build_autoencoder
 from vqlab.schema import ConfigError, to_dict
 from vqlab.tracking import mlflow_uri
@@ -84,12 +85,12 @@ def evaluate_run(
         loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
         suite = evaluators.build(cfg.eval.metrics, quantizer.radices, ctx.device, cfg.eval)
 
-        results = evaluators.evaluate(model, loader, suite, ctx.device, cfg.train.dtype, "eval")
+        results = evaluate(model, loader, suite, ctx.device, cfg.train.dtype, "eval")
         artifacts = suite.save(out.parent, prefix=f"{out.stem}_")
         if "ema" in state:
             averaged = copy.deepcopy(model)
             averaged.load_state_dict(state["ema"])
-            results |= evaluators.evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype, "eval_ema")
+            results |= evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype, "eval_ema")
             artifacts += suite.save(out.parent, prefix=f"{out.stem}_ema_")
         result = EvalResult(path=out, metrics=results, missing=suite.missing, step=int(state["step"]))
         if ctx.main:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import RunConfig, flat_params, from_yaml, load, presets, to_yaml
+from vqlab.evaluators import block_mean_baseline, evaluate
 from vqlab.losses import Objective
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
@@ -230,12 +231,12 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     grid_images = torch.stack([splits.val[i] for i in range(min(cfg.eval.grid_images, len(splits.val)))]).to(device)
     # one code per token: compare with one palette colour per token-sized block
     budget = quantizer.codebook_size if quantizer.discrete else 2**24
-    baseline = evaluators.block_mean_baseline(val_loader, device, model.downsample, budget)
+    baseline = block_mean_baseline(val_loader, device, model.downsample, budget)
     if step == 0:
         params = sum(p.numel() for p in model.parameters())
         shape = {"model/params": params, "model/tokens": cfg.model.tokens(cfg.data.image_size)}
         logger.log({**shape, **baseline}, step=0, show=True)
-        logger.log(evaluators.evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val"), step=0)
+        logger.log(evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val"), step=0)
 
     def save_checkpoint(done: int, next_position: tuple[int, int]) -> None:
         rngs = distributed.all_gather_objects(rng_state(device))
@@ -322,14 +323,12 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
 
             # --- eval --------------------------------------------------------------------------
             if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
-                val_metrics = evaluators.evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val")
+                val_metrics = evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val")
                 if step == cfg.train.steps:  # the final code histogram, for the analysis studies
                     for path in metrics.save(run_dir):
                         logger.artifact(path)
                 if ema is not None:
-                    val_metrics |= evaluators.evaluate(
-                        ema.module, val_loader, metrics, device, cfg.train.dtype, "val_ema"
-                    )
+                    val_metrics |= evaluate(ema.module, val_loader, metrics, device, cfg.train.dtype, "val_ema")
                     if step == cfg.train.steps:  # the EMA's own histogram, beside the model's
                         for path in metrics.save(run_dir, prefix="ema_"):
                             logger.artifact(path)
