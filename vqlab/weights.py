@@ -87,8 +87,9 @@ def resolve(name: str, explicit: str = "", setting: str = "") -> Path:
 
 def check(path: Path) -> str | None:
     """What is wrong with the weights file ``path``, or None: ``"missing"``, or a sha256 that does
-    not start with the hex a torch hub file name carries after its last '-' (``alexnet-owt-7be5be79.pth``:
-    ``7be5be79``, as ``torch.hub`` checks on download). A name without one is only checked to exist."""
+    not start with the hex a torch hub file name carries before its extension
+    (``alexnet-owt-7be5be79.pth``: ``7be5be79``; ``torch.hub.HASH_REGEX``, what torch hub checks on
+    download). A file whose name carries none is only checked to exist."""
     if not path.is_file():
         return "missing"
     named = torch.hub.HASH_REGEX.search(path.name)
