@@ -4,6 +4,8 @@ from pathlib import Path
 import torch
 
 from vqlab import checkpoint
+from vqlab.models import AutoencoderOutput
+from vqlab.quantizers import QuantizerOutput
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -33,3 +35,10 @@ def flatten_state(obj, prefix=""):
     if isinstance(obj, list):
         return {k: v for i, value in enumerate(obj) for k, v in flatten_state(value, f"{prefix}{i}.").items()}
     return {prefix: obj}
+
+
+def model_output(
+    reconstruction: torch.Tensor | None = None, codes: torch.Tensor | None = None, latents: torch.Tensor | None = None
+) -> AutoencoderOutput:
+    """A model output holding only what the evaluator under test reads."""
+    return AutoencoderOutput(reconstruction, QuantizerOutput(z_q=latents, codes=codes), latents)

@@ -4,10 +4,8 @@ ranks: tests/test_evaluators_ddp.py."""
 
 import json
 import shutil
-import sys
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -123,25 +121,42 @@ def test_bad_requests_fail_with_a_message(smoke_run, tmp_path, capsys, torch_hom
     assert not (tmp_path / "e.json").exists()
 
 
-def test_evaluate_logs_to_the_runs_mlflow_run(smoke_run, tmp_path, monkeypatch):
-    """The MLflow calls, against a stand-in module (a real sqlite store costs ~10 s to create;
-    tests/test_train.py exercises one)."""
+def test_evaluate_logs_to_the_runs_mlflow_run(smoke_run, tmp_path, capsys):
+    from mlflow import MlflowClient
+
     result, _ = smoke_run
     run_dir = tmp_path / "smoke" / result.run_dir.name
     shutil.copytree(result.run_dir, run_dir)
-    (run_dir / "mlflow_run_id").write_text("abc123\n")
-    mlflow = mock.MagicMock()
-    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("smoke")).info.run_id
+    (run_dir / "mlflow_run_id").write_text(run_id + "\n")
     args = ["--run", str(run_dir), "--metrics", "reconstruction,codebook"]
     assert main([*args, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"]) == 0
-    mlflow.set_tracking_uri.assert_called_once_with(uri)
-    mlflow.start_run.assert_called_once_with(run_id="abc123")
-    (metrics,), options = mlflow.log_metrics.call_args
-    assert metrics == read(run_dir / "eval.json")["metrics"] and options == {"step": 4}
-    logged = {Path(c.args[0]).name for c in mlflow.log_artifact.call_args_list}
-    assert logged == {"eval.json", "eval_codebook_histogram.npz"}
-    mlflow.reset_mock()
+    evaluated = read(run_dir / "eval.json")["metrics"]
+    logged = client.get_run(run_id).data.metrics
+    assert {k: logged[k] for k in evaluated} == pytest.approx(evaluated)
+    assert {m.step for m in client.get_metric_history(run_id, "eval/l1")} == {4}
+    files = {Path(a.path).name for a in client.list_artifacts(run_id, "eval")}
+    assert files == {"eval.json", "eval_codebook_histogram.npz"}
     (run_dir / "mlflow_run_id").unlink()
+    capsys.readouterr()
     assert main([*args, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"]) == 0  # eval.json only
-    mlflow.start_run.assert_not_called()
+    assert "no MLflow run recorded" in capsys.readouterr().err
+
+
+def test_the_model_ema_code_histogram_is_saved_beside_the_models(tmp_path):
+    overrides = {"tracking.root": str(tmp_path), "train.steps": 2, "optim.warmup_steps": 0, "train.ema_decay": 0.5}
+    result = fit(vqlab.config.load("smoke", overrides))
+    assert main(["--run", str(result.run_dir)]) == 0
+    evaluated = read(result.run_dir / "eval.json")["metrics"]
+    for name, metrics, key in (
+        ("codebook_histogram.npz", result.metrics, "val/"),
+        ("ema_codebook_histogram.npz", result.metrics, "val_ema/"),
+        ("eval_codebook_histogram.npz", evaluated, "eval/"),
+        ("eval_ema_codebook_histogram.npz", evaluated, "eval_ema/"),
+    ):
+        with np.load(result.run_dir / name) as saved:
+            assert saved["counts"].sum() == 64 * 4 * 4, name
+            assert len(saved["indices"]) / 1000 == pytest.approx(metrics[f"{key}codebook_usage"]), name
+    assert result.metrics["val_ema/codebook_usage"] != result.metrics["val/codebook_usage"]  # another histogram

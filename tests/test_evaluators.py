@@ -1,9 +1,13 @@
 """Each evaluator against a reference computed independently on small inputs; the LPIPS and
 Inception code paths with stand-in weights under a temporary TORCH_HOME; missing weights."""
 
+import dataclasses
+import hashlib
 import itertools
 import math
 import re
+import shutil
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -13,9 +17,10 @@ import torchvision
 
 from vqlab import evaluators, weights
 from vqlab.config import EvalConfig
-from vqlab.evaluators import CodebookMetrics, ReconstructionMetrics, SlicedWasserstein
-from vqlab.metrics import fidelity
-from vqlab.metrics import swd as swd_lib
+from vqlab.evaluators import CodebookMetrics, ReconstructionMetrics, SlicedWasserstein, fidelity
+from vqlab.evaluators import swd as swd_lib
+
+from .helpers import model_output
 
 CPU = torch.device("cpu")
 
@@ -43,8 +48,8 @@ def test_l1_mse_psnr_by_hand():
     y[0] += 0.1  # every pixel off by 0.1
     y[1, :, :2] += 0.5  # half the pixels off by 0.5
     metrics = ReconstructionMetrics(CPU)
-    metrics.update(unit_to_model(x[:2]), unit_to_model(y[:2]))
-    metrics.update(unit_to_model(x[2:]), unit_to_model(y[2:]))  # image 2 is exact
+    metrics.update_pairs(unit_to_model(x[:2]), unit_to_model(y[:2]))
+    metrics.update_pairs(unit_to_model(x[2:]), unit_to_model(y[2:]))  # image 2 is exact
     out = metrics.compute()
     assert out["l1"] == pytest.approx((0.1 + 0.25 + 0) / 3)
     assert out["mse"] == pytest.approx((0.01 + 0.125 + 0) / 3)
@@ -54,7 +59,7 @@ def test_l1_mse_psnr_by_hand():
 
 def test_reconstructions_are_clamped_before_measuring():
     metrics = ReconstructionMetrics(CPU)
-    metrics.update(torch.ones(1, 3, 4, 4), torch.full((1, 3, 4, 4), 3.0))
+    metrics.update_pairs(torch.ones(1, 3, 4, 4), torch.full((1, 3, 4, 4), 3.0))
     assert metrics.compute()["l1"] == 0
 
 
@@ -65,7 +70,7 @@ def test_ssim_matches_scikit_image():
     x = torch.rand(3, 3, 20, 16)
     y = (x + 0.15 * torch.randn_like(x)).clamp(0, 1)
     metrics = ReconstructionMetrics(CPU)
-    metrics.update(unit_to_model(x), unit_to_model(y))
+    metrics.update_pairs(unit_to_model(x), unit_to_model(y))
     expected = np.mean(
         [
             structural_similarity(
@@ -102,8 +107,8 @@ def test_usage_perplexity_dead_codes_on_a_known_histogram(dense_limit):
     metrics = CodebookMetrics((2, 4), CPU, dense_limit=dense_limit)
     assert metrics.dense == (dense_limit > 8)
     codes = known_codes()
-    metrics.update(None, None, codes[:1])
-    metrics.update(None, None, codes[1:])
+    metrics.update(None, model_output(codes=codes[:1]))
+    metrics.update(None, model_output(codes=codes[1:]))
     out = metrics.compute()
     p = np.array([4, 2, 1, 1]) / 8
     assert out["codebook_usage"] == 4 / 8
@@ -114,8 +119,8 @@ def test_usage_perplexity_dead_codes_on_a_known_histogram(dense_limit):
     q = np.array([6, 1, 1]) / 8
     assert out["usage_digit1"] == 3 / 4 and out["dead_codes_digit1"] == 1
     assert out["perplexity_digit1"] == pytest.approx(math.exp(-(q * np.log(q)).sum()))
-    indices, counts = metrics.histogram()
-    assert indices.tolist() == [0, 1, 5, 7] and counts.tolist() == [4, 2, 1, 1]
+    digits, counts = metrics.histogram()
+    assert digits.tolist() == [[0, 0], [1, 0], [1, 2], [1, 3]] and counts.tolist() == [4, 2, 1, 1]
 
 
 def test_large_codebooks_are_counted_sparsely():
@@ -124,7 +129,7 @@ def test_large_codebooks_are_counted_sparsely():
     assert not metrics.dense
     digits = torch.zeros(3, 5, 24, dtype=torch.int64)
     digits[1, :, 0] = 1  # codes 0 (10 times) and 1 (5 times)
-    metrics.update(None, None, digits)
+    metrics.update(None, model_output(codes=digits))
     out = metrics.compute()
     assert out["codebook_usage"] == 2 / 2**24 and out["dead_codes"] == 2**24 - 2
     assert out["perplexity"] == pytest.approx(math.exp(-(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))))
@@ -132,20 +137,50 @@ def test_large_codebooks_are_counted_sparsely():
 
 def test_histogram_artifact(tmp_path):
     metrics = CodebookMetrics((2, 4), CPU)
-    metrics.update(None, None, known_codes())
+    metrics.update(None, model_output(codes=known_codes()))
     (path,) = metrics.save(tmp_path, prefix="eval_")
     assert path == tmp_path / "eval_codebook_histogram.npz"
     with np.load(path) as saved:
         assert saved["indices"].tolist() == [0, 1, 5, 7] and saved["counts"].tolist() == [4, 2, 1, 1]
+        assert saved["digits"].tolist() == [[0, 0], [1, 0], [1, 2], [1, 3]]
         assert saved["radices"].tolist() == [2, 4] and int(saved["codebook_size"]) == 8
         assert saved["digit_counts_1"].tolist() == [6, 0, 1, 1] and not saved["sparse"]
 
 
+WIDE = (1024,) * 7  # 2^70 codes: no int64 flat index exists
+
+
+def wide_codes() -> torch.Tensor:
+    """Over ``WIDE``: 3 x zero, 2 x (5, 0.., 1), 1 x (0, 0.., 1), 1 x (7, 0..): flat order 0, 7,
+    1024^6, 1024^6 + 5, which lexicographic order from digit 0 would not give."""
+    rows = torch.zeros(7, 7, dtype=torch.int64)
+    rows[3:5, 0], rows[3:6, 6], rows[6, 0] = 5, 1, 7
+    return rows.reshape(1, 7, 7)  # (B, N, G)
+
+
+def test_codebooks_beyond_int64_are_counted_by_digits(tmp_path):
+    metrics = CodebookMetrics(WIDE, CPU)
+    metrics.update(None, model_output(codes=wide_codes()[:, :4]))
+    metrics.update(None, model_output(codes=wide_codes()[:, 4:]))
+    out = metrics.compute()
+    p = np.array([3, 2, 1, 1]) / 7
+    assert out["codebook_usage"] == 4 / 2**70 and out["dead_codes"] == float(2**70 - 4)
+    assert out["perplexity"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+    assert out["usage_digit0"] == 3 / 1024 and out["usage_digit6"] == 2 / 1024
+    digits, counts = metrics.histogram()
+    assert digits[:, [0, 6]].tolist() == [[0, 0], [7, 0], [0, 1], [5, 1]] and counts.tolist() == [3, 1, 1, 2]
+    (path,) = metrics.save(tmp_path)
+    with np.load(path) as saved:
+        assert "indices" not in saved and "codebook_size" not in saved and bool(saved["sparse"])
+        assert saved["digits"].tolist() == digits.tolist() and saved["counts"].tolist() == [3, 1, 1, 2]
+        assert saved["radices"].tolist() == list(WIDE)
+
+
 def test_reset_starts_a_new_evaluation():
     metrics = CodebookMetrics((2, 4), CPU)
-    metrics.update(None, None, known_codes())
+    metrics.update(None, model_output(codes=known_codes()))
     metrics.reset()
-    metrics.update(None, None, torch.zeros(1, 3, 2, dtype=torch.int64))
+    metrics.update(None, model_output(codes=torch.zeros(1, 3, 2, dtype=torch.int64)))
     assert metrics.compute()["codebook_usage"] == 1 / 8
 
 
@@ -198,7 +233,7 @@ def smooth_images(count: int, size: int = 32) -> torch.Tensor:
 def swd_of(images: torch.Tensor, reconstructions: torch.Tensor, batch: int = 8) -> dict[str, float]:
     metric = SlicedWasserstein(CPU, per_image=32)
     for start in range(0, len(images), batch):
-        metric.update(images[start : start + batch], reconstructions[start : start + batch])
+        metric.update_pairs(images[start : start + batch], reconstructions[start : start + batch])
     return metric.compute()
 
 
@@ -249,6 +284,40 @@ def test_frechet_distance_matches_torch_fidelity(count):
     )
 
 
+# --- the validation loop ---------------------------------------------------------------------------
+
+
+def test_the_validation_loop_hands_evaluators_the_whole_model_output(smoke_cfg):
+    from vqlab import quantizers
+    from vqlab.models import build_autoencoder
+
+    cfg = smoke_cfg()
+    quantizer = quantizers.build(cfg.quantizer)
+    model = build_autoencoder(cfg.model, quantizer)
+
+    class Recorder(evaluators.Evaluator):
+        def reset(self):
+            self.seen = []
+
+        def update(self, images, out):
+            self.seen.append((images, out))
+
+        def compute(self):
+            return {"batches": float(len(self.seen))}
+
+    recorder = Recorder()
+    images = smooth_images(6)
+    assert evaluators.evaluate(model, [images[:4], images[4:]], recorder, CPU, cfg.train.dtype, "val") == {
+        "val/batches": 2.0
+    }
+    for batch, out in recorder.seen:
+        tokens, _ = model.tokens(batch)
+        assert out.latents.shape == (len(batch), tokens.shape[1], quantizer.dim)
+        assert torch.equal(out.latents, tokens)  # what the quantizer was fed, before quantization
+        assert torch.equal(out.quant.codes, quantizer.encode(out.latents))
+        assert out.reconstruction.shape == batch.shape
+
+
 # --- weights: stand-ins, missing files -----------------------------------------------------------
 
 
@@ -268,15 +337,13 @@ def hub_file(torch_home, name):
 SMALL_INCEPTION_INPUT = 75  # the smallest input Inception takes; 299 costs seconds per image on a CPU
 
 
-@pytest.fixture
-def inception_file(torch_home, monkeypatch):
-    """Random Inception weights under torch hub's file name. He-initialised convolutions keep the
-    activations O(1) (PyTorch's default init shrinks them into slow float denormals), and a scaled
-    classifier spreads the logits so the Inception Score is not trivially 1."""
+def write_stand_in_inception(path, seed: int = 0):
+    """Random Inception weights at ``path``. He-initialised convolutions keep the activations O(1)
+    (PyTorch's default init shrinks them into slow float denormals), and a scaled classifier
+    spreads the logits so the Inception Score is not trivially 1."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", SMALL_INCEPTION_INPUT)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with (
         mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
         mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}),
@@ -286,23 +353,35 @@ def inception_file(torch_home, monkeypatch):
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     net.fc.weight.data *= 1000
-    path = hub_file(torch_home, "inception")
     torch.save(net.state_dict(), path)
     return path
 
 
-def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
-    cache = tmp_path / "fid_cache"
-    options = EvalConfig(metrics=("fid",), reference_cache=str(cache))
-    suite = evaluators.build(("fid",), (8, 5), CPU, options)
+@pytest.fixture
+def inception_file(torch_home, monkeypatch):
+    """Stand-in Inception weights under torch hub's file name, on small inputs."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", SMALL_INCEPTION_INPUT)
+    return write_stand_in_inception(hub_file(torch_home, "inception"))
+
+
+def counting_extractor(suite) -> list[int]:
+    """The batch sizes the suite's Inception is run on, appended as it runs."""
     fid = suite.evaluators["fid"]
+    extractor, calls = fid.extractor, []
+    fid.extractor = lambda x: calls.append(len(x)) or extractor(x)
+    return calls
+
+
+def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
+    options = EvalConfig(metrics=("fid",), reference_cache=str(tmp_path / "fid_cache"))
+    suite = evaluators.build(("fid",), (8, 5), CPU, options)
     images = smooth_images(6)
     blurred = torch.nn.functional.avg_pool2d(images, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
 
-    extractor = fid.extractor
-    calls = []
-    fid.extractor = lambda x: calls.append(len(x)) or extractor(x)
-    suite.update(images, images.clone(), None)
+    calls = counting_extractor(suite)
+    suite.update(images, model_output(images.clone()))
     same = suite.compute()
     assert calls == [6, 6]  # originals, reconstructions
     assert set(same) == {"fid", "isc", "isc_std", "kid", "kid_std"}
@@ -310,20 +389,37 @@ def test_fid_isc_kid_with_stand_in_inception(inception_file, tmp_path):
     assert same["isc"] >= 1 - 1e-9  # exp of a mean KL divergence
 
     suite.reset()
-    suite.update(images[:4], blurred[:4], None)
-    suite.update(images[4:], blurred[4:], None)
+    suite.update(images[:4], model_output(blurred[:4]))
+    suite.update(images[4:], model_output(blurred[4:]))
     different = suite.compute()
     assert calls == [6, 6, 4, 2]  # the originals' features were remembered
     assert different["fid"] > 1e-4 and different["kid"] > same["kid"]
 
-    (cached,) = cache.glob("*.npz")
-    assert re.fullmatch(r"inception-v3-compat-32x32-[0-9a-f]{16}\.npz", cached.name)
-    with np.load(cached) as stats:
-        assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and int(stats["count"]) == 6
-    suite.reset()
-    suite.update(images[:5], blurred[:5], None)  # other reference data: another file
-    suite.compute()
-    assert len(list(cache.glob("*.npz"))) == 2
+
+def test_the_reference_cache_skips_the_originals_and_follows_the_weights(inception_file, tmp_path):
+    """A later process with the same Inception weights runs it on the reconstructions only and
+    gets the same numbers; other weights never reuse the first weights' features."""
+    images = smooth_images(6)
+    blurred = torch.nn.functional.avg_pool2d(images, 4).repeat_interleave(4, -1).repeat_interleave(4, -2)
+
+    def fid_of(weights_file, reconstructions, expected_calls):
+        options = EvalConfig(
+            metrics=("fid",), reference_cache=str(tmp_path / "cache"), inception_weights=str(weights_file)
+        )
+        suite = evaluators.build(("fid",), (8, 5), CPU, options)  # a fresh evaluator, as in a new process
+        calls = counting_extractor(suite)
+        suite.update(images, model_output(reconstructions))
+        metrics = suite.compute()
+        assert calls == expected_calls
+        return metrics
+
+    cold = fid_of(inception_file, blurred, [6, 6])
+    (cached,) = (tmp_path / "cache").glob("*.npz")
+    assert re.fullmatch(r"inception-v3-compat-[0-9a-f]{16}\.npz", cached.name)
+    assert fid_of(inception_file, blurred, [6]) == pytest.approx(cold, rel=1e-9)  # a hit: reconstructions only
+    other = write_stand_in_inception(tmp_path / "other-inception.pth", seed=1)
+    assert fid_of(other, images.clone(), [6, 6])["fid"] == pytest.approx(0, abs=1e-6)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
 
 
 def test_lpips_with_stand_in_trunks(torch_home):
@@ -333,10 +429,10 @@ def test_lpips_with_stand_in_trunks(torch_home):
     images = smooth_images(4)
     for net, key in (("alex", "lpips"), ("squeeze", "lpips_squeeze")):
         suite = evaluators.build(("lpips",), (8, 5), CPU, EvalConfig(lpips_net=net))
-        suite.update(images, images.clone(), None)
+        suite.update(images, model_output(images.clone()))
         assert suite.compute() == {key: pytest.approx(0, abs=1e-6)}
         suite.reset()
-        suite.update(images, images.flip(-1), None)
+        suite.update(images, model_output(images.flip(-1)))
         assert suite.compute()[key] > 0
 
 
@@ -350,7 +446,7 @@ def test_lpips_is_fed_minus_one_to_one():
 
     metric = evaluators.PerceptualDistance(Recorder(), "alex", CPU)
     images = torch.rand(2, 3, 8, 8) * 2 - 1
-    metric.update(images, images * 3, None)
+    metric.update_pairs(images, images * 3)
     x, y = metric.network.seen
     assert torch.equal(x, images) and y.min() == -1 and y.max() == 1
 
@@ -362,7 +458,7 @@ def test_missing_weights_are_skipped_with_a_warning_naming_the_path(torch_home):
     assert set(suite.evaluators) == {"reconstruction", "swd"}
     assert str(expected) in suite.missing["fid"] and "eval.inception_weights" in suite.missing["fid"]
     images = smooth_images(2)
-    suite.update(images, images, None)
+    suite.update(images, model_output(images))
     assert not any(k.startswith(("fid", "isc", "kid")) for k in suite.compute())
 
 
@@ -372,13 +468,65 @@ def test_missing_weights_can_be_an_error(torch_home):
         evaluators.build(("lpips",), (8, 5), CPU, EvalConfig(missing_weights="error"))
 
 
-def test_doctor_lists_the_evaluation_weights(torch_home, capsys):
+def test_doctor_fails_naming_the_missing_files_a_preset_needs(torch_home, capsys):
     from vqlab import doctor
 
-    assert doctor.main() == 0
+    assert doctor.main() != 0
     out = capsys.readouterr().out
-    assert "MISSING inception" in out and str(torch_home / "hub" / "checkpoints") in out
-    assert "eval.inception_weights" in out and "fid_reference" in out
+    alexnet = torch_home / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    assert re.search(rf"MISSING alexnet .*{re.escape(str(alexnet))}", out)
+    assert "needed by reproduction" in out  # its perceptual loss
+    assert "MISSING inception" in out and "eval.inception_weights" in out and "fid_reference" in out
+
+
+def stand_in_named_by_its_digest(torch_home, monkeypatch, name: str) -> Path:
+    """A stand-in file for ``name`` under a hub-style name carrying its own sha256 prefix, the
+    registry pointed at that name."""
+    folder = torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    draft = folder / "draft.pth"
+    torch.save({"weight": torch.randn(3, generator=torch.Generator().manual_seed(len(name)))}, draft)
+    digest = hashlib.sha256(draft.read_bytes()).hexdigest()
+    entry = dataclasses.replace(weights.REGISTRY[name], filename=f"{name}-{digest[:8]}.pth")
+    monkeypatch.setitem(weights.REGISTRY, name, entry)
+    return draft.rename(folder / entry.filename)
+
+
+def test_doctor_passes_files_whose_sha256_matches_their_name(torch_home, monkeypatch, capsys):
+    from vqlab import doctor
+
+    path = stand_in_named_by_its_digest(torch_home, monkeypatch, "alexnet")
+    assert doctor.main() == 0  # what no preset needs may be missing
+    out = capsys.readouterr().out
+    assert re.search(rf"ok +alexnet .*{re.escape(str(path))}", out)
+    for net in ("alex", "vgg", "squeeze"):  # the heads shipped inside the lpips package
+        assert re.search(rf"ok +lpips_{net} .*{net}\.pth", out)
+
+
+def test_doctor_fails_on_a_file_whose_sha256_does_not_match_its_name(torch_home, monkeypatch, capsys):
+    from vqlab import doctor
+
+    stand_in_named_by_its_digest(torch_home, monkeypatch, "alexnet")
+    vgg = torch_home / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    vgg.write_bytes(b"not the weights")
+    assert doctor.main() != 0  # wrong even though no preset needs it
+    out = capsys.readouterr().out
+    assert re.search(rf"WRONG +vgg16 .*{re.escape(str(vgg))}", out) and "397923af" in out
+
+
+def test_doctor_checks_every_lpips_head(torch_home, monkeypatch, tmp_path, capsys):
+    from vqlab import doctor
+
+    stand_in_named_by_its_digest(torch_home, monkeypatch, "alexnet")
+    heads = tmp_path / "lpips_weights"
+    heads.mkdir()
+    shutil.copy(doctor.lpips_heads()["alex"], heads / "alex.pth")
+    (heads / "vgg.pth").write_bytes(b"not a state dict")
+    monkeypatch.setattr(doctor, "lpips_layers", lambda: heads)
+    assert doctor.main() != 0
+    out = capsys.readouterr().out
+    assert re.search(r"ok +lpips_alex", out) and re.search(r"WRONG +lpips_vgg", out)
+    assert re.search(rf"MISSING lpips_squeeze .*{re.escape(str(heads / 'squeeze.pth'))}", out)
 
 
 def test_eval_config_validates_names_and_options():

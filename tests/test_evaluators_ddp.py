@@ -1,4 +1,4 @@
-"""Evaluators and ``vqlab.evaluate`` under 2 gloo processes: the global metrics equal one
+"""Evaluators and ``vqlab.evaluate`` under 2 (and evaluators under 3) gloo processes: the global metrics equal one
 process's on the same data (and differ from the average of per-rank values, the upstream
 mistake). The workers join through the environment variables torchrun sets (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as ``vqlab.distributed.setup`` expects under torchrun."""
@@ -17,9 +17,13 @@ from vqlab.evaluate import evaluate_run
 from vqlab.evaluators import CodebookMetrics, FidelityMetrics, ReconstructionMetrics, SlicedWasserstein
 from vqlab.trainer import fit
 
+from .helpers import model_output
+
 CPU = torch.device("cpu")
 COUNT = 10
 RADICES = (2, 4)
+WIDE = RADICES + (1024,) * 7  # 2^73 codes: histograms keyed by digits, not an int64 index
+SWD_IMAGES = 7  # fewer than the set, and divisible by neither 2 nor 3 ranks
 
 
 class TinyExtractor(torch.nn.Module):
@@ -48,27 +52,34 @@ def dataset():
 
 
 def evaluate(indices: list[int], batch: int = 3) -> dict[str, float]:
+    """Every evaluator over the samples ``indices``, keys prefixed by family; the wide codebook
+    sees the same codes with seven zero digits appended."""
     images, reconstructions, codes = dataset()
-    evaluators = [
-        ReconstructionMetrics(CPU),
-        CodebookMetrics(RADICES, CPU),
-        FidelityMetrics(TinyExtractor(), CPU, kid_subset_size=4, kid_subsets=5),
-        SlicedWasserstein(CPU, per_image=16),
-    ]
+    wide = torch.cat([codes, torch.zeros(*codes.shape[:2], len(WIDE) - len(RADICES), dtype=torch.int64)], -1)
+    evaluators = {  # prefix: (evaluator, the codes it is fed)
+        "": (ReconstructionMetrics(CPU), codes),
+        "codebook/": (CodebookMetrics(RADICES, CPU), codes),
+        "wide/": (CodebookMetrics(WIDE, CPU), wide),
+        "fid/": (FidelityMetrics(TinyExtractor(), CPU, kid_subset_size=4, kid_subsets=5), codes),
+        "swd/": (SlicedWasserstein(CPU, max_images=SWD_IMAGES, per_image=16), codes),
+    }
     for start in range(0, len(indices), batch):
         chunk = indices[start : start + batch]
-        for evaluator in evaluators:
-            evaluator.update(images[chunk], reconstructions[chunk], codes[chunk])
-    return {k: v for evaluator in evaluators for k, v in evaluator.compute().items()}
+        for evaluator, fed in evaluators.values():
+            evaluator.update(images[chunk], model_output(reconstructions[chunk], fed[chunk]))
+    return {prefix + k: v for prefix, (evaluator, _) in evaluators.items() for k, v in evaluator.compute().items()}
 
 
-def worker(rank, folder, port, run_dir):
+def worker(rank, world, folder, port, run_dir):
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     distributed.setup("cpu")
-    torch.save(evaluate(list(range(rank, COUNT, 2))), folder / f"rank{rank}.pt")  # ShardSampler's split
-    evaluate_run(run_dir, out=folder / "two.json")  # leaves the process group at its end
+    torch.save(evaluate(list(range(rank, COUNT, world))), folder / f"rank{rank}of{world}.pt")  # ShardSampler's split
+    if run_dir is None:
+        distributed.teardown()
+    else:
+        evaluate_run(run_dir, out=folder / "two.json")  # leaves the process group at its end
 
 
 def free_port() -> int:
@@ -91,7 +102,8 @@ def results(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         run_dir = fit(vqlab.config.load("smoke", overrides)).run_dir
-        mp.spawn(worker, args=(folder, free_port(), run_dir), nprocs=2)
+        mp.spawn(worker, args=(2, folder, free_port(), run_dir), nprocs=2)
+        mp.spawn(worker, args=(3, folder, free_port(), None), nprocs=3)
         single = evaluate_run(run_dir, out=folder / "one.json")
         evaluated = {n: json.loads((folder / f"{n}.json").read_text()) for n in ("one", "two")}
         local = {
@@ -100,25 +112,26 @@ def results(tmp_path_factory):
         }
     finally:
         torch.set_num_threads(threads)
-    ranks = [torch.load(folder / f"rank{rank}.pt") for rank in range(2)]
+    ranks = {world: [torch.load(folder / f"rank{rank}of{world}.pt") for rank in range(world)] for world in (2, 3)}
     return {"ranks": ranks, "evaluated": evaluated, "single_run": single, **local}
 
 
-def test_two_ranks_give_the_single_process_metrics(results):
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_gets_the_single_process_metrics(results, world):
     single = results["single"]
-    assert single["codebook_usage"] == 4 / 8
-    for rank in range(2):
-        assert results["ranks"][rank].keys() == single.keys()
-        assert results["ranks"][rank] == pytest.approx(single, rel=1e-6, abs=1e-9)
+    assert single["codebook/codebook_usage"] == 4 / 8 and single["wide/codebook_usage"] == 4 / 2**73
+    for rank in range(world):
+        assert results["ranks"][world][rank].keys() == single.keys()
+        assert results["ranks"][world][rank] == pytest.approx(single, rel=1e-6, abs=1e-9)
 
 
 def test_the_per_rank_average_would_be_wrong(results):
     single, shards = results["single"], results["shards"]
     average = {k: (shards[0][k] + shards[1][k]) / 2 for k in single}
-    assert average["codebook_usage"] == 2 / 8
-    assert average["perplexity"] != pytest.approx(single["perplexity"])
-    assert average["fid"] != pytest.approx(single["fid"], rel=1e-3)
-    assert average["kid"] != pytest.approx(single["kid"], rel=1e-3)
+    assert average["codebook/codebook_usage"] == 2 / 8 and average["wide/codebook_usage"] == 2 / 2**73
+    assert average["codebook/perplexity"] != pytest.approx(single["codebook/perplexity"])
+    assert average["fid/fid"] != pytest.approx(single["fid/fid"], rel=1e-3)
+    assert average["fid/kid"] != pytest.approx(single["fid/kid"], rel=1e-3)
 
 
 def test_evaluate_under_two_ranks_gives_the_single_process_numbers(results):

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -191,3 +192,13 @@ def test_the_progress_bar_shows_what_a_person_watches(tmp_path):
     assert logger.bar.postfix.replace(" ", "") == "loss=0.5,lr=0.001,img/s=99"
     logger.close()
     assert [row["step"] for row in run.read_metrics()] == [0, 1]
+
+
+def test_validation_measures_codebooks_beyond_int64(smoke_cfg):
+    """RVQ, 7 stages over a 1024-code FSQ: 2^70 codes, more than an int64 flat index can hold."""
+    rvq = {"quantizer.name": "rvq", "quantizer.depth": 7, "quantizer.base": {"name": "fsq", "levels": [8, 8, 4, 4]}}
+    result = fit(smoke_cfg(**rvq, **{"train.steps": 2, "optim.warmup_steps": 0}))
+    assert 0 < metric_at(result.run_dir, "val/codebook_usage", 0) <= 64 * 16 / 2**70  # at most one code per token
+    with np.load(result.run_dir / "codebook_histogram.npz") as saved:
+        assert saved["radices"].tolist() == [1024] * 7 and saved["digits"].shape[1] == 7
+        assert saved["counts"].sum() == 64 * 16  # 64 images x 16 tokens

@@ -9,8 +9,9 @@ another. The evaluators, and the function that runs them, are the ones training-
 uses, so the numbers mean the same. Under ``torchrun`` every rank takes a shard and the metrics
 are computed over all of them. Rank 0 writes ``<run>/eval.json`` (metrics as ``eval/<name>``,
 ``eval_ema/<name>`` for the model EMA when the checkpoint has one, and the metrics skipped for
-missing weights with the reason), the code histogram beside it, and logs both to the run's
-MLflow run when ``tracking.mlflow`` is on.
+missing weights with the reason), the code histogram beside it (``eval_codebook_histogram.npz``,
+and ``eval_ema_codebook_histogram.npz`` for the EMA), and logs them to the run's MLflow run when
+``tracking.mlflow`` is on.
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
-from vqlab.config import RunConfig, from_yaml, load, parse_override
+from vqlab.config import RunConfig, load, parse_override
+from vqlab.evaluators import evaluate
 from vqlab.models import build_autoencoder
+from vqlab.runfolder import RunFolder
 from vqlab.schema import ConfigError, to_dict
-from vqlab.tracking import mlflow_uri
-from vqlab.trainer import evaluate
+from vqlab.tracking import log_evaluation
 
 # What may change between training and evaluation; the model must stay the one that was trained.
 OVERRIDABLE = ("data.", "eval.", "train.device", "train.dtype", "tracking.")
@@ -52,7 +53,7 @@ def run_config(run_dir: Path, overrides: list[str], metrics: list[str] | None) -
         pairs[key] = value
     if metrics:
         pairs["eval.metrics"] = list(metrics)
-    return load(to_dict(from_yaml((run_dir / "config.yaml").read_text())), pairs)
+    return load(to_dict(RunFolder(run_dir).read_config()), pairs)
 
 
 def evaluate_run(
@@ -63,17 +64,18 @@ def evaluate_run(
     out: Path | None = None,
 ) -> EvalResult:
     """Evaluate one checkpoint of ``run_dir``; see the module docstring."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"no run folder (config.yaml) at {run_dir}")
+    run = RunFolder(run_dir)
+    run_dir = run.path
+    if not run.has_config():
+        raise FileNotFoundError(f"no run folder ({run.config_file.name}) at {run_dir}")
     cfg = run_config(run_dir, list(overrides or []), metrics)
-    out = Path(out) if out else run_dir / "eval.json"
+    out = Path(out) if out else run.eval_file
     ctx = distributed.setup(cfg.train.device)
     try:
         if checkpoint_path is None:
-            found = checkpoint.latest_valid(run_dir / "checkpoints", ctx.device)
+            found = checkpoint.latest_valid(run.checkpoints, ctx.device)
             if found is None:
-                raise FileNotFoundError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
+                raise FileNotFoundError(f"no readable checkpoint in {run.checkpoints}")
             checkpoint_path, state = found
         else:
             state = checkpoint.load(checkpoint_path, ctx.device)
@@ -90,6 +92,7 @@ def evaluate_run(
             averaged = copy.deepcopy(model)
             averaged.load_state_dict(state["ema"])
             results |= evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype, "eval_ema")
+            artifacts += suite.save(out.parent, prefix=f"{out.stem}_ema_")
         result = EvalResult(path=out, metrics=results, missing=suite.missing, step=int(state["step"]))
         if ctx.main:
             record = {
@@ -103,28 +106,13 @@ def evaluate_run(
             }
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=2) + "\n")
-            if cfg.tracking.mlflow:
-                log_to_mlflow(cfg, run_dir, result, [out, *artifacts])
+            if cfg.tracking.mlflow and not log_evaluation(
+                cfg.tracking, run, results, result.step, suite.missing, [out, *artifacts]
+            ):
+                print(f"no MLflow run recorded for {run_dir}; {out.name} only", file=sys.stderr)
         return result
     finally:
         distributed.teardown()
-
-
-def log_to_mlflow(cfg: RunConfig, run_dir: Path, result: EvalResult, files: list[Path]) -> None:
-    """Add the metrics (at the checkpoint's step) and files to the MLflow run that trained ``run_dir``."""
-    id_file = run_dir / "mlflow_run_id"
-    if not id_file.is_file():
-        print(f"no MLflow run recorded for {run_dir} ({id_file} is missing); eval.json only", file=sys.stderr)
-        return
-    import mlflow
-
-    mlflow.set_tracking_uri(mlflow_uri(cfg.tracking))
-    with mlflow.start_run(run_id=id_file.read_text().strip()):
-        mlflow.log_metrics({k: v for k, v in result.metrics.items() if math.isfinite(v)}, step=result.step)
-        if result.missing:
-            mlflow.set_tag("vqlab.eval.missing", ", ".join(sorted(result.missing)))
-        for path in files:
-            mlflow.log_artifact(str(path), artifact_path="eval")
 
 
 def summary(result: EvalResult) -> list[str]:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import OptimConfig, RunConfig, flat_params, load, presets
+from vqlab.evaluators import block_mean_baseline, evaluate
 from vqlab.losses import Objective
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
@@ -181,45 +182,6 @@ class IntervalMeans:
         values = {n: m / self.counts[n] for n, m in zip(names, means, strict=True)}
         self.sums, self.counts = {}, {}
         return values
-
-
-@torch.no_grad()
-def evaluate(
-    model: VQAutoencoder,
-    loader: DataLoader,
-    metrics: evaluators.Evaluator,
-    device: torch.device,
-    dtype: str,
-    prefix: str,
-) -> dict[str, float]:
-    """Run ``metrics`` (an ``evaluators.Suite``) over the whole validation set (all ranks'
-    shards) from a fresh state; keys ``<prefix>/<metric>``. ``python -m vqlab.evaluate`` calls this too."""
-    was_training = model.training
-    model.eval()
-    metrics.reset()
-    for images in loader:
-        images = images.to(device)
-        with autocast(device, dtype):
-            out = model(images)
-        metrics.update(images, out.reconstruction, out.quant.codes)
-    model.train(was_training)
-    return {f"{prefix}/{k}": v for k, v in metrics.compute().items()}
-
-
-@torch.no_grad()
-def block_mean_baseline(loader: DataLoader, device: torch.device, block: int, codebook_size: int) -> dict[str, float]:
-    """Pixel metrics of two trivial codecs measured like the model: each ``block x block`` patch
-    replaced by its mean colour (``baseline/``), and by that colour from an RGB palette of at most
-    ``codebook_size`` colours, one code per block like the tokenizer's (``baseline_palette/``)."""
-    levels = evaluators.palette_levels(codebook_size)
-    exact, palette = evaluators.ReconstructionMetrics(device), evaluators.ReconstructionMetrics(device)
-    for images in loader:
-        images = images.to(device)
-        exact.update(images, evaluators.block_mean(images, block))
-        palette.update(images, evaluators.block_mean(images, block, levels))
-    metrics = {f"baseline/{k}": v for k, v in exact.compute().items()}
-    metrics |= {f"baseline_palette/{k}": v for k, v in palette.compute().items()}
-    return metrics | {"baseline_palette/colors": float(levels**3)}
 
 
 @torch.no_grad()
@@ -389,6 +351,9 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                         logger.artifact(path)
                 if ema is not None:
                     val_metrics |= evaluate(ema.module, val_loader, metrics, device, cfg.train.dtype, "val_ema")
+                    if step == cfg.train.steps:  # the EMA's own histogram, beside the model's
+                        for path in metrics.save(run.path, prefix="ema_"):
+                            logger.artifact(path)
                 logger.log(val_metrics, step=step)
                 logger.print(validation_line(step, val_metrics))
 

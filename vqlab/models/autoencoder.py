@@ -15,6 +15,7 @@ from vqlab.quantizers import Quantizer, QuantizerOutput
 class AutoencoderOutput:
     reconstruction: torch.Tensor  # (B, C, H, W), unbounded; images live in [-1, 1]
     quant: QuantizerOutput
+    latents: torch.Tensor  # (B, N, D) the encoder's tokens as fed to the quantizer (before quantization)
 
 
 class VQAutoencoder(nn.Module):
@@ -55,7 +56,7 @@ class VQAutoencoder(nn.Module):
     def forward(self, images: torch.Tensor) -> AutoencoderOutput:
         z, grid = self.tokens(images)
         quant = self.quantizer(z)
-        return AutoencoderOutput(reconstruction=self.detokenize(quant.z_q, grid), quant=quant)
+        return AutoencoderOutput(reconstruction=self.detokenize(quant.z_q, grid), quant=quant, latents=z)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> ``(B, h, w, G)`` int64 codes."""
