@@ -4,7 +4,20 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqlab import distributed
+from vqlab import data, distributed
+from vqlab.config import DataConfig
+
+
+class UnreadableAt(torch.utils.data.Dataset):
+    """Ten samples; sample 1 (which rank 1's shard starts with) cannot be read."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise data.DataError("cannot read image number 1")
+        return torch.zeros(1)
 
 
 def worker(rank, init_file, results):
@@ -26,6 +39,11 @@ def worker(rank, init_file, results):
             out["perturbed_detected"] = False
         except RuntimeError as err:
             out["perturbed_detected"] = "out of sync" in str(err)
+        try:
+            data.check_first_batches(data.val_loader(UnreadableAt(), DataConfig(val_batch_size=2), rank, 2))
+            out["data_check"] = None
+        except data.DataError as err:
+            out["data_check"] = str(err)
         results[rank] = out
     finally:
         dist.barrier()  # no rank leaves while a peer still talks to it
@@ -41,3 +59,4 @@ def test_collectives_and_desync_detection(tmp_path):
         assert out["gather"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]  # rank 0 gave 1 row, rank 1 gave 2
         assert out["broadcast"] == "from 0"
         assert out["same_ok"] and out["perturbed_detected"]
+        assert out["data_check"] == "rank 1: cannot read image number 1"  # raised on both ranks

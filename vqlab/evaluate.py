@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
-from vqlab.config import RunConfig, from_yaml, load, parse_override
+from vqlab.config import RunConfig, from_yaml, load, parse_overrides
+from vqlab.errors import MissingFileError, UserError
 from vqlab.models import build_autoencoder
 from vqlab.schema import ConfigError, to_dict
 from vqlab.tracking import mlflow_uri
@@ -46,13 +47,14 @@ class EvalResult:
 def run_config(run_dir: Path, overrides: list[str], metrics: list[str] | None) -> RunConfig:
     """The run's config with evaluation-side overrides; MLflow resolves to the run's own store."""
     pairs = {"tracking.root": str(run_dir.resolve().parent.parent)}
-    for key, value in map(parse_override, overrides):
+    for key, value in parse_overrides(overrides).items():
         if not key.startswith(OVERRIDABLE):
             raise ConfigError(key, f"cannot change {key} when evaluating; only {', '.join(OVERRIDABLE)}")
         pairs[key] = value
     if metrics:
         pairs["eval.metrics"] = list(metrics)
-    return load(to_dict(from_yaml((run_dir / "config.yaml").read_text())), pairs)
+    path = run_dir / "config.yaml"
+    return load(to_dict(from_yaml(path.read_text(), str(path))), pairs)
 
 
 def evaluate_run(
@@ -65,7 +67,7 @@ def evaluate_run(
     """Evaluate one checkpoint of ``run_dir``; see the module docstring."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"no run folder (config.yaml) at {run_dir}")
+        raise MissingFileError(f"no run folder (config.yaml) at {run_dir}")
     cfg = run_config(run_dir, list(overrides or []), metrics)
     out = Path(out) if out else run_dir / "eval.json"
     ctx = distributed.setup(cfg.train.device)
@@ -73,7 +75,7 @@ def evaluate_run(
         if checkpoint_path is None:
             found = checkpoint.latest_valid(run_dir / "checkpoints", ctx.device)
             if found is None:
-                raise FileNotFoundError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
+                raise MissingFileError(f"no readable checkpoint in {run_dir / 'checkpoints'}")
             checkpoint_path, state = found
         else:
             state = checkpoint.load(checkpoint_path, ctx.device)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = evaluate_run(args.run, args.checkpoint, args.metrics, args.overrides, args.out)
-    except (ConfigError, FileNotFoundError) as err:
+    except UserError as err:  # bad input is one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:  # the process group is gone by now, the environment is not

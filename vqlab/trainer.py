@@ -27,10 +27,11 @@ from torch.utils.data import DataLoader
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import RunConfig, flat_params, from_yaml, load, presets, to_yaml
+from vqlab.errors import MissingFileError, ResumeError, UserError
 from vqlab.losses import Objective
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
-from vqlab.schema import ConfigError, flatten, to_dict
+from vqlab.schema import flatten, to_dict
 from vqlab.tracking import RunLogger, mlflow_uri
 
 
@@ -70,13 +71,13 @@ def resume_folder(cfg: RunConfig, resume: str) -> Path | None:
     checkpoints (else start afresh); otherwise a run folder or a checkpoint file's folder."""
     if resume == "auto":
         if not cfg.tracking.run_name:
-            raise ValueError("--resume auto needs tracking.run_name, the run to continue")
+            raise ResumeError("--resume auto needs tracking.run_name, the run to continue")
         run_dir = Path(cfg.tracking.root) / cfg.tracking.experiment / cfg.tracking.run_name
         return run_dir if any((run_dir / "checkpoints").glob("step_*.pt")) else None
     path = Path(resume)
     run_dir = path.parent.parent if path.is_file() else path
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"--resume {resume}: no run folder (config.yaml) at {run_dir}")
+        raise MissingFileError(f"--resume {resume}: no run folder (config.yaml) at {run_dir}")
     return run_dir
 
 
@@ -88,7 +89,7 @@ def check_same_config(run_dir: Path, cfg: RunConfig) -> None:
         k for k in saved.keys() | wanted.keys() if not k.startswith("tracking.") and saved.get(k) != wanted.get(k)
     )
     if changed:
-        raise ValueError(f"cannot resume {run_dir} with a different config: {', '.join(changed)}")
+        raise ResumeError(f"cannot resume {run_dir} with a different config: {', '.join(changed)}")
 
 
 def batches(loader: DataLoader, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
@@ -256,7 +257,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     if found is not None:
         path, state = found
         if state["world_size"] != ctx.world_size:
-            raise ValueError(f"{path} was written by {state['world_size']} ranks; resume it with as many")
+            raise ResumeError(f"{path} was written by {state['world_size']} ranks; resume it with as many")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
@@ -406,10 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load(args.config, args.overrides)
-    except ConfigError as err:
+        result = train(cfg, resume=args.resume)
+    except UserError as err:  # bad input is one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     print(f"run folder:   {result.run_dir}")
