@@ -92,7 +92,19 @@ def test_public_api_names():
     assert {"fsq", "sfsq"} <= set(vqlab.quantizers.available())
     q = vqlab.quantizers.build("fsq", levels=[8, 5, 5, 5])
     assert q.dim == 4 and q.codebook_size == 1000
-    assert callable(vqlab.train)
+
+
+def test_no_public_name_is_both_a_module_and_a_function():
+    import importlib.util
+    import inspect
+
+    for name in vqlab.__all__:
+        value = getattr(vqlab, name)
+        has_module = importlib.util.find_spec(f"vqlab.{name}") is not None
+        assert inspect.ismodule(value) == has_module, name
+    import vqlab.train  # noqa: F401  (the command line's module, imported as a user would)
+
+    assert vqlab.fit is vqlab.trainer.fit
 
 
 def test_switching_a_nested_variant_starts_it_afresh():
@@ -104,3 +116,63 @@ def test_switching_a_nested_variant_starts_it_afresh():
 def test_switching_data_source_keeps_the_data_section():
     cfg = load("smoke", ["data.name=shapes"])
     assert cfg.data.name == "shapes" and cfg.data.batch_size == load("smoke").data.batch_size
+
+
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 3\n  seed: [1, 2\noptim:\n  lr: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    message = str(err.value)
+    assert str(path) in message and "line 4" in message
+    assert "\n" not in message and "<unicode string>" not in message
+
+
+def test_a_directory_as_config_says_so(tmp_path):
+    for folder in (tmp_path / "configs", tmp_path / "configs.yaml"):
+        folder.mkdir()
+        with pytest.raises(ConfigError, match=f"{folder} is a directory"):
+            load(str(folder))
+
+
+def test_a_config_file_that_is_not_text_names_the_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ConfigError, match=f"cannot read config file {path}"):
+        load(str(path))
+
+
+def test_a_key_given_twice_in_overrides_is_an_error():
+    with pytest.raises(ConfigError) as err:
+        load("smoke", ["train.steps=5", "optim.lr=1e-3", "train.steps=7"])
+    assert err.value.key == "train.steps"
+    assert load("smoke", ["train.steps=7", "train.seed=7"]).train.steps == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("train:\n  steps: 5\n  steps: 7\n", "train.steps", "lines 2 and 3"),
+        ("train:\n  steps: 5\noptim:\n  lr: 1.0\ntrain:\n  seed: 3\n", "train", "lines 1 and 5"),
+        ("eval:\n  metrics: [{a: 1, a: 2}]\n", "eval.metrics[0].a", "lines 2 and 2"),
+    ],
+)
+def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path, text, key, lines):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    assert err.value.key == key
+    assert str(path) in str(err.value) and lines in str(err.value)
+
+
+def test_yaml_merge_keys_may_be_overridden():
+    text = "base: &b {steps: 5, seed: 1}\ntrain:\n  <<: *b\n  steps: 9\n"
+    assert vqlab.config.parse_yaml(text, "x.yaml")["train"] == {"steps": 9, "seed": 1}
+
+
+def test_a_bad_override_value_is_one_line_naming_the_key():
+    with pytest.raises(ConfigError) as err:
+        load("smoke", ["quantizer.levels=[8,5"])
+    assert err.value.key == "quantizer.levels"
+    assert "\n" not in str(err.value)

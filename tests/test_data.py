@@ -1,4 +1,5 @@
 import functools
+import io
 import operator
 
 import numpy as np
@@ -167,3 +168,78 @@ def test_persistent_workers_still_see_new_epochs():
     data.set_epoch(single, 1)
     assert torch.equal(epochs[1], torch.cat(list(single)))
     assert not torch.equal(epochs[0], epochs[1])
+
+
+def image_folder(root, count, bad=None):
+    """``count`` PNGs in ``root``; ``bad`` maps an index to the bytes written instead of an image."""
+    root.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        path = root / f"{i:02d}.png"
+        if bad and i in bad:
+            path.write_bytes(bad[i])
+        else:
+            Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def png_bytes():
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((36, 40, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content", [b"not an image", b"", png_bytes()[:60]], ids=["junk", "empty", "truncated"])
+def test_an_unreadable_image_names_its_file(tmp_path, content):
+    root = image_folder(tmp_path / "images", 3, {1: content})
+    dataset = data.ImageFiles(data.image_files(root), 32, flip=False)
+    assert dataset[0].shape == (3, 32, 32)
+    with pytest.raises(data.DataError, match=str(root / "01.png")):
+        dataset[1]
+
+
+def test_an_image_folder_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "images").write_text("x")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'images'} is a file, not a folder"):
+        data.image_files(tmp_path / "images")
+
+
+def imagefolder_loaders(root, **options):
+    cfg = DataConfig(name="imagefolder", root=str(root), image_size=32, batch_size=4, val_batch_size=2, **options)
+    splits = data.build_datasets(cfg, seed=0)
+    return data.train_loader(splits.train, cfg, seed=0), data.val_loader(splits.val, cfg)
+
+
+def test_first_batch_check_names_an_unreadable_file(tmp_path):
+    root = image_folder(tmp_path / "images", 8, dict.fromkeys(range(8), b"junk"))
+    with pytest.raises(data.DataError, match=f"cannot read image {root}"):
+        data.check_first_batches(*imagefolder_loaders(root, val_count=2))
+    val_only = image_folder(tmp_path / "val", 2, {0: b"junk"})
+    good = image_folder(tmp_path / "good", 8)
+    with pytest.raises(data.DataError, match=str(val_only / "00.png")):
+        data.check_first_batches(*imagefolder_loaders(good, val_root=str(val_only)))
+    data.check_first_batches(*imagefolder_loaders(good, val_count=2))
+
+
+class Recorded(torch.utils.data.Dataset):
+    def __init__(self, length):
+        self.length, self.read = length, []
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        self.read.append(key)
+        return torch.tensor(float(key))
+
+
+def test_first_batch_check_reads_exactly_each_loaders_first_batch():
+    cfg = DataConfig(name="synthetic", batch_size=4, val_batch_size=3)
+    train_set, val_set = Recorded(20), Recorded(10)
+    train, val = data.train_loader(train_set, cfg, seed=0), data.val_loader(val_set, cfg)
+    data.set_epoch(train, 3, skip_batches=2)
+    data.check_first_batches(train, val)
+    checked = train_set.read, val_set.read
+    train_set.read, val_set.read = [], []
+    assert checked == (next(iter(train)).long().tolist(), next(iter(val)).long().tolist())
+    assert len(checked[0]) == 4 and len(checked[1]) == 3

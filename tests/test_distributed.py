@@ -4,8 +4,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqlab import distributed
+from vqlab import data, distributed
+from vqlab.config import DataConfig
 from vqlab.trainer import IntervalMeans
+
+
+class UnreadableAt(torch.utils.data.Dataset):
+    """Ten samples; sample 1 (which rank 1's shard starts with) cannot be read."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        if index == 1:
+            raise data.DataError("cannot read image number 1")
+        return torch.zeros(1)
 
 
 def worker(rank, init_file, results):
@@ -34,6 +47,11 @@ def worker(rank, init_file, results):
                 means.add({"late": torch.tensor(10.0 * (rank + 1))})
         out["interval"] = means.read()
         out["interval_after_read"] = means.read()
+        try:
+            data.check_first_batches(data.val_loader(UnreadableAt(), DataConfig(val_batch_size=2), rank, 2))
+            out["data_check"] = None
+        except data.DataError as err:
+            out["data_check"] = str(err)
         results[rank] = out
     finally:
         dist.barrier()  # no rank leaves while a peer still talks to it
@@ -52,3 +70,4 @@ def test_collectives_and_desync_detection(tmp_path):
         # the mean over both ranks and all steps of the interval, identical on every rank
         assert out["interval"] == {"loss": (0 + 1 + 2 + 1 + 2 + 3) / 6, "late": (10 + 20) / 2}
         assert out["interval_after_read"] == {}
+        assert out["data_check"] == "rank 1: cannot read image number 1"  # raised on both ranks

@@ -121,6 +121,39 @@ def test_bad_requests_fail_with_a_message(smoke_run, tmp_path, capsys, torch_hom
     assert not (tmp_path / "e.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["data.val_count=8", "data.val_count=16"], "data.val_count"),
+        (["data.name=imagefolder", "data.root={T}", "data.val_count=2"], "cannot read image {T}/"),
+        (["train.device=cuda"], "train.device=cuda"),
+        (["--checkpoint", "{T}/none.pt"], "no checkpoint at {T}/none.pt"),
+    ],
+)
+def test_bad_requests_are_one_line_naming_the_input(smoke_run, tmp_path, capsys, arguments, named):
+    if "train.device=cuda" in arguments and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(b"junk")
+    result, _ = smoke_run
+    out = tmp_path / "e.json"
+    args = [text.replace("{T}", str(tmp_path)) for text in arguments]
+    assert main(["--run", str(result.run_dir), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert named.replace("{T}", str(tmp_path)) in err
+    assert not out.exists()
+
+
+def test_a_corrupt_run_config_names_its_file(smoke_run, tmp_path, capsys):
+    result, _ = smoke_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(result.run_dir, run_dir)
+    (run_dir / "config.yaml").write_text("train: [\n")
+    assert main(["--run", str(run_dir)]) == 2
+    assert f"error: {run_dir / 'config.yaml'} is not valid YAML: line 2" in capsys.readouterr().err
+
+
 def test_evaluate_logs_to_the_runs_mlflow_run(smoke_run, tmp_path, capsys):
     from mlflow import MlflowClient
 

@@ -10,6 +10,7 @@ import torch
 import vqlab
 from vqlab import checkpoint
 from vqlab.config import read_source
+from vqlab.errors import ResumeError
 from vqlab.runfolder import RunFolder
 from vqlab.trainer import NonFiniteLossError, fit, main
 
@@ -81,7 +82,7 @@ def test_when_no_checkpoint_loads_the_run_stops_naming_them_unless_restarted(smo
     before = run.metrics_file.read_text()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(RuntimeError, match=r"step_0000006\.pt") as caught:
+        with pytest.raises(ResumeError, match=r"step_0000006\.pt") as caught:
             fit(cfg, resume="auto")
     assert "--restart" in str(caught.value)
     assert run.metrics_file.read_text() == before

@@ -10,6 +10,7 @@ import vqlab
 from vqlab import checkpoint
 from vqlab.config import from_yaml
 from vqlab.trainer import fit
+from vqlab.trainer import main as trainer_main
 
 from .helpers import metric_at, read_metrics
 
@@ -202,3 +203,73 @@ def test_validation_measures_codebooks_beyond_int64(smoke_cfg):
     with np.load(result.run_dir / "codebook_histogram.npz") as saved:
         assert saved["radices"].tolist() == [1024] * 7 and saved["digits"].shape[1] == 7
         assert saved["counts"].sum() == 64 * 16  # 64 images x 16 tokens
+
+
+def corrupt_image_folder(root):
+    """Eight PNGs that are not PNGs: whatever the loaders read first does not decode."""
+    root.mkdir()
+    for i in range(8):
+        (root / f"{i}.png").write_bytes(b"junk")
+    return root
+
+
+# The arguments, and what the one-line error must name; {T} is the test's temporary folder. Each
+# of these was a traceback, or a silent run, before bad input became a UserError.
+BAD_INPUTS = {
+    "batch larger than the data": ("data.batch_size=5000", "data.batch_size=5000"),
+    "too many validation crops": ("data.val_count=100000", "data.val_count=100000"),
+    "missing image folder": ("data.name=imagefolder data.root={T}/nope", "{T}/nope"),
+    "missing cifar": ("data.name=cifar10 data.root={T}", "{T}/cifar-10-batches-py"),
+    "corrupt image folder": (
+        "data.name=imagefolder data.root={T}/images data.val_count=2 data.batch_size=4",
+        "{T}/images/",
+    ),
+    "key given twice": ("train.steps=5 train.steps=7", "train.steps"),
+    "yaml syntax error": ("--config {T}/syntax.yaml", "{T}/syntax.yaml is not valid YAML: line 3"),
+    "yaml key given twice": ("--config {T}/twice.yaml", "{T}/twice.yaml"),
+    "config is a directory": ("--config {T}/images", "{T}/images is a directory"),
+    "resume a missing run": ("--resume {T}/nope", "{T}/nope"),
+    "resume auto without a run name": ("--resume auto", "tracking.run_name"),
+    "lpips without weights": ("loss.perceptual.weight=1", "{T}/hub/checkpoints/alexnet"),
+    "strict fid without weights": (
+        "eval.metrics=[fid] eval.missing_weights=error",
+        "{T}/hub/checkpoints/weights-incep",
+    ),
+    "no cuda here": ("train.device=cuda", "train.device=cuda"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_cli_bad_input_is_one_line_naming_it(tmp_path, capsys, monkeypatch, case):
+    if case == "no cuda here" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no weights in its hub cache
+    (tmp_path / "syntax.yaml").write_text("train:\n  steps: [3\noptim:\n  lr: 1\n")
+    (tmp_path / "twice.yaml").write_text("train:\n  steps: 5\n  steps: 7\n")
+    corrupt_image_folder(tmp_path / "images")
+    arguments, named = (text.replace("{T}", str(tmp_path)).split() for text in BAD_INPUTS[case])
+    config = [] if "--config" in arguments else ["--config", "smoke"]
+    root = tmp_path / "runs"
+    overrides = [f"tracking.root={root}", "tracking.mlflow=false"]
+    argv = [*config, *overrides, *arguments] if arguments[0] != "--resume" else [*config, *arguments, *overrides]
+    assert trainer_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert " ".join(named) in err
+    assert not root.exists()
+
+
+def test_unreadable_data_leaves_no_run_folder(tmp_path, capsys):
+    root = tmp_path / "runs"
+    images = corrupt_image_folder(tmp_path / "images")
+    argv = [
+        "--config",
+        "smoke",
+        "data.name=imagefolder",
+        f"data.root={images}",
+        "data.val_count=2",
+        "data.batch_size=4",
+    ]
+    assert trainer_main([*argv, f"tracking.root={root}", "tracking.mlflow=false"]) == 2
+    assert str(images) in capsys.readouterr().err
+    assert not root.exists()

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from vqlab.errors import MissingFileError
+
 POINTER = "last"
 STEP_FILE = re.compile(r"step_(\d+)\.pt")
 
@@ -44,7 +46,7 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingFileError(f"no checkpoint at {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
 
 

@@ -217,11 +217,66 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def from_yaml(text: str) -> RunConfig:
-    data = yaml.safe_load(text) or {}
+def from_yaml(text: str, source: str = "the config text") -> RunConfig:
+    """``source`` (a file name) is what errors in ``text`` cite."""
+    data = parse_yaml(text, source) or {}
     if not isinstance(data, dict):
-        raise ConfigError("", "a config file must hold a mapping of sections")
+        raise ConfigError("", f"{source} must hold a mapping of sections")
     return from_dict(data)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``text`` read as YAML (safe tags only). A syntax error, or a key repeated in one mapping
+    (which PyYAML would silently resolve to the last), is a ``ConfigError`` naming ``source``."""
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            repeated = repeated_key(node)
+            if repeated is not None:
+                path, first, again = repeated
+                raise ConfigError(path, f"given twice in {source}, on lines {first.line + 1} and {again.line + 1}")
+            return None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"{source} is not valid YAML: {yaml_error_text(err)}") from None
+
+
+def repeated_key(node: yaml.Node | None, path: str = "") -> tuple[str, yaml.Mark, yaml.Mark] | None:
+    """The first key given twice in one mapping below ``node``: its dotted path and both places."""
+    children: list[tuple[str, yaml.Node]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[tuple[str, str], yaml.Mark] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" entries may be overridden
+                continue
+            name = f"{path}.{key_node.value}" if path else str(key_node.value)
+            if isinstance(key_node, yaml.ScalarNode):
+                if (key_node.tag, key_node.value) in seen:
+                    return name, seen[key_node.tag, key_node.value], key_node.start_mark
+                seen[key_node.tag, key_node.value] = key_node.start_mark
+            children.append((name, value_node))
+    elif isinstance(node, yaml.SequenceNode):
+        children = [(f"{path}[{i}]", item) for i, item in enumerate(node.value)]
+    for name, child in children:
+        found = repeated_key(child, name)
+        if found is not None:
+            return found
+    return None
+
+
+def yaml_error_text(err: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message in one line, with 1-based line and column numbers."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        context = f" ({err.context})" if err.context and err.problem else ""
+        return f"{where}{err.problem or err.context}{context}"
+    if isinstance(err, yaml.reader.ReaderError):
+        character = f"#x{err.character:04x}" if isinstance(err.character, int) else repr(err.character)
+        return f"position {err.position}: unacceptable character {character}: {err.reason}"
+    return " ".join(str(err).split())
 
 
 def presets() -> list[str]:
@@ -232,9 +287,14 @@ def read_source(source: str) -> dict[str, Any]:
     """A preset name or a YAML path -> its raw dict."""
     path = Path(source)
     if source.endswith((".yaml", ".yml")) or path.exists():
+        if path.is_dir():
+            raise ConfigError("", f"config file {source} is a directory; name a YAML file")
         if not path.is_file():
             raise ConfigError("", f"config file {source} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError("", f"cannot read config file {source}: {err}") from None
     else:
         preset = PRESETS / f"{source}.yaml"
         if not preset.is_file():
@@ -242,7 +302,7 @@ def read_source(source: str) -> dict[str, Any]:
                 "", f"unknown preset {source!r}; presets: {', '.join(presets())}, or a path to a .yaml file"
             )
         text = preset.read_text()
-    data = yaml.safe_load(text) or {}
+    data = parse_yaml(text, source) or {}
     if not isinstance(data, dict):
         raise ConfigError("", f"{source} must hold a mapping of sections")
     return data
@@ -254,9 +314,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(key or text, f"override {text!r} is not of the form section.key=value")
     try:
-        return key, yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(key, f"cannot read value {raw!r}: {err}") from None
+        return key, parse_yaml(raw, f"value {raw!r}") if raw else ""
+    except ConfigError as err:
+        raise err.under(key) from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=2"]`` -> ``{"a.b": 1, "c": 2}``; a key given twice is an error, not the last one winning."""
+    pairs: dict[str, Any] = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key in pairs:
+            raise ConfigError(key, f"given twice ({text!r} after {key}={pairs[key]!r}); give each key once")
+        pairs[key] = value
+    return pairs
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -290,7 +361,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 def load(source: str | dict[str, Any] = "default", overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
     """A preset name, YAML path or dict, plus overrides (``["a.b=1"]`` or ``{"a.b": 1}``) -> RunConfig."""
     data = copy.deepcopy(source) if isinstance(source, dict) else read_source(source)
-    pairs = dict(overrides) if isinstance(overrides, dict) else dict(parse_override(o) for o in overrides or [])
+    pairs = dict(overrides) if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
     return from_dict(apply_overrides(data, pairs))
 
 

@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from vqlab import distributed
 from vqlab.config import DataConfig
+from vqlab.errors import MissingFileError, UserError
 
 # (package, path inside the package) of each photo; the stereo pair stays on one side of the split.
 TRAIN_PHOTOS = (
@@ -50,6 +52,10 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 TRAIN, VAL = 0, 1
 
 
+class DataError(UserError, ValueError):
+    """The data cannot give what the config asks: too few images, an image that does not decode."""
+
+
 def photo_path(package: str, relative: str) -> Path:
     """Where ``package`` keeps a bundled file, found without importing the package."""
     spec = importlib.util.find_spec(package)
@@ -66,7 +72,7 @@ def load_photo(package: str, relative: str) -> torch.Tensor:
 
     path = photo_path(package, relative)
     if not path.is_file():
-        raise FileNotFoundError(f"bundled photo {path} is missing; reinstall {package}")
+        raise MissingFileError(f"bundled photo {path} is missing; reinstall {package}")
     with Image.open(path) as image:
         array = np.asarray(image.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
@@ -93,7 +99,7 @@ class PhotoCrops(Dataset):
     def __init__(self, photos: list[torch.Tensor], size: int, count: int, seed: int, flip: bool):
         photos = [p for p in photos if min(p.shape[1:]) >= size]
         if not photos:
-            raise ValueError(f"crop size {size} is larger than every training photo")
+            raise DataError(f"data.image_size={size} is larger than every training photo")
         self.photos, self.size, self.count, self.seed, self.flip = photos, size, count, seed, flip
 
     def __len__(self) -> int:
@@ -122,7 +128,7 @@ class GridCrops(Dataset):
             for left in range(0, photo.shape[2] - size + 1, stride)
         ]
         if count > len(grid):
-            raise ValueError(f"data.val_count={count} exceeds the {len(grid)} validation crops of size {size}")
+            raise DataError(f"data.val_count={count} exceeds the {len(grid)} validation crops of size {size}")
         picks = np.linspace(0, len(grid) - 1, count).round().astype(int)
         self.photos, self.size, self.crops = photos, size, [grid[i] for i in picks]
 
@@ -212,8 +218,11 @@ class ImageFiles(Flipped):
         from PIL import Image
 
         epoch, index = split_key(key, len(self.files))
-        with Image.open(self.files[index]) as image:
-            array = np.asarray(image.convert("RGB"))
+        try:
+            with Image.open(self.files[index]) as image:
+                array = np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
+            raise DataError(f"cannot read image {self.files[index]}: {err}") from None
         image = self.transform(torch.from_numpy(array.copy()).permute(2, 0, 1))
         return to_unit_range(self.maybe_flip(image, epoch, index))
 
@@ -238,11 +247,13 @@ class Unlabelled(Flipped):
 
 
 def image_files(root: Path) -> list[Path]:
+    if root.is_file():
+        raise MissingFileError(f"image folder {root} is a file, not a folder")
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist")
+        raise MissingFileError(f"image folder {root} does not exist")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        raise MissingFileError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     return files
 
 
@@ -255,7 +266,7 @@ def cifar(cfg: DataConfig, train: bool) -> Dataset:
     try:
         return cls(cfg.root, train=train, download=False)
     except RuntimeError:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{cfg.name} files not found: extract the python version of the dataset so that "
             f"{Path(cfg.root) / folder} exists (vqlab never downloads at run time)"
         ) from None
@@ -282,7 +293,7 @@ def build_datasets(cfg: DataConfig, seed: int) -> Splits:
             val_files = image_files(Path(cfg.val_root))
         else:
             if cfg.val_count >= len(files):
-                raise ValueError(f"data.val_count={cfg.val_count} leaves no training images among {len(files)} files")
+                raise DataError(f"data.val_count={cfg.val_count} leaves no training images among {len(files)} files")
             order = np.random.default_rng(seed).permutation(len(files))
             val_files = [files[i] for i in sorted(order[: cfg.val_count])]
             files = [files[i] for i in sorted(order[cfg.val_count :])]
@@ -333,8 +344,9 @@ def train_loader(
     an iterator, and from the global generator it would shift what the model draws (Gumbel noise,
     dropout) by the number of passes made, which differs between a run and its resumed self."""
     if len(dataset) < cfg.batch_size * world_size:
-        raise ValueError(
-            f"{len(dataset)} training images cannot fill one batch of {cfg.batch_size} x {world_size} ranks"
+        raise DataError(
+            f"{len(dataset)} training images cannot fill one batch of "
+            f"data.batch_size={cfg.batch_size} x {world_size} ranks"
         )
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(
@@ -368,3 +380,30 @@ def own_generator(seed: int) -> torch.Generator:
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     """Position ``loader`` at batch ``skip_batches`` of epoch ``epoch``."""
     loader.sampler.set_position(epoch, skip_batches * loader.batch_size)
+
+
+def check_first_batches(*loaders: DataLoader) -> None:
+    """Read each loader's first batch, so that data which cannot be read at all (a wrong
+    ``data.root``, files that are not images, no permission) is a ``DataError`` naming a file
+    before a run writes anything, rather than at the first step after its folder exists. Call it
+    on every rank (it gathers every rank's outcome, so all ranks raise or none does).
+
+    Only the first batches: decoding every file of ImageNet (1.28M files, ~140 GB) at start would
+    take longer than many runs, and even opening every file for its header is 1.28M opens on what
+    is often a network file system, minutes before the first step for a check that a single bad
+    file defeats anyway. A corrupt file elsewhere is reported with its path when a loader reaches
+    it (``ImageFiles``). The keys are the ones the loader's own sampler yields at its current
+    position, read through its dataset in this process: no worker start-up, and the error is the
+    dataset's own rather than a worker's wrapper of it.
+    """
+    problem = None
+    try:
+        for loader in loaders:
+            for key in next(iter(loader.batch_sampler), []):
+                loader.dataset[key]
+    except DataError as err:
+        problem = str(err)
+    problems = [(rank, text) for rank, text in enumerate(distributed.all_gather_objects(problem)) if text]
+    if problems:
+        rank, text = problems[0]
+        raise DataError(f"rank {rank}: {text}" if distributed.world_size() > 1 else text)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vqlab.errors import UserError
+
 
 def initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -62,6 +64,10 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)])
 
 
+class DeviceError(UserError, RuntimeError):
+    """The requested device is not available on this machine."""
+
+
 @dataclass(frozen=True)
 class Context:
     rank: int
@@ -78,7 +84,7 @@ def setup(device: str) -> Context:
     ``device`` is ``auto``, ``cpu`` or ``cuda``; each rank takes the GPU of its ``LOCAL_RANK``."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
+        raise DeviceError("train.device=cuda but no CUDA device is available")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
-from vqlab.config import RunConfig, load, parse_override
+from vqlab.config import RunConfig, load, parse_overrides
+from vqlab.errors import MissingFileError, UserError
 from vqlab.evaluators import evaluate
 from vqlab.models import build_autoencoder
 from vqlab.runfolder import RunFolder
@@ -47,7 +48,7 @@ class EvalResult:
 def run_config(run_dir: Path, overrides: list[str], metrics: list[str] | None) -> RunConfig:
     """The run's config with evaluation-side overrides; MLflow resolves to the run's own store."""
     pairs = {"tracking.root": str(run_dir.resolve().parent.parent)}
-    for key, value in map(parse_override, overrides):
+    for key, value in parse_overrides(overrides).items():
         if not key.startswith(OVERRIDABLE):
             raise ConfigError(key, f"cannot change {key} when evaluating; only {', '.join(OVERRIDABLE)}")
         pairs[key] = value
@@ -67,7 +68,7 @@ def evaluate_run(
     run = RunFolder(run_dir)
     run_dir = run.path
     if not run.has_config():
-        raise FileNotFoundError(f"no run folder ({run.config_file.name}) at {run_dir}")
+        raise MissingFileError(f"no run folder ({run.config_file.name}) at {run_dir}")
     cfg = run_config(run_dir, list(overrides or []), metrics)
     out = Path(out) if out else run.eval_file
     ctx = distributed.setup(cfg.train.device)
@@ -75,7 +76,7 @@ def evaluate_run(
         if checkpoint_path is None:
             found = checkpoint.latest_valid(run.checkpoints, ctx.device)
             if found is None:
-                raise FileNotFoundError(f"no readable checkpoint in {run.checkpoints}")
+                raise MissingFileError(f"no readable checkpoint in {run.checkpoints}")
             checkpoint_path, state = found
         else:
             state = checkpoint.load(checkpoint_path, ctx.device)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = evaluate_run(args.run, args.checkpoint, args.metrics, args.overrides, args.out)
-    except (ConfigError, FileNotFoundError) as err:
+    except UserError as err:  # bad input is one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:  # the process group is gone by now, the environment is not

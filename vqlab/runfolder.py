@@ -98,7 +98,7 @@ class RunFolder:
         return self.config_file.is_file()
 
     def read_config(self) -> RunConfig:
-        return from_yaml(self.config_file.read_text())
+        return from_yaml(self.config_file.read_text(), str(self.config_file))
 
     def write_config(self, cfg: RunConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

@@ -14,10 +14,12 @@ import types
 import typing
 from typing import Any, Literal, TypeVar, Union
 
+from vqlab.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value is unknown, mistyped or impossible. ``key`` is its dotted path."""
 
     def __init__(self, key: str, message: str):

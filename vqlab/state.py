@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from vqlab import distributed
+from vqlab.errors import ResumeError
 from vqlab.runtime import ModelEMA, rng_state, set_rng_state
 
 
@@ -54,7 +55,7 @@ class TrainState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["world_size"] != distributed.world_size():
-            raise ValueError(
+            raise ResumeError(
                 f"the checkpoint was written by {state['world_size']} ranks; resume it with as many "
                 f"(this is {distributed.world_size()})"
             )

@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader
 
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import OptimConfig, RunConfig, flat_params, load, presets
+from vqlab.errors import MissingFileError, ResumeError, RunExistsError, UserError
 from vqlab.evaluators import block_mean_baseline, evaluate
 from vqlab.losses import Objective
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
 from vqlab.runfolder import RunFolder
 from vqlab.runtime import ModelEMA, autocast, seed_everything
-from vqlab.schema import ConfigError, flatten, to_dict
+from vqlab.schema import flatten, to_dict
 from vqlab.state import TrainState
 from vqlab.tracking import RunLogger, headline, mlflow_uri, summary_table
 
@@ -66,7 +67,7 @@ def check_same_config(run: RunFolder, cfg: RunConfig) -> None:
         k for k in saved.keys() | wanted.keys() if not k.startswith("tracking.") and saved.get(k) != wanted.get(k)
     )
     if changed:
-        raise ValueError(f"cannot resume {run.path} with a different config: {', '.join(changed)}")
+        raise ResumeError(f"cannot resume {run.path} with a different config: {', '.join(changed)}")
 
 
 def newest_checkpoint(run: RunFolder, restart: bool) -> Path | None:
@@ -79,7 +80,7 @@ def newest_checkpoint(run: RunFolder, restart: bool) -> Path | None:
     found = checkpoint.latest_valid(run.checkpoints)
     if found is None:
         names = ", ".join(str(p) for p in files)
-        raise RuntimeError(
+        raise ResumeError(
             f"no checkpoint of {run.path} loads ({names}); move them away, or pass --restart "
             "(restart=True) to start the run again from step 0 with its checkpoints set aside"
         )
@@ -99,14 +100,14 @@ def plan_start(cfg: RunConfig, resume: str | None, restart: bool) -> Start:
             return Start(folder=None)
         run = RunFolder.of(cfg)
         if run.has_config() and not restart:
-            raise FileExistsError(
+            raise RunExistsError(
                 f"run {run.path} exists; continue it with --resume auto, start it again with --restart, "
                 "or choose another tracking.run_name"
             )
         return Start(folder=run, restart=restart)
     if resume == "auto":
         if not cfg.tracking.run_name:
-            raise ValueError("--resume auto needs tracking.run_name, the run to continue")
+            raise ResumeError("--resume auto needs tracking.run_name, the run to continue")
         run = RunFolder.of(cfg)
         if not run.has_config():
             return Start(folder=run)
@@ -114,7 +115,7 @@ def plan_start(cfg: RunConfig, resume: str | None, restart: bool) -> Start:
         path = Path(resume)
         run = RunFolder(path.parent.parent if path.is_file() else path)
         if not run.has_config():
-            raise FileNotFoundError(f"--resume {resume}: no run folder (config.yaml) at {run.path}")
+            raise MissingFileError(f"--resume {resume}: no run folder ({run.config_file.name}) at {run.path}")
         if path.is_file():
             check_same_config(run, cfg)
             return Start(folder=run, checkpoint=path, restart=restart)
@@ -251,6 +252,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
         return TrainResult(run.path, recorded, run.last_metrics(("baseline",)), start.checkpoint)
 
     # --- first reads: a batch and the whole validation set, before anything is written ------
+    data.check_first_batches(train_loader, val_loader)
     stream = batches(train_loader, *state.position)
     stream = itertools.chain([next(stream)], stream)
     # one code per token: compare with one palette colour per token-sized block
@@ -414,10 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load(args.config, args.overrides)
-    except ConfigError as err:
+        result = fit(cfg, resume=args.resume, restart=args.restart)
+    except UserError as err:  # bad input is one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = fit(cfg, resume=args.resume, restart=args.restart)
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     print(f"run folder:   {result.run_dir}")

@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from vqlab.errors import MissingFileError
 
-class MissingWeightsError(FileNotFoundError):
+
+class MissingWeightsError(MissingFileError):
     pass
 
 
