@@ -95,6 +95,9 @@ def plan_start(cfg: RunConfig, resume: str | None, restart: bool) -> Start:
     a new timestamped folder. ``"auto"``: the folder named by ``tracking.run_name``, whatever it
     holds: its newest readable checkpoint, or step 0 when it has none. A run folder or a
     checkpoint file: that run, from its newest checkpoint or from exactly that file."""
+    root = Path(cfg.tracking.root)
+    if root.exists() and not root.is_dir():
+        raise MissingFileError(f"tracking.root {root} is a file; name the folder that holds the runs")
     if resume is None:
         if not cfg.tracking.run_name:
             return Start(folder=None)
