@@ -7,15 +7,12 @@ import vqlab
 from vqlab.codes import digits_to_index
 from vqlab.schema import ConfigError
 
-
-def available(name):
-    return pytest.mark.skipif(name not in vqlab.quantizers.available(), reason=f"{name} is not registered yet")
-
+from .helpers import hooks_seen_by_parts, record_part_calls, tokens
 
 BASES = [
     pytest.param({"name": "fsq", "levels": [8, 5]}, id="fsq"),
-    pytest.param({"name": "vq", "dim": 8, "codebook_size": 64}, marks=available("vq"), id="vq"),
-    pytest.param({"name": "vq_ema", "dim": 8, "codebook_size": 64}, marks=available("vq_ema"), id="vq_ema"),
+    pytest.param({"name": "vq", "dim": 8, "codebook_size": 64}, id="vq"),
+    pytest.param({"name": "vq_ema", "dim": 8, "codebook_size": 64}, id="vq_ema"),
 ]
 
 
@@ -24,22 +21,11 @@ def build(**options):
     return vqlab.quantizers.build("product", **options)
 
 
-def tokens(q, seed=0):
-    return torch.randn(2, 8, q.dim, generator=torch.Generator().manual_seed(seed)) * 1.5
-
-
-def record_group_calls(q):
-    calls = []
-    for quantizer in q.parts:
-        quantizer.register_forward_hook(lambda module, args, out: calls.append((args[0], out)))
-    return calls
-
-
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("base", BASES)
 def test_each_group_is_its_slice_through_the_base(base, shared):
     q = build(groups=3, base=base, shared=shared)
-    calls = record_group_calls(q)
+    calls = record_part_calls(q)
     z = tokens(q)
     out = q(z)
     width = q.group_dim
@@ -80,12 +66,7 @@ def test_shared_uses_one_module(base):
 @pytest.mark.parametrize("shared", [False, True])
 def test_hooks_reach_every_group_module_once(shared):
     q = build(groups=3, shared=shared)
-    seen = []
-    for quantizer in q.parts:
-        quantizer.set_step = lambda step, total, m=quantizer: seen.append(("set_step", id(m), step, total))
-        quantizer.on_optimizer_step = lambda m=quantizer: seen.append(("on_optimizer_step", id(m)))
-    q.set_step(5, 10)
-    q.on_optimizer_step()
+    seen = hooks_seen_by_parts(q)
     ids = [id(quantizer) for quantizer in q.parts]
     assert seen == [("set_step", i, 5, 10) for i in ids] + [("on_optimizer_step", i) for i in ids]
     assert len(ids) == (1 if shared else 3)

@@ -10,15 +10,12 @@ import vqlab
 from vqlab.codes import digits_to_index
 from vqlab.schema import ConfigError
 
-
-def available(name):
-    return pytest.mark.skipif(name not in vqlab.quantizers.available(), reason=f"{name} is not registered yet")
-
+from .helpers import hooks_seen_by_parts, record_part_calls, tokens
 
 BASES = [
     pytest.param({"name": "fsq", "levels": [8, 5]}, id="fsq"),
-    pytest.param({"name": "vq"}, marks=available("vq"), id="vq"),
-    pytest.param({"name": "vq_ema"}, marks=available("vq_ema"), id="vq_ema"),
+    pytest.param({"name": "vq"}, id="vq"),
+    pytest.param({"name": "vq_ema"}, id="vq_ema"),
 ]
 LEARNED_BASES = BASES[1:]
 
@@ -28,23 +25,11 @@ def build(**options):
     return vqlab.quantizers.build("rvq", **options)
 
 
-def tokens(q, seed=0):
-    return torch.randn(2, 8, q.dim, generator=torch.Generator().manual_seed(seed)) * 1.5
-
-
-def record_stage_calls(q):
-    """[(input, output)] of every stage call, in order."""
-    calls = []
-    for stage in q.parts:
-        stage.register_forward_hook(lambda module, args, out: calls.append((args[0], out)))
-    return calls
-
-
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("base", BASES)
 def test_stage_inputs_are_the_scaled_residuals_and_z_q_their_sum(base, shared):
     q = build(depth=3, base=base, shared=shared)
-    calls = record_stage_calls(q)
+    calls = record_part_calls(q)
     z = tokens(q)
     out = q(z)
     assert len(calls) == 3
@@ -115,7 +100,7 @@ def test_shared_uses_one_module(base):
     assert len(shared.parts) == 1 and all(shared.part(k) is shared.parts[0] for k in range(3))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(shared) == count(shared.parts[0]) and count(own) == 3 * count(own.parts[0])
-    calls = record_stage_calls(shared)
+    calls = record_part_calls(shared)
     shared(tokens(shared))
     assert len(calls) == 3
 
@@ -123,12 +108,7 @@ def test_shared_uses_one_module(base):
 @pytest.mark.parametrize("shared", [False, True])
 def test_hooks_reach_every_stage_module_once(shared):
     q = build(depth=3, shared=shared)
-    seen = []
-    for stage in q.parts:
-        stage.set_step = lambda step, total, stage=stage: seen.append(("set_step", id(stage), step, total))
-        stage.on_optimizer_step = lambda stage=stage: seen.append(("on_optimizer_step", id(stage)))
-    q.set_step(5, 10)
-    q.on_optimizer_step()
+    seen = hooks_seen_by_parts(q)
     ids = [id(stage) for stage in q.parts]
     assert seen == [("set_step", i, 5, 10) for i in ids] + [("on_optimizer_step", i) for i in ids]
     assert len(ids) == (1 if shared else 3)
@@ -139,7 +119,7 @@ def test_quantize_dropout_depends_only_on_seed_and_step():
         return build(depth=4, base={"name": "fsq", "levels": [5, 5]}, quantize_dropout=1.0, dropout_seed=7)
 
     a, b = make(), make()
-    calls = record_stage_calls(a)
+    calls = record_part_calls(a)
     z = tokens(a)
     full_codes = a.encode(z)
     depths = []
