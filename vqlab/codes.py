@@ -1,6 +1,6 @@
-"""Digits <-> flat index: the one place in vqlab that packs code indices.
+"""Digits <-> flat index, the one place in vqlab that packs code indices, and code-histogram helpers.
 
-Index spec (DESIGN.md): the flat index of a code with digits ``d`` over ``radices`` is
+Index spec (README, "Quantizers"): the flat index of a code with digits ``d`` over ``radices`` is
 ``sum(d[i] * prod(radices[:i]))``; digit 0 is the least significant and the index is int64.
 """
 
@@ -54,3 +54,13 @@ def index_to_digits(index: torch.Tensor, radices: Sequence[int]) -> torch.Tensor
     places = _place_values(radices, index.device)
     bases = torch.tensor([int(r) for r in radices], dtype=torch.int64, device=index.device)
     return torch.div(index.long().unsqueeze(-1), places, rounding_mode="floor") % bases
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a histogram of code counts, in float64; zero counts are ignored and an
+    empty histogram has no perplexity (NaN)."""
+    counts = counts[counts > 0].double()
+    if counts.numel() == 0:
+        return torch.tensor(math.nan, dtype=torch.float64, device=counts.device)
+    p = counts / counts.sum()
+    return (-(p * p.log()).sum()).exp()

@@ -29,11 +29,11 @@ import torch
 
 from vqlab import codes as codes_lib
 from vqlab import weights
+from vqlab.codes import perplexity
 from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_cat, all_gather_objects, all_reduce_sum, rank, world_size
 from vqlab.metrics import fidelity
 from vqlab.metrics import swd as swd_lib
-from vqlab.quantizers.base import perplexity
 from vqlab.registry import Registry
 
 registry = Registry("evaluator")

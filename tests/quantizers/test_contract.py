@@ -1,4 +1,4 @@
-"""The QuantizerOutput contract (DESIGN.md), checked for every registered quantizer."""
+"""The QuantizerOutput contract (README, "Quantizers"), checked for every registered quantizer."""
 
 import pytest
 import torch

@@ -53,16 +53,6 @@ class fp32_island(torch.autocast):
         super().__init__(device_type=device.type, enabled=False)
 
 
-def perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of a histogram of code counts, in float64; zero counts are ignored and an
-    empty histogram has no perplexity (NaN)."""
-    counts = counts[counts > 0].double()
-    if counts.numel() == 0:
-        return torch.tensor(math.nan, dtype=torch.float64, device=counts.device)
-    p = counts / counts.sum()
-    return (-(p * p.log()).sum()).exp()
-
-
 def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Perplexity and number of distinct codes among the batch's tokens (detached)."""
     if not radices:
@@ -74,7 +64,7 @@ def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torc
         flat = torch.unique(codes.detach().reshape(-1, codes.shape[-1]), dim=0, return_inverse=True)[1]
     _, counts = torch.unique(flat, return_counts=True)
     return {
-        "perplexity": perplexity(counts).float(),
+        "perplexity": codes_lib.perplexity(counts).float(),
         "distinct_codes": torch.tensor(float(counts.numel()), device=codes.device),
     }
 
