@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqlab import distributed
+from vqlab.cluster import kmeans, squared_distances
 from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, straight_through
 from vqlab.schema import require
 
 INITIAL_COUNT = 1.0  # every code starts as if it had been used once per step: no tiny EMA denominators
-KMEANS_CHUNK = 16384  # rows per distance block in k-means, bounding memory to CHUNK x K floats
 INITS = ("uniform", "normal", "kmeans")
 ESTIMATORS = ("ste", "rotation")
 
@@ -83,11 +83,6 @@ class CodebookConfig(QuantizerConfig):
         return self.dead_code_steps > 0 or self.dead_code_threshold > 0
 
 
-def squared_distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``(M, d), (K, d) -> (M, K)`` squared Euclidean distances; callers are in the fp32 island."""
-    return x.square().sum(-1, keepdim=True) - 2 * x @ codebook.T + codebook.square().sum(-1)
-
-
 def initial_codebook(size: int, dim: int, init: str) -> torch.Tensor:
     """The codebook before the first training batch; ``kmeans`` replaces it then."""
     if init == "uniform":
@@ -103,35 +98,6 @@ def sample_rows(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     else:
         index = torch.randint(x.shape[0], (n,), generator=generator, device=x.device)
     return x[index]
-
-
-def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``(M, d) -> (M,)`` index of the nearest code, in blocks so that M may be large."""
-    return torch.cat([squared_distances(block, codebook).argmin(-1) for block in x.split(KMEANS_CHUNK)])
-
-
-def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool, seed: int = 0) -> torch.Tensor:
-    """``(M, d) -> (k, d)`` centroids: k-means++ seeding, then ``iters`` Lloyd steps (spherical if
-    ``cosine``). A cluster that empties keeps its previous centroid."""
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    first = torch.randint(x.shape[0], (1,), generator=generator, device=x.device)
-    centroids = x[first].repeat(k, 1)  # (k, d)
-    closest = squared_distances(x, centroids[:1])[:, 0].clamp_min(0)  # (M,)
-    for i in range(1, k):
-        # When every point already coincides with a centroid, fall back to a uniform draw.
-        weights = closest + (closest.sum() == 0).float()
-        pick = torch.multinomial(weights, 1, generator=generator)
-        centroids[i] = x[pick[0]]
-        closest = torch.minimum(closest, squared_distances(x, centroids[i : i + 1])[:, 0].clamp_min(0))
-    for _ in range(iters):
-        assignment = nearest(x, centroids)  # (M,)
-        counts = torch.bincount(assignment, minlength=k).to(x.dtype)  # (k,)
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, x)  # (k, d)
-        means = sums / counts.clamp_min(1)[:, None]
-        if cosine:
-            means = F.normalize(means, dim=-1)
-        centroids = torch.where(counts[:, None] > 0, means, centroids)
-    return centroids
 
 
 def rotation_surrogate(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -315,7 +281,10 @@ class CodebookQuantizer(Quantizer):
         everywhere, so that ranks agree even when they were seeded differently."""
         if self.cfg.init == "kmeans":
             vectors = kmeans(
-                distributed.all_gather_cat(latents), self.cfg.codebook_size, self.cfg.kmeans_iters, self.cfg.cosine
+                distributed.all_gather_cat(latents),
+                self.cfg.codebook_size,
+                self.cfg.kmeans_iters,
+                spherical=self.cfg.cosine,
             )
         else:
             vectors = self.embedding.detach().clone()
