@@ -217,6 +217,7 @@ def train(cfg: RunConfig, resume: str | None = None) -> TrainResult:
     val_loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
     # what needs weight files is built before anything is written, so a missing file leaves no trace
     quantizer = quantizers.build(cfg.quantizer)
+    quantizer.hooks_driven_by_caller()  # the loop below calls on_optimizer_step once per optimizer step
     objective = Objective(cfg.loss).to(device)
     metrics = evaluators.build(cfg.eval.metrics, quantizer.radices, device, cfg.eval)
     run_dir = None

@@ -46,7 +46,7 @@ def test_stage_inputs_are_the_scaled_residuals_and_z_q_their_sum(base, shared):
 
 @pytest.mark.parametrize("base", LEARNED_BASES)
 def test_each_stage_loss_is_the_base_loss_on_its_own_residual(base):
-    q = build(depth=2, base=base)
+    q = build(depth=2, base=base).hooks_driven_by_caller()
     z = tokens(q)
     q(z)  # let data-dependent initialisation happen before the stages are copied
     references = [copy.deepcopy(q.part(k)) for k in range(2)]

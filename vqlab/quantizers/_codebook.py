@@ -211,6 +211,7 @@ class CodebookQuantizer(Quantizer):
         self.usage = CodeUsage(cfg.codebook_size, usage_decay)
         self.register_buffer("initialized", torch.tensor(False))
         self._latest: torch.Tensor | None = None  # this rank's last training latents: re-seeding candidates
+        self._pending = False  # a training forward filled the window since the last on_optimizer_step
 
     # --- subclass interface ----------------------------------------------------------------------
     def codebook_losses(
@@ -248,6 +249,7 @@ class CodebookQuantizer(Quantizer):
         index = distances.detach().argmin(-1)  # (B*N,)
         quantized = codebook[index].reshape(latents.shape)  # (B, N, d)
         if self.training:
+            self._pending = True
             self.usage.accumulate(index)
             self.accumulate(flat.detach(), index)
             if self.cfg.replaces_dead_codes:
@@ -292,6 +294,9 @@ class CodebookQuantizer(Quantizer):
         self.write_codes_(torch.ones_like(self.usage.window, dtype=torch.bool), vectors)
         self.initialized.fill_(True)
 
+    def has_pending_updates(self) -> bool:
+        return self._pending
+
     @torch.no_grad()
     def on_optimizer_step(self) -> None:
         windows = self.window_buffers()
@@ -306,6 +311,7 @@ class CodebookQuantizer(Quantizer):
         for buffer in windows:
             buffer.zero_()
         self._latest = None
+        self._pending = False
 
     def _replace_dead_codes_(self) -> None:
         """Re-seed dead codes from the latest latents, gathered from every rank and drawn with a

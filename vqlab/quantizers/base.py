@@ -1,8 +1,9 @@
-"""The quantizer contract shared by every method (DESIGN.md, "Quantizer")."""
+"""The quantizer contract shared by every method (README, "Quantizers" and "Running your own")."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -72,11 +73,29 @@ def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torc
 class Quantizer(nn.Module):
     """Base class. Subclasses set ``dim`` and ``radices`` and implement ``quantize``,
     ``encode`` and ``decode`` on fp32 tensors; the base runs them in the fp32 island,
-    checks shapes and adds batch statistics."""
+    checks shapes and adds batch statistics.
+
+    Hook contract. State that learns from statistics (EMA codebooks, usage counts, dead-code
+    replacement) is gathered by training forwards and applied by ``on_optimizer_step()``, once
+    per optimizer step after ``optimizer.step()``, on every rank. A driver that calls it (vqlab's
+    trainer, or a user's own loop) declares so once with ``hooks_driven_by_caller()``. Until one
+    does, the quantizer drives itself: a training forward that finds the previous training
+    forwards' statistics still pending applies them first, by calling its own
+    ``on_optimizer_step()``, and warns once. That is one update per training forward: right for
+    a plain loop, wrong with gradient accumulation, whose driver must call the hook itself. The
+    decision depends only on which forwards ran, so under DDP, where every rank runs the same
+    forwards, every rank calls the hook's collectives alike. Subclasses with such state override
+    ``has_pending_updates``.
+    """
 
     dim: int
     radices: tuple[int, ...]
     discrete: bool = True  # False only for the continuous baseline, which has no codes to decode
+
+    def __init__(self):
+        super().__init__()
+        self._hooks_driven_by_caller = False
+        self._warned_self_driven = False
 
     @property
     def codebook_size(self) -> int:
@@ -91,8 +110,21 @@ class Quantizer(nn.Module):
         statistics, dead-code replacement). The trainer calls it once per optimizer step, after
         ``optimizer.step()``, on every rank; collectives go here, in the same order on all ranks."""
 
+    def hooks_driven_by_caller(self) -> Quantizer:
+        """Declare that the caller calls ``on_optimizer_step()`` once per optimizer step, so the
+        quantizer never applies pending updates on its own (see the class docstring); returns self."""
+        self._hooks_driven_by_caller = True
+        return self
+
+    def has_pending_updates(self) -> bool:
+        """Whether training forwards gathered statistics that ``on_optimizer_step()`` has not applied;
+        a host-side flag, so asking costs no device sync."""
+        return False
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         self._check_tokens(z)
+        if self.training and not self._hooks_driven_by_caller and self.has_pending_updates():
+            self._drive_own_hook()
         with fp32_island(z.device):
             out = self.quantize(z.float())  # (B, N, D) fp32 in, fp32 out
         out.z_q = out.z_q.to(z.dtype)
@@ -122,6 +154,21 @@ class Quantizer(nn.Module):
 
     def decode_fp32(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _drive_own_hook(self) -> None:
+        if not self._warned_self_driven:
+            self._warned_self_driven = True
+            warnings.warn(
+                f"{type(self).__name__}: on_optimizer_step() was not called after the last training forward, "
+                "so its statistics (EMA codebook, usage counts, dead codes) were never applied. Applying them "
+                "now and from here on at every training forward (auto mode: one update per training forward). "
+                "In your own loop call q.on_optimizer_step() after each optimizer.step() and "
+                "q.hooks_driven_by_caller() once; with gradient accumulation you must. "
+                "See README, 'Running your own'.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.on_optimizer_step()
 
     def _check_tokens(self, z: torch.Tensor) -> None:
         if z.ndim != 3 or z.shape[-1] != self.dim:
