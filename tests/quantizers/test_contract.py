@@ -68,6 +68,19 @@ def test_bf16_autocast_gives_the_fp32_codes(quantizer):
     assert torch.equal(low.codes, quantizer(z.bfloat16().float()).codes)
 
 
+def test_decode_rejects_digits_outside_their_radix(quantizer):
+    if not quantizer.discrete:
+        pytest.skip("a continuous quantizer has no codes to decode")
+    valid = torch.zeros(3, len(quantizer.radices), dtype=torch.long)
+    name = type(quantizer).__name__
+    for column, radix in enumerate(quantizer.radices):
+        for digit in (radix, -1):
+            codes = valid.clone()
+            codes[1, column] = digit
+            with pytest.raises(RuntimeError, match=rf"{name}\.decode: a digit is outside \[0, radix\)"):
+                quantizer.decode(codes)
+
+
 def test_rejects_wrong_token_shape(quantizer):
     with pytest.raises(ValueError, match="tokens"):
         quantizer(torch.randn(2, 3, quantizer.dim + 1))

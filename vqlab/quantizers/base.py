@@ -138,11 +138,12 @@ class Quantizer(nn.Module):
             return self.encode_fp32(z.float())
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """``(..., G)`` int64 codes -> ``(..., D)`` fp32 latents (``== z_q`` in eval)."""
+        """``(..., G)`` int64 codes, digits in ``[0, radix)``, -> ``(..., D)`` fp32 latents (``== z_q`` in eval)."""
         if codes.is_floating_point() or codes.shape[-1] != len(self.radices):
             raise ValueError(
                 f"codes must be an integer tensor (..., {len(self.radices)}), got {codes.dtype} {tuple(codes.shape)}"
             )
+        codes_lib.check_digits(codes, self.radices, f"{type(self).__name__}.decode")
         with fp32_island(codes.device):
             return self.decode_fp32(codes.long())
 
