@@ -81,6 +81,16 @@ def test_decode_rejects_digits_outside_their_radix(quantizer):
                 quantizer.decode(codes)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_tokens_are_an_error_naming_the_quantizer(quantizer, bad):
+    z = tokens(quantizer)
+    z[1, 3, 0] = bad
+    name = type(quantizer).__name__
+    for method, call in [("forward", quantizer.train()), ("forward", quantizer.eval()), ("encode", quantizer.encode)]:
+        with pytest.raises(RuntimeError, match=rf"{name}\.{method}: the input tokens contain NaN or inf"):
+            call(z)
+
+
 def test_rejects_wrong_token_shape(quantizer):
     with pytest.raises(ValueError, match="tokens"):
         quantizer(torch.randn(2, 3, quantizer.dim + 1))

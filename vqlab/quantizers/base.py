@@ -73,7 +73,7 @@ def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torc
 class Quantizer(nn.Module):
     """Base class. Subclasses set ``dim`` and ``radices`` and implement ``quantize``,
     ``encode`` and ``decode`` on fp32 tensors; the base runs them in the fp32 island,
-    checks shapes and adds batch statistics.
+    checks shapes and finiteness and adds batch statistics.
 
     Hook contract. State that learns from statistics (EMA codebooks, usage counts, dead-code
     replacement) is gathered by training forwards and applied by ``on_optimizer_step()``, once
@@ -122,7 +122,7 @@ class Quantizer(nn.Module):
         return False
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        self._check_tokens(z)
+        self._check_tokens(z, "forward")
         if self.training and not self._hooks_driven_by_caller and self.has_pending_updates():
             self._drive_own_hook()
         with fp32_island(z.device):
@@ -133,7 +133,7 @@ class Quantizer(nn.Module):
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """``(B, N, D)`` -> ``(B, N, G)`` int64 codes, without losses or state updates."""
-        self._check_tokens(z)
+        self._check_tokens(z, "encode")
         with fp32_island(z.device), torch.no_grad():
             return self.encode_fp32(z.float())
 
@@ -171,6 +171,11 @@ class Quantizer(nn.Module):
             )
         self.on_optimizer_step()
 
-    def _check_tokens(self, z: torch.Tensor) -> None:
+    def _check_tokens(self, z: torch.Tensor, method: str) -> None:
         if z.ndim != 3 or z.shape[-1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects tokens (B, N, {self.dim}), got {tuple(z.shape)}")
+        # Before any statistic is gathered: a NaN would otherwise become a code, or poison a codebook.
+        # Asynchronous, so no host-device sync per step: on a GPU it fails at the next sync.
+        torch._assert_async(
+            torch.isfinite(z).all(), f"{type(self).__name__}.{method}: the input tokens contain NaN or inf"
+        )
