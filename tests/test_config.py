@@ -104,3 +104,16 @@ def test_switching_a_nested_variant_starts_it_afresh():
 def test_switching_data_source_keeps_the_data_section():
     cfg = load("smoke", ["data.name=shapes"])
     assert cfg.data.name == "shapes" and cfg.data.batch_size == load("smoke").data.batch_size
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan"), "inf", "nan"])
+def test_non_finite_floats_are_config_errors_naming_the_key(value):
+    with pytest.raises(ConfigError, match="finite") as err:
+        load("smoke", {"quantizer.name": "vq", "quantizer.beta": value})
+    assert err.value.key == "quantizer.beta"
+    with pytest.raises(ConfigError, match="finite") as err:
+        vqlab.quantizers.build("vq", beta=value)
+    assert err.value.key == "beta"
+    with pytest.raises(ConfigError, match="finite") as err:
+        load("smoke", ["optim.lr=.inf"])  # YAML's spelling on the command line
+    assert err.value.key == "optim.lr"
