@@ -38,6 +38,10 @@ class Composite(Quantizer):
         self.base_radices = tuple(first.radices)
         self.radices = (first.codebook_size,) * count
 
+    def prefixed_mean_losses(self, prefix: str, count: int) -> frozenset[str]:
+        """The part's mean-type loss names under the composite's keys ``{prefix}{k}/<loss>``."""
+        return frozenset(f"{prefix}{k}/{name}" for k in range(count) for name in self.parts[0].mean_losses)
+
     def part(self, k: int) -> Quantizer:
         return self.parts[0 if self.shared else k]
 

@@ -91,6 +91,11 @@ class Quantizer(nn.Module):
     dim: int
     radices: tuple[int, ...]
     discrete: bool = True  # False only for the continuous baseline, which has no codes to decode
+    # Names of the losses that are means over the input's elements (the MSE commitment and codebook
+    # losses). The others (entropies, KL) are sums over a token's channels or codes, averaged over
+    # tokens. A product of groups averages the first kind and adds up the second, so that its
+    # losses weigh the same as one quantizer over the full width.
+    mean_losses: frozenset[str] = frozenset()
 
     def __init__(self):
         super().__init__()

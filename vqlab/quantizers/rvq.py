@@ -80,6 +80,7 @@ class RVQ(Composite):
         else:
             scales = torch.ones(cfg.depth, self.dim)
         self.register_buffer("scales", scales, persistent=False)  # (depth, D)
+        self.mean_losses = self.prefixed_mean_losses("stage", cfg.depth)  # each stage's are over all of z
         self._step = 0
 
     def set_step(self, step: int, total_steps: int) -> None:
