@@ -64,6 +64,44 @@ def test_each_stage_loss_is_the_base_loss_on_its_own_residual(base):
         residual = residual - expected.z_q.detach()
 
 
+STRAIGHT_THROUGH_BASES = [
+    pytest.param({"name": "vq", "codebook_size": 16}, id="vq"),
+    pytest.param({"name": "lfq", "dim": 6, "group_bits": 6}, id="lfq"),
+]
+
+
+@pytest.mark.parametrize(("depth", "dropout"), [(1, 0.0), (2, 0.0), (4, 0.0), (2, 1.0), (4, 1.0)])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("base", STRAIGHT_THROUGH_BASES)
+def test_the_gradient_reaching_z_is_the_identity_at_any_depth(base, shared, depth, dropout):
+    q = build(depth=depth, base=base, shared=shared, quantize_dropout=dropout, dropout_seed=3).hooks_driven_by_caller()
+    upstream = torch.randn(2, 8, q.dim, generator=torch.Generator().manual_seed(1))
+    kept = set()
+    for step in range(8):
+        q.set_step(step, 8)
+        z = tokens(q, seed=step).requires_grad_()
+        out = q(z)
+        (out.z_q * upstream).sum().backward()
+        torch.testing.assert_close(z.grad, upstream, rtol=0, atol=1e-6)
+        kept.add(int(out.stats["active_depth"]))
+    assert len(kept) > 1 if dropout else kept == {depth}
+
+
+def test_only_the_first_stage_losses_reach_z_under_straight_through():
+    base = {"name": "lfq", "dim": 4, "group_bits": 4, "entropy_temperature": 1.0}
+    q = build(depth=3, base=base)
+    z = tokens(q).requires_grad_()
+    out = q(z)
+    for k in range(3):
+        for name in ("entropy", "commitment"):
+            (grad,) = torch.autograd.grad(out.losses[f"stage{k}/{name}"], z, retain_graph=True)
+            if k == 0:  # exactly what one quantizer's loss would give
+                (expected,) = torch.autograd.grad(q.part(0)(z).losses[name], z)
+                torch.testing.assert_close(grad, expected)
+            else:
+                assert grad.abs().max() < 1e-6, (k, name)
+
+
 def fsq5(x: float) -> tuple[float, int]:
     """FSQ with L = 5 for one scalar (arXiv 2309.15505, Appendix A.1): (value in [-1, 1], digit)."""
     rounded = round(math.tanh(x) * 4 * (1 - 1e-3) / 2)
