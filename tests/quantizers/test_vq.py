@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vqlab
+from vqlab.cluster import kmeans
 from vqlab.quantizers.vq import VQConfig
 from vqlab.schema import ConfigError
 
@@ -145,6 +146,25 @@ def test_kmeans_init_finds_the_clusters_once(name):
     after = q.embedding.detach().clone()
     q(z + 10)
     assert torch.equal(q.embedding, after)  # once only
+
+
+@pytest.mark.parametrize("name", ["vq", "vq_ema"])
+def test_kmeans_init_waits_for_as_many_latents_as_codes(name):
+    q = vqlab.quantizers.build(name, codebook_size=64, dim=3, init="kmeans").hooks_driven_by_caller()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 10, 3, generator=generator) for _ in range(4)]  # 20 tokens each
+    for batch in batches[:3]:
+        q(batch)
+        q.on_optimizer_step()
+        assert not q.initialized  # 20, 40, 60 latents: fewer than 64 codes
+    assert not torch.equal(q.usage.ema, torch.ones(64))  # the initial codebook served meanwhile
+    q(batches[3])
+    assert q.initialized
+    codes = q.embedding.detach()
+    assert torch.unique(codes, dim=0).shape[0] == 64  # no duplicate, dead codes
+    assert torch.equal(codes, kmeans(torch.cat(batches).reshape(-1, 3), 64, q.cfg.kmeans_iters))  # on all 80
+    # what the initial codebook gathered is dropped: only this forward's 20 tokens are in the window
+    assert torch.equal(q.usage.ema, torch.ones(64)) and q.usage.window.sum() == 20
 
 
 @pytest.mark.parametrize("name", ["vq", "vq_ema"])

@@ -41,7 +41,8 @@ class CodebookConfig(QuantizerConfig):
                          to this width for the lookup and back (low-dimensional lookup)
     cosine:              l2-normalise latents and codes before the lookup
     init:                ``uniform`` U(-sqrt(3), sqrt(3)) and ``normal`` N(0, 1) (both unit variance per
-                         channel), or ``kmeans`` on the first training batch, gathered across ranks
+                         channel), or ``kmeans`` on the first training latents of every rank, gathered
+                         over as many forwards as it takes to have at least ``codebook_size`` of them
     dead_code_steps:     re-seed codes unused for this many optimizer steps (0: off)
     dead_code_threshold: re-seed codes whose usage EMA (tokens per optimizer step, summed over ranks)
                          falls below this (0: off)
@@ -165,6 +166,11 @@ class CodeUsage(nn.Module):
     def accumulate(self, index: torch.Tensor) -> None:
         self.window += torch.bincount(index, minlength=self.window.numel()).to(self.window.dtype)
 
+    def restart_(self) -> None:
+        """Forget the usage history: every code as if new (a codebook replaced as a whole)."""
+        self.ema.fill_(INITIAL_COUNT)
+        self.steps_unused.zero_()
+
     def update_(self) -> None:
         """Fold the (already all-reduced) window into the EMA and the unused-step counters."""
         self.ema.mul_(self.decay).add_(self.window, alpha=1 - self.decay)
@@ -212,6 +218,7 @@ class CodebookQuantizer(Quantizer):
         self.register_buffer("initialized", torch.tensor(False))
         self._latest: torch.Tensor | None = None  # this rank's last training latents: re-seeding candidates
         self._pending = False  # a training forward filled the window since the last on_optimizer_step
+        self._kmeans_pool: list[torch.Tensor] = []  # every rank's latents gathered for k-means so far
 
     # --- subclass interface ----------------------------------------------------------------------
     def codebook_losses(
@@ -279,19 +286,28 @@ class CodebookQuantizer(Quantizer):
     # --- state updates ---------------------------------------------------------------------------
     @torch.no_grad()
     def _initialize_(self, latents: torch.Tensor) -> None:
-        """First training forward: k-means on every rank's latents if asked, then rank 0's codebook
-        everywhere, so that ranks agree even when they were seeded differently."""
-        if self.cfg.init == "kmeans":
-            vectors = kmeans(
-                distributed.all_gather_cat(latents),
-                self.cfg.codebook_size,
-                self.cfg.kmeans_iters,
-                spherical=self.cfg.cosine,
-            )
-        else:
-            vectors = self.embedding.detach().clone()
-        distributed.broadcast_(vectors)
-        self.write_codes_(torch.ones_like(self.usage.window, dtype=torch.bool), vectors)
+        """Training forwards until initialised. The first makes rank 0's initial codebook everyone's,
+        so that ranks agree even when they were seeded differently. With ``kmeans`` init, every
+        rank's latents are gathered, forward after forward, until there are at least K of them
+        (fewer would leave duplicate, dead codes): meanwhile the initial codebook serves; then
+        k-means on them replaces it and the statistics gathered with it are dropped. The pool is
+        gathered, so its size, and every decision here, is the same on every rank."""
+        everything = torch.ones_like(self.usage.window, dtype=torch.bool)
+        if not self._kmeans_pool:
+            self.write_codes_(everything, distributed.broadcast_(self.embedding.detach().clone()))
+        if self.cfg.init != "kmeans":
+            self.initialized.fill_(True)
+            return
+        self._kmeans_pool.append(distributed.all_gather_cat(latents))
+        pool = torch.cat(self._kmeans_pool)  # (rows so far, d), identical on every rank
+        if pool.shape[0] < self.cfg.codebook_size:
+            return
+        vectors = kmeans(pool, self.cfg.codebook_size, self.cfg.kmeans_iters, spherical=self.cfg.cosine)
+        self.usage.restart_()
+        for buffer in self.window_buffers():
+            buffer.zero_()
+        self.write_codes_(everything, distributed.broadcast_(vectors))
+        self._kmeans_pool = []
         self.initialized.fill_(True)
 
     def has_pending_updates(self) -> bool:
