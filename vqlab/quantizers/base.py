@@ -112,8 +112,9 @@ class Quantizer(nn.Module):
 
     def on_optimizer_step(self) -> None:
         """Apply state updates gathered over the optimizer step's forward passes (EMA codebook
-        statistics, dead-code replacement). The trainer calls it once per optimizer step, after
-        ``optimizer.step()``, on every rank; collectives go here, in the same order on all ranks."""
+        statistics, dead-code replacement). Its driver (the trainer, a user's loop, or the quantizer
+        itself: see the class docstring) calls it once per optimizer step, after ``optimizer.step()``,
+        on every rank; collectives go here, in the same order on all ranks."""
 
     def hooks_driven_by_caller(self) -> Quantizer:
         """Declare that the caller calls ``on_optimizer_step()`` once per optimizer step, so the
@@ -166,8 +167,9 @@ class Quantizer(nn.Module):
             self._warned_self_driven = True
             warnings.warn(
                 f"{type(self).__name__}: on_optimizer_step() was not called after the last training forward, "
-                "so its statistics (EMA codebook, usage counts, dead codes) were never applied. Applying them "
-                "now and from here on at every training forward (auto mode: one update per training forward). "
+                "so the statistics it gathered (EMA codebook, usage counts, dead codes) were not applied. "
+                "Applying them now and from here on at every training forward "
+                "(auto mode: one update per training forward). "
                 "In your own loop call q.on_optimizer_step() after each optimizer.step() and "
                 "q.hooks_driven_by_caller() once; with gradient accumulation you must. "
                 "See README, 'Running your own'.",

@@ -12,10 +12,11 @@ Losses weigh as those of one quantizer over the full width, however the width is
 declares which of its losses are means over its slice's elements (``Quantizer.mean_losses``: the
 MSE commitment and codebook losses); those are divided by ``groups``, so that their sum over the
 groups is the mean over all D channels. The others are sums over a token's channels or codes
-(LFQ's entropies, the Gumbel KL, VQ's entropy) and add up over groups unchanged: a product of
-groups is a quantizer whose soft assignment factorises over them, for which the per-token entropy
-and the KL to the uniform prior are the sums of the groups' (two 4-bit LFQ groups give exactly
-the losses of one 8-bit LFQ with ``group_bits = 4``).
+(LFQ's entropies, the Gumbel KL, VQ's entropy) and add up over groups unchanged: the groups'
+soft assignments multiply into the product's, so its per-token entropy and its KL to the uniform
+prior are exactly the sums of the groups', and the sum of the groups' batch entropies is the
+factorised form that LFQ's ``group_bits`` uses (two 4-bit LFQ groups give exactly the losses of
+one 8-bit LFQ with ``group_bits = 4``).
 """
 
 from __future__ import annotations
