@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from vqlab.codes import codebook_size, digits_to_index, fits_int64, index_to_digits
+from vqlab.codes import codebook_size, digits_to_index, fits_int64, index_to_digits, perplexity
 
 
 def test_digit_zero_is_least_significant():
@@ -45,3 +47,23 @@ def test_refuses_what_it_cannot_pack():
         digits_to_index(torch.zeros(2), (4, 4))
     with pytest.raises(ValueError, match="columns"):
         digits_to_index(torch.zeros(3, dtype=torch.long), (4, 4))
+
+
+def test_perplexity_of_a_histogram():
+    assert perplexity(torch.tensor([5, 0, 5, 0])).item() == pytest.approx(2.0)  # zero counts are ignored
+    assert perplexity(torch.tensor([1, 1, 1, 1])).item() == pytest.approx(4.0)
+    p = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64)
+    assert perplexity(torch.tensor([2, 1, 1])).item() == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    assert math.isnan(perplexity(torch.zeros(3, dtype=torch.long)).item())
+
+
+@pytest.mark.parametrize("digits", [[8, 0], [0, 5], [-1, 0], [3, -2]])
+def test_digits_outside_their_radix_are_an_error(digits):
+    with pytest.raises(RuntimeError, match=r"digits_to_index: a digit is outside \[0, radix\) for radices \(8, 5\)"):
+        digits_to_index(torch.tensor([[1, 1], digits]), (8, 5))
+
+
+@pytest.mark.parametrize("index", [40, -1, 2**40])
+def test_indices_outside_the_codebook_are_an_error(index):
+    with pytest.raises(RuntimeError, match=r"index_to_digits: an index is outside \[0, 40\)"):
+        index_to_digits(torch.tensor([0, index]), (8, 5))

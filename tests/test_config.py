@@ -175,3 +175,16 @@ def test_a_bad_override_value_is_one_line_naming_the_key():
         load("smoke", ["quantizer.levels=[8,5"])
     assert err.value.key == "quantizer.levels"
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan"), "inf", "nan"])
+def test_non_finite_floats_are_config_errors_naming_the_key(value):
+    with pytest.raises(ConfigError, match="finite") as err:
+        load("smoke", {"quantizer.name": "vq", "quantizer.beta": value})
+    assert err.value.key == "quantizer.beta"
+    with pytest.raises(ConfigError, match="finite") as err:
+        vqlab.quantizers.build("vq", beta=value)
+    assert err.value.key == "beta"
+    with pytest.raises(ConfigError, match="finite") as err:
+        load("smoke", ["optim.lr=.inf"])  # YAML's spelling on the command line
+    assert err.value.key == "optim.lr"

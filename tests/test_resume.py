@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vqlab
-from vqlab import checkpoint
+from vqlab import checkpoint, losses
 from vqlab.config import read_source
 from vqlab.errors import ResumeError
 from vqlab.runfolder import RunFolder
@@ -169,10 +169,18 @@ def test_pruning_orders_checkpoints_by_step_beyond_seven_digits(tmp_path):
     assert checkpoint.latest_valid(tmp_path)[1]["step"] == 10_000_001
 
 
-def test_the_non_finite_stop_does_not_promise_a_checkpoint_it_does_not_have(smoke_cfg):
-    cfg = smoke_cfg(**{"optim.lr": 1e30, "optim.warmup_steps": 0, "tracking.run_name": "nan"})
-    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
-        fit(cfg)
+def test_the_non_finite_stop_does_not_promise_a_checkpoint_it_does_not_have(smoke_cfg, monkeypatch):
+    real = losses.reconstruction_losses
+    calls = {"n": 0}
+
+    def poisoned(*args):
+        calls["n"] += 1
+        values = real(*args)
+        return {k: v * float("nan") for k, v in values.items()} if calls["n"] == 3 else values
+
+    monkeypatch.setattr(losses, "reconstruction_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match="at step 3; no checkpoint was written yet"):
+        fit(smoke_cfg(**{"tracking.run_name": "nan"}))
 
 
 def test_gumbel_noise_does_not_depend_on_the_passes_made_before_the_loop(smoke_cfg):

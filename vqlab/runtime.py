@@ -1,8 +1,6 @@
-"""What every training-time component shares about how it runs: seeding, the RNG state a
-checkpoint carries, mixed precision, and the model EMA.
-
-The fp32 island of the quantizers is the other half of the mixed-precision contract
-(docs/architecture.md, "Quantizer").
+"""What models, quantizers and the trainer share about how they run: seeding, the RNG state a
+checkpoint carries, mixed precision (bf16 autocast, and the fp32 island inside it), and the model
+EMA (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -40,6 +38,14 @@ def autocast(device: torch.device, dtype: str):
     if dtype == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+class fp32_island(torch.autocast):
+    """Autocast off for quantization math (distances, rounding, argmin) and other numerically
+    delicate islands such as attention logits: they stay in fp32 inside a bf16 model."""
+
+    def __init__(self, device: torch.device):
+        super().__init__(device_type=device.type, enabled=False)
 
 
 class ModelEMA:

@@ -10,6 +10,7 @@ own config class that way).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -93,12 +94,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         # PyYAML reads "1e-4" (no dot) as a string; accept numeric strings for float fields only.
         if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise ConfigError(key, f"expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {value!r}")
-        return float(value)
+        else:
+            number = float(value)
+        # No option means anything with inf or NaN; "off" is spelled 0 where an option has it.
+        if not math.isfinite(number):
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {value!r}")

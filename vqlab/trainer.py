@@ -218,6 +218,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
     )
     val_loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
     quantizer = quantizers.build(cfg.quantizer)
+    quantizer.hooks_driven_by_caller()  # the loop below calls on_optimizer_step once per optimizer step
     objective = Objective(cfg.loss).to(device)
     metrics = evaluators.build(cfg.eval.metrics, quantizer.radices, device, cfg.eval)
     start = distributed.on_main(lambda: plan_start(cfg, resume, restart))

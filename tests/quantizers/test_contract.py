@@ -1,4 +1,4 @@
-"""The QuantizerOutput contract (DESIGN.md), checked for every registered quantizer."""
+"""The QuantizerOutput contract (README, "Quantizers"), checked for every registered quantizer."""
 
 import pytest
 import torch
@@ -6,21 +6,20 @@ import torch
 import vqlab
 from vqlab.codes import digits_to_index, index_to_digits
 
+from .helpers import tokens
+
 NAMES = vqlab.quantizers.available()
-
-
-def tokens(q, batch=4, n=16, seed=0):
-    return torch.randn(batch, n, q.dim, generator=torch.Generator().manual_seed(seed)) * 1.5
 
 
 @pytest.fixture(params=NAMES)
 def quantizer(request):
     torch.manual_seed(0)
-    return vqlab.quantizers.build(request.param)
+    # the tests compare several forwards of one state: a driver that has not stepped yet
+    return vqlab.quantizers.build(request.param).hooks_driven_by_caller()
 
 
 def test_output_contract(quantizer):
-    z = tokens(quantizer)
+    z = tokens(quantizer, batch=4, n=16)
     out = quantizer(z)
     assert isinstance(out, vqlab.quantizers.QuantizerOutput)
     assert out.z_q.shape == z.shape and out.z_q.dtype == z.dtype
@@ -38,7 +37,7 @@ def test_output_contract(quantizer):
 
 
 def test_gradient_reaches_the_input(quantizer):
-    z = tokens(quantizer).requires_grad_()
+    z = tokens(quantizer, batch=4, n=16).requires_grad_()
     out = quantizer(z)
     (out.z_q.square().sum() + sum(out.losses.values(), torch.tensor(0.0))).backward()
     assert z.grad is not None and z.grad.abs().sum() > 0
@@ -48,7 +47,7 @@ def test_decode_of_encode_is_z_q_in_eval(quantizer):
     if not quantizer.discrete:
         pytest.skip("a continuous quantizer has no codes to decode")
     quantizer.eval()
-    z = tokens(quantizer)
+    z = tokens(quantizer, batch=4, n=16)
     out = quantizer(z)
     assert torch.equal(quantizer.encode(z), out.codes)
     assert torch.equal(quantizer.decode(out.codes), out.z_q)
@@ -58,7 +57,7 @@ def test_decode_of_encode_is_z_q_in_eval(quantizer):
 
 
 def test_bf16_autocast_gives_the_fp32_codes(quantizer):
-    z = tokens(quantizer, seed=3)
+    z = tokens(quantizer, seed=3, batch=4, n=16)
     reference = quantizer(z)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = quantizer(z)
@@ -67,6 +66,29 @@ def test_bf16_autocast_gives_the_fp32_codes(quantizer):
     low = quantizer(z.bfloat16())
     assert low.z_q.dtype == torch.bfloat16
     assert torch.equal(low.codes, quantizer(z.bfloat16().float()).codes)
+
+
+def test_decode_rejects_digits_outside_their_radix(quantizer):
+    if not quantizer.discrete:
+        pytest.skip("a continuous quantizer has no codes to decode")
+    valid = torch.zeros(3, len(quantizer.radices), dtype=torch.long)
+    name = type(quantizer).__name__
+    for column, radix in enumerate(quantizer.radices):
+        for digit in (radix, -1):
+            codes = valid.clone()
+            codes[1, column] = digit
+            with pytest.raises(RuntimeError, match=rf"{name}\.decode: a digit is outside \[0, radix\)"):
+                quantizer.decode(codes)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_tokens_are_an_error_naming_the_quantizer(quantizer, bad):
+    z = tokens(quantizer)
+    z[1, 3, 0] = bad
+    name = type(quantizer).__name__
+    for method, call in [("forward", quantizer.train()), ("forward", quantizer.eval()), ("encode", quantizer.encode)]:
+        with pytest.raises(RuntimeError, match=rf"{name}\.{method}: the input tokens contain NaN or inf"):
+            call(z)
 
 
 def test_rejects_wrong_token_shape(quantizer):

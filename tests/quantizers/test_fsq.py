@@ -82,6 +82,25 @@ def test_straight_through_gradient_is_the_bound_derivative(name):
     torch.testing.assert_close(z.grad, expected)
 
 
+@pytest.mark.parametrize("levels", [(8, 5), (3, 16, 2), (255,)])
+def test_every_level_is_reachable_at_the_largest_allowed_eps(levels):
+    largest = 1 / (2 * (max(levels) - 1))
+    q = vqlab.quantizers.build("fsq", levels=list(levels), eps=largest).eval()
+    z = torch.linspace(-20, 20, 20001)[None, :, None].repeat(1, 1, len(levels))
+    codes = q.encode(z)
+    for d, level in enumerate(levels):
+        assert sorted(codes[0, :, d].unique().tolist()) == list(range(level)), level
+    with pytest.raises(vqlab.schema.ConfigError, match="eps") as err:
+        vqlab.quantizers.build("fsq", levels=list(levels), eps=largest * 1.01)
+    assert err.value.key == "eps"
+
+
+def test_eps_that_hides_outer_levels_is_a_config_error():
+    with pytest.raises(vqlab.schema.ConfigError, match="unreachable") as err:
+        vqlab.quantizers.build("fsq", levels=[8, 5], eps=0.2)  # would reach 6 of the 8 levels
+    assert err.value.key == "eps"
+
+
 def test_bad_levels_are_config_errors():
     with pytest.raises(vqlab.schema.ConfigError, match="levels"):
         vqlab.quantizers.build("fsq", levels=[8, 1])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vqlab
+from vqlab.codes import digits_to_index
 from vqlab.schema import ConfigError
 
 
@@ -50,6 +51,28 @@ def test_digits_in_range_and_every_integer_reachable():
     assert (m.diff() >= 0).all()  # the integer grows with the scalar: digit 0 cycles fastest
 
 
+def reached_integers(q, m: torch.Tensor) -> torch.Tensor:
+    """The integers that inputs aimed at each of ``m`` (and at the fp32 neighbours of each aim) reach."""
+    aims = torch.logit(m.double().clamp(0.25, q.top - 0.25) / q.top).float()  # sigmoid(aim) * (M - 1) ~ m
+    nudged = [aims]
+    for direction in (float("inf"), -float("inf")):
+        step = aims
+        for _ in range(2):  # rounding ties can need the next representable input
+            step = torch.nextafter(step, torch.tensor(direction))
+            nudged.append(step)
+    codes = q.encode(torch.cat(nudged)[None, :, None])  # (1, 5 * len(m), G)
+    return torch.unique(digits_to_index(codes, q.radices))
+
+
+def test_every_integer_is_reachable_at_the_largest_allowed_size():
+    q = build(radices=[2048, 2048], dim=1).eval()  # 2**22, the bound
+    set_first_channel_projection(q)
+    m = q.codebook_size
+    # the sigmoid is coarsest near 1 (fp32 steps of 2**-24): the top of the range, and the bottom
+    for chunk in (torch.arange(m - 2**17, m), torch.arange(2**12)):
+        assert torch.equal(reached_integers(q, chunk), chunk)
+
+
 def test_straight_through_gradient_reaches_the_input():
     q = build(radices=[8, 8], dim=3)
     z = torch.randn(2, 5, 3, requires_grad=True)
@@ -73,7 +96,7 @@ def test_exact_round_trip_in_eval():
 
 def test_bad_options_are_config_errors():
     for options, key in [
-        ({"radices": [4097, 4097]}, "radices"),  # prod > 2**24
+        ({"radices": [2048, 2049]}, "radices"),  # prod > 2**22
         ({"radices": [8, 1]}, "radices"),
         ({"radices": []}, "radices"),
         ({"dim": 0}, "dim"),
@@ -81,7 +104,7 @@ def test_bad_options_are_config_errors():
         with pytest.raises(ConfigError) as err:
             build(**options)
         assert err.value.key == key, options
-    assert build(radices=[4096, 4096], dim=1).codebook_size == 2**24  # the largest exact size is allowed
+    assert build(radices=[2048, 2048], dim=1).codebook_size == 2**22  # the largest size is allowed
 
 
 def test_preset_loads():

@@ -10,15 +10,12 @@ import vqlab
 from vqlab.codes import digits_to_index
 from vqlab.schema import ConfigError
 
-
-def available(name):
-    return pytest.mark.skipif(name not in vqlab.quantizers.available(), reason=f"{name} is not registered yet")
-
+from .helpers import hooks_seen_by_parts, record_part_calls, tokens
 
 BASES = [
     pytest.param({"name": "fsq", "levels": [8, 5]}, id="fsq"),
-    pytest.param({"name": "vq"}, marks=available("vq"), id="vq"),
-    pytest.param({"name": "vq_ema"}, marks=available("vq_ema"), id="vq_ema"),
+    pytest.param({"name": "vq"}, id="vq"),
+    pytest.param({"name": "vq_ema"}, id="vq_ema"),
 ]
 LEARNED_BASES = BASES[1:]
 
@@ -28,23 +25,11 @@ def build(**options):
     return vqlab.quantizers.build("rvq", **options)
 
 
-def tokens(q, seed=0):
-    return torch.randn(2, 8, q.dim, generator=torch.Generator().manual_seed(seed)) * 1.5
-
-
-def record_stage_calls(q):
-    """[(input, output)] of every stage call, in order."""
-    calls = []
-    for stage in q.parts:
-        stage.register_forward_hook(lambda module, args, out: calls.append((args[0], out)))
-    return calls
-
-
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("base", BASES)
 def test_stage_inputs_are_the_scaled_residuals_and_z_q_their_sum(base, shared):
     q = build(depth=3, base=base, shared=shared)
-    calls = record_stage_calls(q)
+    calls = record_part_calls(q)
     z = tokens(q)
     out = q(z)
     assert len(calls) == 3
@@ -61,7 +46,7 @@ def test_stage_inputs_are_the_scaled_residuals_and_z_q_their_sum(base, shared):
 
 @pytest.mark.parametrize("base", LEARNED_BASES)
 def test_each_stage_loss_is_the_base_loss_on_its_own_residual(base):
-    q = build(depth=2, base=base)
+    q = build(depth=2, base=base).hooks_driven_by_caller()
     z = tokens(q)
     q(z)  # let data-dependent initialisation happen before the stages are copied
     references = [copy.deepcopy(q.part(k)) for k in range(2)]
@@ -77,6 +62,44 @@ def test_each_stage_loss_is_the_base_loss_on_its_own_residual(base):
         code = q.part(k).decode(out.codes[..., k : k + 1])
         torch.testing.assert_close(out.losses[f"stage{k}/commitment"], 0.25 * (residual - code).square().mean())
         residual = residual - expected.z_q.detach()
+
+
+STRAIGHT_THROUGH_BASES = [
+    pytest.param({"name": "vq", "codebook_size": 16}, id="vq"),
+    pytest.param({"name": "lfq", "dim": 6, "group_bits": 6}, id="lfq"),
+]
+
+
+@pytest.mark.parametrize(("depth", "dropout"), [(1, 0.0), (2, 0.0), (4, 0.0), (2, 1.0), (4, 1.0)])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("base", STRAIGHT_THROUGH_BASES)
+def test_the_gradient_reaching_z_is_the_identity_at_any_depth(base, shared, depth, dropout):
+    q = build(depth=depth, base=base, shared=shared, quantize_dropout=dropout, dropout_seed=3).hooks_driven_by_caller()
+    upstream = torch.randn(2, 8, q.dim, generator=torch.Generator().manual_seed(1))
+    kept = set()
+    for step in range(8):
+        q.set_step(step, 8)
+        z = tokens(q, seed=step).requires_grad_()
+        out = q(z)
+        (out.z_q * upstream).sum().backward()
+        torch.testing.assert_close(z.grad, upstream, rtol=0, atol=1e-6)
+        kept.add(int(out.stats["active_depth"]))
+    assert len(kept) > 1 if dropout else kept == {depth}
+
+
+def test_only_the_first_stage_losses_reach_z_under_straight_through():
+    base = {"name": "lfq", "dim": 4, "group_bits": 4, "entropy_temperature": 1.0}
+    q = build(depth=3, base=base)
+    z = tokens(q).requires_grad_()
+    out = q(z)
+    for k in range(3):
+        for name in ("entropy", "commitment"):
+            (grad,) = torch.autograd.grad(out.losses[f"stage{k}/{name}"], z, retain_graph=True)
+            if k == 0:  # exactly what one quantizer's loss would give
+                (expected,) = torch.autograd.grad(q.part(0)(z).losses[name], z)
+                torch.testing.assert_close(grad, expected)
+            else:
+                assert grad.abs().max() < 1e-6, (k, name)
 
 
 def fsq5(x: float) -> tuple[float, int]:
@@ -115,7 +138,7 @@ def test_shared_uses_one_module(base):
     assert len(shared.parts) == 1 and all(shared.part(k) is shared.parts[0] for k in range(3))
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     assert count(shared) == count(shared.parts[0]) and count(own) == 3 * count(own.parts[0])
-    calls = record_stage_calls(shared)
+    calls = record_part_calls(shared)
     shared(tokens(shared))
     assert len(calls) == 3
 
@@ -123,12 +146,7 @@ def test_shared_uses_one_module(base):
 @pytest.mark.parametrize("shared", [False, True])
 def test_hooks_reach_every_stage_module_once(shared):
     q = build(depth=3, shared=shared)
-    seen = []
-    for stage in q.parts:
-        stage.set_step = lambda step, total, stage=stage: seen.append(("set_step", id(stage), step, total))
-        stage.on_optimizer_step = lambda stage=stage: seen.append(("on_optimizer_step", id(stage)))
-    q.set_step(5, 10)
-    q.on_optimizer_step()
+    seen = hooks_seen_by_parts(q)
     ids = [id(stage) for stage in q.parts]
     assert seen == [("set_step", i, 5, 10) for i in ids] + [("on_optimizer_step", i) for i in ids]
     assert len(ids) == (1 if shared else 3)
@@ -139,7 +157,7 @@ def test_quantize_dropout_depends_only_on_seed_and_step():
         return build(depth=4, base={"name": "fsq", "levels": [5, 5]}, quantize_dropout=1.0, dropout_seed=7)
 
     a, b = make(), make()
-    calls = record_stage_calls(a)
+    calls = record_part_calls(a)
     z = tokens(a)
     full_codes = a.encode(z)
     depths = []

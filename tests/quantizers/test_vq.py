@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vqlab
+from vqlab.cluster import kmeans
 from vqlab.quantizers.vq import VQConfig
 from vqlab.schema import ConfigError
 
@@ -133,7 +134,7 @@ def test_kmeans_init_finds_the_clusters_once(name):
     generator = torch.Generator().manual_seed(0)
     centers = torch.tensor([[3.0, 3.0], [3.0, -3.0], [-3.0, 3.0], [-3.0, -3.0]])
     z = (centers.repeat(16, 1) + 0.1 * torch.randn(64, 2, generator=generator)).reshape(4, 16, 2)
-    q = vqlab.quantizers.build(name, codebook_size=4, dim=2, init="kmeans")
+    q = vqlab.quantizers.build(name, codebook_size=4, dim=2, init="kmeans").hooks_driven_by_caller()
     before = q.embedding.detach().clone()
     q.eval()
     q(z)
@@ -148,10 +149,29 @@ def test_kmeans_init_finds_the_clusters_once(name):
 
 
 @pytest.mark.parametrize("name", ["vq", "vq_ema"])
+def test_kmeans_init_waits_for_as_many_latents_as_codes(name):
+    q = vqlab.quantizers.build(name, codebook_size=64, dim=3, init="kmeans").hooks_driven_by_caller()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 10, 3, generator=generator) for _ in range(4)]  # 20 tokens each
+    for batch in batches[:3]:
+        q(batch)
+        q.on_optimizer_step()
+        assert not q.initialized  # 20, 40, 60 latents: fewer than 64 codes
+    assert not torch.equal(q.usage.ema, torch.ones(64))  # the initial codebook served meanwhile
+    q(batches[3])
+    assert q.initialized
+    codes = q.embedding.detach()
+    assert torch.unique(codes, dim=0).shape[0] == 64  # no duplicate, dead codes
+    assert torch.equal(codes, kmeans(torch.cat(batches).reshape(-1, 3), 64, q.cfg.kmeans_iters))  # on all 80
+    # what the initial codebook gathered is dropped: only this forward's 20 tokens are in the window
+    assert torch.equal(q.usage.ema, torch.ones(64)) and q.usage.window.sum() == 20
+
+
+@pytest.mark.parametrize("name", ["vq", "vq_ema"])
 def test_accumulated_forwards_equal_one_forward_on_the_whole_window(name):
     torch.manual_seed(4)
     options = {"codebook_size": 16, "dim": 4, "init": "normal"}
-    split = vqlab.quantizers.build(name, **options)
+    split = vqlab.quantizers.build(name, **options).hooks_driven_by_caller()
     whole = copy.deepcopy(split)
     for step in range(2):
         # dyadic values: every sum is exact, so the two orders of summation agree bit for bit

@@ -71,3 +71,28 @@ def test_codes_whose_usage_ema_falls_below_the_threshold_are_reseeded():
     assert q.usage.ema[2] == 1.0  # restarts at the initial count
     torch.testing.assert_close(q.embed_sum[2], q.embedding[2])
     assert q.usage.replaced == 1
+
+
+def test_a_rejected_non_finite_step_leaves_the_codebook_alone():
+    q = ema_quantizer(init="kmeans").hooks_driven_by_caller()
+    z = torch.tensor([[[0.5, 0.5], [-0.5, 1.0], [3.0, 1.0], [0.0, 4.0]]])
+    q(z)
+    q.on_optimizer_step()
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    poisoned = z.clone()
+    poisoned[0, 1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"VQEMA\.forward: the input tokens contain NaN or inf"):
+        q(poisoned)
+    q.on_optimizer_step()  # nothing of the rejected forward was gathered
+    q.eval()
+    for key, value in q.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_kmeans_init_on_non_finite_latents_is_the_quantizer_error():
+    q = vqlab.quantizers.build("vq_ema", codebook_size=4, dim=2, init="kmeans")
+    z = torch.randn(1, 16, 2)
+    z[0, 0, 1] = float("inf")
+    with pytest.raises(RuntimeError, match=r"VQEMA\.forward: the input tokens contain NaN or inf"):
+        q(z)
+    assert not q.initialized

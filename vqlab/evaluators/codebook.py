@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from vqlab import codes as codes_lib
+from vqlab.codes import perplexity
 from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_cat, all_reduce_sum, rank
 from vqlab.evaluators.base import Evaluator, registry
 from vqlab.models import AutoencoderOutput
-from vqlab.quantizers.base import perplexity
 from vqlab.runfolder import RunFolder
 
 # From this many codes on, the histogram is a sparse table of the codes seen and their counts

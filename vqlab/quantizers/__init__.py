@@ -10,10 +10,10 @@ from vqlab.quantizers.base import (
     Quantizer,
     QuantizerConfig,
     QuantizerOutput,
-    fp32_island,
     registry,
     straight_through,
 )
+from vqlab.runtime import fp32_island
 from vqlab.schema import parse
 
 for _module in pkgutil.iter_modules(__path__):

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqlab import distributed
+from vqlab.cluster import kmeans, squared_distances
 from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, straight_through
 from vqlab.schema import require
 
 INITIAL_COUNT = 1.0  # every code starts as if it had been used once per step: no tiny EMA denominators
-KMEANS_CHUNK = 16384  # rows per distance block in k-means, bounding memory to CHUNK x K floats
 INITS = ("uniform", "normal", "kmeans")
 ESTIMATORS = ("ste", "rotation")
 
@@ -41,7 +41,8 @@ class CodebookConfig(QuantizerConfig):
                          to this width for the lookup and back (low-dimensional lookup)
     cosine:              l2-normalise latents and codes before the lookup
     init:                ``uniform`` U(-sqrt(3), sqrt(3)) and ``normal`` N(0, 1) (both unit variance per
-                         channel), or ``kmeans`` on the first training batch, gathered across ranks
+                         channel), or ``kmeans`` on the first training latents of every rank, gathered
+                         over as many forwards as it takes to have at least ``codebook_size`` of them
     dead_code_steps:     re-seed codes unused for this many optimizer steps (0: off)
     dead_code_threshold: re-seed codes whose usage EMA (tokens per optimizer step, summed over ranks)
                          falls below this (0: off)
@@ -83,11 +84,6 @@ class CodebookConfig(QuantizerConfig):
         return self.dead_code_steps > 0 or self.dead_code_threshold > 0
 
 
-def squared_distances(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``(M, d), (K, d) -> (M, K)`` squared Euclidean distances; callers are in the fp32 island."""
-    return x.square().sum(-1, keepdim=True) - 2 * x @ codebook.T + codebook.square().sum(-1)
-
-
 def initial_codebook(size: int, dim: int, init: str) -> torch.Tensor:
     """The codebook before the first training batch; ``kmeans`` replaces it then."""
     if init == "uniform":
@@ -103,35 +99,6 @@ def sample_rows(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     else:
         index = torch.randint(x.shape[0], (n,), generator=generator, device=x.device)
     return x[index]
-
-
-def nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """``(M, d) -> (M,)`` index of the nearest code, in blocks so that M may be large."""
-    return torch.cat([squared_distances(block, codebook).argmin(-1) for block in x.split(KMEANS_CHUNK)])
-
-
-def kmeans(x: torch.Tensor, k: int, iters: int, cosine: bool, seed: int = 0) -> torch.Tensor:
-    """``(M, d) -> (k, d)`` centroids: k-means++ seeding, then ``iters`` Lloyd steps (spherical if
-    ``cosine``). A cluster that empties keeps its previous centroid."""
-    generator = torch.Generator(device=x.device).manual_seed(seed)
-    first = torch.randint(x.shape[0], (1,), generator=generator, device=x.device)
-    centroids = x[first].repeat(k, 1)  # (k, d)
-    closest = squared_distances(x, centroids[:1])[:, 0].clamp_min(0)  # (M,)
-    for i in range(1, k):
-        # When every point already coincides with a centroid, fall back to a uniform draw.
-        weights = closest + (closest.sum() == 0).float()
-        pick = torch.multinomial(weights, 1, generator=generator)
-        centroids[i] = x[pick[0]]
-        closest = torch.minimum(closest, squared_distances(x, centroids[i : i + 1])[:, 0].clamp_min(0))
-    for _ in range(iters):
-        assignment = nearest(x, centroids)  # (M,)
-        counts = torch.bincount(assignment, minlength=k).to(x.dtype)  # (k,)
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, x)  # (k, d)
-        means = sums / counts.clamp_min(1)[:, None]
-        if cosine:
-            means = F.normalize(means, dim=-1)
-        centroids = torch.where(counts[:, None] > 0, means, centroids)
-    return centroids
 
 
 def rotation_surrogate(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -199,6 +166,11 @@ class CodeUsage(nn.Module):
     def accumulate(self, index: torch.Tensor) -> None:
         self.window += torch.bincount(index, minlength=self.window.numel()).to(self.window.dtype)
 
+    def restart_(self) -> None:
+        """Forget the usage history: every code as if new (a codebook replaced as a whole)."""
+        self.ema.fill_(INITIAL_COUNT)
+        self.steps_unused.zero_()
+
     def update_(self) -> None:
         """Fold the (already all-reduced) window into the EMA and the unused-step counters."""
         self.ema.mul_(self.decay).add_(self.window, alpha=1 - self.decay)
@@ -245,6 +217,12 @@ class CodebookQuantizer(Quantizer):
         self.usage = CodeUsage(cfg.codebook_size, usage_decay)
         self.register_buffer("initialized", torch.tensor(False))
         self._latest: torch.Tensor | None = None  # this rank's last training latents: re-seeding candidates
+        self._pending = False  # a training forward filled the window since the last on_optimizer_step
+        if cfg.init == "kmeans":
+            # Every rank's latents gathered for k-means so far: buffers, so that a run resumed while
+            # it is still gathering initialises as the uninterrupted run does (K x d floats).
+            self.register_buffer("kmeans_pool", torch.zeros(cfg.codebook_size, cfg.lookup_dim))
+            self.register_buffer("kmeans_pool_rows", torch.zeros((), dtype=torch.int64))
 
     # --- subclass interface ----------------------------------------------------------------------
     def codebook_losses(
@@ -282,6 +260,7 @@ class CodebookQuantizer(Quantizer):
         index = distances.detach().argmin(-1)  # (B*N,)
         quantized = codebook[index].reshape(latents.shape)  # (B, N, d)
         if self.training:
+            self._pending = True
             self.usage.accumulate(index)
             self.accumulate(flat.detach(), index)
             if self.cfg.replaces_dead_codes:
@@ -311,17 +290,35 @@ class CodebookQuantizer(Quantizer):
     # --- state updates ---------------------------------------------------------------------------
     @torch.no_grad()
     def _initialize_(self, latents: torch.Tensor) -> None:
-        """First training forward: k-means on every rank's latents if asked, then rank 0's codebook
-        everywhere, so that ranks agree even when they were seeded differently."""
-        if self.cfg.init == "kmeans":
-            vectors = kmeans(
-                distributed.all_gather_cat(latents), self.cfg.codebook_size, self.cfg.kmeans_iters, self.cfg.cosine
-            )
-        else:
-            vectors = self.embedding.detach().clone()
-        distributed.broadcast_(vectors)
-        self.write_codes_(torch.ones_like(self.usage.window, dtype=torch.bool), vectors)
+        """Training forwards until initialised. The first makes rank 0's initial codebook everyone's,
+        so that ranks agree even when they were seeded differently. With ``kmeans`` init, every
+        rank's latents are gathered, forward after forward, until there are at least K of them
+        (fewer would leave duplicate, dead codes): meanwhile the initial codebook serves; then
+        k-means on them replaces it and the statistics gathered with it are dropped. The pool is
+        gathered, so its size, and every decision here, is the same on every rank."""
+        everything = torch.ones_like(self.usage.window, dtype=torch.bool)
+        if self.cfg.init != "kmeans" or int(self.kmeans_pool_rows) == 0:
+            self.write_codes_(everything, distributed.broadcast_(self.embedding.detach().clone()))
+        if self.cfg.init != "kmeans":
+            self.initialized.fill_(True)
+            return
+        rows = int(self.kmeans_pool_rows)
+        pool = torch.cat([self.kmeans_pool[:rows], distributed.all_gather_cat(latents)])  # identical on every rank
+        if pool.shape[0] < self.cfg.codebook_size:
+            self.kmeans_pool[: pool.shape[0]] = pool
+            self.kmeans_pool_rows.fill_(pool.shape[0])
+            return
+        vectors = kmeans(pool, self.cfg.codebook_size, self.cfg.kmeans_iters, spherical=self.cfg.cosine)
+        self.usage.restart_()
+        for buffer in self.window_buffers():
+            buffer.zero_()
+        self.write_codes_(everything, distributed.broadcast_(vectors))
+        self.kmeans_pool.zero_()
+        self.kmeans_pool_rows.zero_()
         self.initialized.fill_(True)
+
+    def has_pending_updates(self) -> bool:
+        return self._pending
 
     @torch.no_grad()
     def on_optimizer_step(self) -> None:
@@ -337,6 +334,7 @@ class CodebookQuantizer(Quantizer):
         for buffer in windows:
             buffer.zero_()
         self._latest = None
+        self._pending = False
 
     def _replace_dead_codes_(self) -> None:
         """Re-seed dead codes from the latest latents, gathered from every rank and drawn with a

@@ -26,7 +26,9 @@ class Composite(Quantizer):
         from vqlab.quantizers import build  # the package finishes importing after its modules
 
         self.shared = shared
-        self.parts = nn.ModuleList(build(base) for _ in range(1 if shared else count))
+        # The composite's own on_optimizer_step drives its parts (a shared part runs several
+        # times per forward, so it must not drive itself); the composite follows the contract.
+        self.parts = nn.ModuleList(build(base).hooks_driven_by_caller() for _ in range(1 if shared else count))
         first = self.parts[0]
         require(
             codes_lib.fits_int64(first.radices),
@@ -35,6 +37,10 @@ class Composite(Quantizer):
         )
         self.base_radices = tuple(first.radices)
         self.radices = (first.codebook_size,) * count
+
+    def prefixed_mean_losses(self, prefix: str, count: int) -> frozenset[str]:
+        """The part's mean-type loss names under the composite's keys ``{prefix}{k}/<loss>``."""
+        return frozenset(f"{prefix}{k}/{name}" for k in range(count) for name in self.parts[0].mean_losses)
 
     def part(self, k: int) -> Quantizer:
         return self.parts[0 if self.shared else k]
@@ -50,6 +56,9 @@ class Composite(Quantizer):
     def set_step(self, step: int, total_steps: int) -> None:
         for part in self.parts:
             part.set_step(step, total_steps)
+
+    def has_pending_updates(self) -> bool:
+        return any(part.has_pending_updates() for part in self.parts)
 
     def on_optimizer_step(self) -> None:
         # self.parts holds each module once, so a shared one applies its updates once per step

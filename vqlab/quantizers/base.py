@@ -1,8 +1,9 @@
-"""The quantizer contract shared by every method (DESIGN.md, "Quantizer")."""
+"""The quantizer contract shared by every method (docs/architecture.md, "Quantizer")."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from vqlab import codes as codes_lib
 from vqlab.registry import Registry
+from vqlab.runtime import fp32_island
 
 registry = Registry("quantizer")
 
@@ -46,23 +48,6 @@ def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return q.detach() + (x - x.detach())
 
 
-class fp32_island(torch.autocast):
-    """Autocast off for quantization math: distances, rounding and argmin stay in fp32."""
-
-    def __init__(self, device: torch.device):
-        super().__init__(device_type=device.type, enabled=False)
-
-
-def perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of a histogram of code counts, in float64; zero counts are ignored and an
-    empty histogram has no perplexity (NaN)."""
-    counts = counts[counts > 0].double()
-    if counts.numel() == 0:
-        return torch.tensor(math.nan, dtype=torch.float64, device=counts.device)
-    p = counts / counts.sum()
-    return (-(p * p.log()).sum()).exp()
-
-
 def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Perplexity and number of distinct codes among the batch's tokens (detached)."""
     if not radices:
@@ -74,7 +59,7 @@ def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torc
         flat = torch.unique(codes.detach().reshape(-1, codes.shape[-1]), dim=0, return_inverse=True)[1]
     _, counts = torch.unique(flat, return_counts=True)
     return {
-        "perplexity": perplexity(counts).float(),
+        "perplexity": codes_lib.perplexity(counts).float(),
         "distinct_codes": torch.tensor(float(counts.numel()), device=codes.device),
     }
 
@@ -82,11 +67,34 @@ def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torc
 class Quantizer(nn.Module):
     """Base class. Subclasses set ``dim`` and ``radices`` and implement ``quantize``,
     ``encode`` and ``decode`` on fp32 tensors; the base runs them in the fp32 island,
-    checks shapes and adds batch statistics."""
+    checks shapes and finiteness and adds batch statistics.
+
+    Hook contract. State that learns from statistics (EMA codebooks, usage counts, dead-code
+    replacement) is gathered by training forwards and applied by ``on_optimizer_step()``, once
+    per optimizer step after ``optimizer.step()``, on every rank. A driver that calls it (vqlab's
+    trainer, or a user's own loop) declares so once with ``hooks_driven_by_caller()``. Until one
+    does, the quantizer drives itself: a training forward that finds the previous training
+    forwards' statistics still pending applies them first, by calling its own
+    ``on_optimizer_step()``, and warns once. That is one update per training forward: right for
+    a plain loop, wrong with gradient accumulation, whose driver must call the hook itself. The
+    decision depends only on which forwards ran, so under DDP, where every rank runs the same
+    forwards, every rank calls the hook's collectives alike. Subclasses with such state override
+    ``has_pending_updates``.
+    """
 
     dim: int
     radices: tuple[int, ...]
     discrete: bool = True  # False only for the continuous baseline, which has no codes to decode
+    # Names of the losses that are means over the input's elements (the MSE commitment and codebook
+    # losses). The others (entropies, KL) are sums over a token's channels or codes, averaged over
+    # tokens. A product of groups averages the first kind and adds up the second, so that its
+    # losses weigh the same as one quantizer over the full width.
+    mean_losses: frozenset[str] = frozenset()
+
+    def __init__(self):
+        super().__init__()
+        self._hooks_driven_by_caller = False
+        self._warned_self_driven = False
 
     @property
     def codebook_size(self) -> int:
@@ -98,11 +106,25 @@ class Quantizer(nn.Module):
 
     def on_optimizer_step(self) -> None:
         """Apply state updates gathered over the optimizer step's forward passes (EMA codebook
-        statistics, dead-code replacement). The trainer calls it once per optimizer step, after
-        ``optimizer.step()``, on every rank; collectives go here, in the same order on all ranks."""
+        statistics, dead-code replacement). Its driver (the trainer, a user's loop, or the quantizer
+        itself: see the class docstring) calls it once per optimizer step, after ``optimizer.step()``,
+        on every rank; collectives go here, in the same order on all ranks."""
+
+    def hooks_driven_by_caller(self) -> Quantizer:
+        """Declare that the caller calls ``on_optimizer_step()`` once per optimizer step, so the
+        quantizer never applies pending updates on its own (see the class docstring); returns self."""
+        self._hooks_driven_by_caller = True
+        return self
+
+    def has_pending_updates(self) -> bool:
+        """Whether training forwards gathered statistics that ``on_optimizer_step()`` has not applied;
+        a host-side flag, so asking costs no device sync."""
+        return False
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        self._check_tokens(z)
+        self._check_tokens(z, "forward")
+        if self.training and not self._hooks_driven_by_caller and self.has_pending_updates():
+            self._drive_own_hook()
         with fp32_island(z.device):
             out = self.quantize(z.float())  # (B, N, D) fp32 in, fp32 out
         out.z_q = out.z_q.to(z.dtype)
@@ -111,16 +133,17 @@ class Quantizer(nn.Module):
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """``(B, N, D)`` -> ``(B, N, G)`` int64 codes, without losses or state updates."""
-        self._check_tokens(z)
+        self._check_tokens(z, "encode")
         with fp32_island(z.device), torch.no_grad():
             return self.encode_fp32(z.float())
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """``(..., G)`` int64 codes -> ``(..., D)`` fp32 latents (``== z_q`` in eval)."""
+        """``(..., G)`` int64 codes, digits in ``[0, radix)``, -> ``(..., D)`` fp32 latents (``== z_q`` in eval)."""
         if codes.is_floating_point() or codes.shape[-1] != len(self.radices):
             raise ValueError(
                 f"codes must be an integer tensor (..., {len(self.radices)}), got {codes.dtype} {tuple(codes.shape)}"
             )
+        codes_lib.check_digits(codes, self.radices, f"{type(self).__name__}.decode")
         with fp32_island(codes.device):
             return self.decode_fp32(codes.long())
 
@@ -133,6 +156,27 @@ class Quantizer(nn.Module):
     def decode_fp32(self, codes: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _check_tokens(self, z: torch.Tensor) -> None:
+    def _drive_own_hook(self) -> None:
+        if not self._warned_self_driven:
+            self._warned_self_driven = True
+            warnings.warn(
+                f"{type(self).__name__}: on_optimizer_step() was not called after the last training forward, "
+                "so the statistics it gathered (EMA codebook, usage counts, dead codes) were not applied. "
+                "Applying them now and from here on at every training forward "
+                "(auto mode: one update per training forward). "
+                "In your own loop call q.on_optimizer_step() after each optimizer.step() and "
+                "q.hooks_driven_by_caller() once; with gradient accumulation you must. "
+                "See README, 'Running your own'.",
+                UserWarning,
+                stacklevel=3,
+            )
+        self.on_optimizer_step()
+
+    def _check_tokens(self, z: torch.Tensor, method: str) -> None:
         if z.ndim != 3 or z.shape[-1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects tokens (B, N, {self.dim}), got {tuple(z.shape)}")
+        # Before any statistic is gathered: a NaN would otherwise become a code, or poison a codebook.
+        # Asynchronous, so no host-device sync per step: on a GPU it fails at the next sync.
+        torch._assert_async(
+            torch.isfinite(z).all(), f"{type(self).__name__}.{method}: the input tokens contain NaN or inf"
+        )

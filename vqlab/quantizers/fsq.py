@@ -26,7 +26,16 @@ class FSQConfig(QuantizerConfig):
     def __post_init__(self):
         require(len(self.levels) > 0, "levels", "needs at least one level")
         require(all(level >= 2 for level in self.levels), "levels", f"each level must be >= 2, got {self.levels}")
-        require(0.0 <= self.eps < 1.0, "eps", f"must be in [0, 1), got {self.eps}")
+        # eps shrinks the bound by (L - 1) * eps / 2 on each side, eating into the outermost levels'
+        # half-wide rounding intervals; at 1 / (L - 1) they vanish. Capping it at half of that
+        # leaves them at least half their width at eps = 0, so every level stays reachable.
+        largest = 1 / (2 * (max(self.levels) - 1))
+        require(
+            0.0 <= self.eps <= largest,
+            "eps",
+            f"must be in [0, 1 / (2 (max(levels) - 1))] = [0, {largest:.4g}] for levels {self.levels}, "
+            f"or the outermost levels become unreachable; got {self.eps}",
+        )
 
 
 @registry.register("fsq", FSQConfig)

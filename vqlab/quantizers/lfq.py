@@ -75,6 +75,8 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
 
 @registry.register("lfq", LFQConfig)
 class LFQ(Quantizer):
+    mean_losses = frozenset({"commitment"})
+
     def __init__(self, cfg: LFQConfig):
         super().__init__()
         self.cfg = cfg

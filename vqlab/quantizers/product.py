@@ -8,9 +8,15 @@ each slice is quantized by its own base quantizer (one shared module when ``shar
 outputs are concatenated. Codes are ``(B, N, groups)``: group g's column is the flat index of its
 base digits (the one index helper, ``vqlab.codes``), so ``radices == (base.codebook_size,) * groups``.
 
-Each group's losses are divided by ``groups``: a base loss is a mean over its slice's elements,
-so the sum over groups is then the mean over all D channels, on the same scale as one quantizer
-of the full width and independent of how many groups the width is cut into.
+Losses weigh as those of one quantizer over the full width, however the width is cut. A base
+declares which of its losses are means over its slice's elements (``Quantizer.mean_losses``: the
+MSE commitment and codebook losses); those are divided by ``groups``, so that their sum over the
+groups is the mean over all D channels. The others are sums over a token's channels or codes
+(LFQ's entropies, the Gumbel KL, VQ's entropy) and add up over groups unchanged: the groups'
+soft assignments multiply into the product's, so its per-token entropy and its KL to the uniform
+prior are exactly the sums of the groups', and the sum of the groups' batch entropies is the
+factorised form that LFQ's ``group_bits`` uses (two 4-bit LFQ groups give exactly the losses of
+one 8-bit LFQ with ``group_bits = 4``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ class Product(Composite):
         super().__init__(cfg.base, cfg.groups, cfg.shared)
         self.cfg = cfg
         self.group_dim = self.parts[0].dim
+        # A group's mean loss divided by groups is its share of the mean over every channel.
+        self.mean_losses = self.prefixed_mean_losses("group", cfg.groups)
         self.dim = cfg.groups * self.group_dim
         require(
             cfg.dim in (0, self.dim),
@@ -59,11 +67,16 @@ class Product(Composite):
             out = self.part(g)(chunk)
             parts.append(out.z_q)
             codes.append(self.pack(out.codes))  # (B, N)
-            losses |= {f"group{g}/{name}": value / self.cfg.groups for name, value in out.losses.items()}
+            losses |= {f"group{g}/{name}": self.weigh(name, value) for name, value in out.losses.items()}
             stats |= {f"group{g}/{name}": value for name, value in out.stats.items()}
         return QuantizerOutput(
             z_q=torch.cat(parts, dim=-1), codes=torch.stack(codes, dim=-1), losses=losses, stats=stats
         )
+
+    def weigh(self, name: str, loss: torch.Tensor) -> torch.Tensor:
+        """A group's loss as a term of the full-width one: a per-element mean is averaged over the
+        groups, a sum over channels or codes (entropy, KL) adds up."""
+        return loss / self.cfg.groups if name in self.parts[0].mean_losses else loss
 
     def encode_fp32(self, z: torch.Tensor) -> torch.Tensor:
         chunks = z.split(self.group_dim, dim=-1)

@@ -6,9 +6,24 @@ SoundStream: An End-to-End Neural Audio Codec (Zeghidour et al., 2021), https://
 
 Stage k quantizes the residual ``r_k = z - sum_{j<k} zq_j`` with its own base quantizer (one shared
 module when ``shared``) and ``z_q = sum_k zq_k``. Each stage's losses come from the base quantizer
-called on its own residual, under the keys ``stage{k}/<loss>``. The next residual subtracts the
-*detached* stage output, so every stage's target is fixed and the gradient reaches ``z`` through
-each stage's own estimator (as in SoundStream implementations such as vector-quantize-pytorch).
+called on its own residual, under the keys ``stage{k}/<loss>``.
+
+Gradient. The next residual subtracts the stage output *without* detaching it, as EnCodec does
+(High Fidelity Neural Audio Compression, Défossez et al., 2022, https://arxiv.org/abs/2210.13438,
+and its ``ResidualVectorQuantization``). Then ``z_q = z - r_K`` for the K stages summed, so
+``dz_q/dz = I - dr_K/dz = I - prod_k (I - J_k)`` with ``J_k`` stage k's Jacobian. For a
+straight-through stage (lfq; vq and vq_ema with the ``ste`` estimator, no projection or cosine)
+``J_k = I``, so the gradient reaching ``z`` is exactly the identity, whatever the depth and however
+many stages quantize dropout keeps; detaching the residual instead would give every stage its own
+identity path, depth x I, changing from step to step under dropout.
+
+Losses: each is still its base's loss on its own residual (the values do not depend on the detach). Stage
+0's reach the encoder as a single quantizer's would. Under straight-through a later stage's
+residual is constant to ``z`` (``dr_k/dz = 0``), so its losses do not move the encoder: they train
+that stage's own parameters (a VQ codebook through its codebook loss, projections, Gumbel logits)
+and, back through the residual, the non-straight-through parts of the stages before it; for
+parameter-free straight-through stages (lfq, plain vq_ema) they are reported only. The encoder is
+pulled towards the first stage's code, as in EnCodec, rather than towards every partial sum.
 
 Per-stage scaling (``scaling``): an FSQ stage outputs a grid in [-1, 1] whose step is about
 2 / (L - 1), so its residual is about 1 / (L - 1) wide and would use a sliver of the next grid.
@@ -80,6 +95,7 @@ class RVQ(Composite):
         else:
             scales = torch.ones(cfg.depth, self.dim)
         self.register_buffer("scales", scales, persistent=False)  # (depth, D)
+        self.mean_losses = self.prefixed_mean_losses("stage", cfg.depth)  # each stage's are over all of z
         self._step = 0
 
     def set_step(self, step: int, total_steps: int) -> None:
@@ -105,7 +121,7 @@ class RVQ(Composite):
             stage_q = out.z_q * self.scales[k]  # (B, N, D)
             if k < active:
                 z_q = z_q + stage_q
-            residual = residual - stage_q.detach()
+            residual = residual - stage_q  # not detached: see the module docstring
             codes.append(self.pack(out.codes))  # (B, N)
             losses |= {f"stage{k}/{name}": value for name, value in out.losses.items()}
             stats |= {f"stage{k}/{name}": value for name, value in out.stats.items()}

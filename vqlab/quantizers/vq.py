@@ -55,6 +55,7 @@ def entropy_loss(distances: torch.Tensor, temperature: float) -> torch.Tensor:
 @registry.register("vq", VQConfig)
 class VQ(CodebookQuantizer):
     cfg: VQConfig
+    mean_losses = frozenset({"codebook", "commitment"})
 
     def __init__(self, cfg: VQConfig):
         super().__init__(cfg, usage_decay=cfg.usage_decay)

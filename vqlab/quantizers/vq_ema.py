@@ -45,6 +45,7 @@ class VQEMAConfig(CodebookConfig):
 @registry.register("vq_ema", VQEMAConfig)
 class VQEMA(CodebookQuantizer):
     cfg: VQEMAConfig
+    mean_losses = frozenset({"commitment"})
 
     def __init__(self, cfg: VQEMAConfig):
         # The usage EMA is N_k: it shares the codebook's decay and is reset with it.
