@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 
@@ -39,6 +40,7 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert {"train/l1", "train/lr", "train/grad_norm", "train/perplexity", "train/images_per_s"} <= set(rows[-3])
     assert {"baseline/l1", "baseline/psnr", "model/params"} <= set(rows[0])
     assert rows[0]["model/tokens"] == 16  # 32x32 crops, f8
+    assert rows[0]["model/bits_per_token"] == pytest.approx(math.log2(1000))  # FSQ 8-5-5-5
     png = run_dir / "figures" / "reconstructions.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "checkpoints" / "last").read_text().strip() == "step_0000060.pt"

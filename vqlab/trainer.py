@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import sys
 import time
@@ -274,6 +275,8 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
     else:
         params = sum(p.numel() for p in model.parameters())
         shape = {"model/params": params, "model/tokens": cfg.model.tokens(cfg.data.image_size)}
+        if quantizer.discrete:  # what a comparison across codebook shapes puts on its x axis
+            shape["model/bits_per_token"] = sum(math.log2(r) for r in quantizer.radices)
         logger.log({**shape, **baseline}, step=0)
         initial = evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val")
         logger.log(initial, step=0)
