@@ -162,7 +162,9 @@ def test_evaluate_logs_to_the_runs_mlflow_run(smoke_run, tmp_path, capsys):
     shutil.copytree(result.run_dir, run_dir)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    run_id = client.create_run(client.create_experiment("smoke")).info.run_id
+    run_id = client.create_run(
+        client.create_experiment("smoke", artifact_location=(tmp_path / "art").as_uri())
+    ).info.run_id
     (run_dir / "mlflow_run_id").write_text(run_id + "\n")
     args = ["--run", str(run_dir), "--metrics", "reconstruction,codebook"]
     assert main([*args, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"]) == 0

@@ -106,7 +106,9 @@ def test_a_run_nests_under_a_parent_mlflow_run_with_its_tags(smoke_cfg, tmp_path
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    parent = client.create_run(client.create_experiment("smoke"), run_name="sweep").info.run_id
+    parent = client.create_run(
+        client.create_experiment("smoke", artifact_location=(tmp_path / "art").as_uri()), run_name="sweep"
+    ).info.run_id
     tracking = {"tracking.mlflow": True, "tracking.mlflow_uri": uri, "tracking.parent_run_id": parent}
     cfg = smoke_cfg(
         **tracking, **{"tracking.tags": {"sweep": "s", "variant": "v"}, "train.steps": 2, "optim.warmup_steps": 0}
