@@ -204,6 +204,8 @@ def test_a_sweep_tag_that_matches_no_run_is_a_user_error(store):
     uri, _, _ = store
     with pytest.raises(report.ReportError, match="tagged sweep='other'"):
         report.render(SWEEP, uri, sweep="other")
+    with pytest.raises(report.ReportError, match="quote"):
+        report.render(SWEEP, uri, sweep="it's")
 
 
 @pytest.fixture

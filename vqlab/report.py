@@ -88,6 +88,8 @@ def fetch_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> 
     ``sweep=<sweep>``), newest first, as columns ``run_id``, ``start_time``, ``metrics.<name>``,
     ``params.<key>`` and ``tags.<key>`` (the layout of ``mlflow.search_runs``); ``ReportError``
     when there is no such experiment or no such run."""
+    if sweep and "'" in sweep:
+        raise ReportError(f"sweep name {sweep!r} contains a quote, which an MLflow filter cannot hold")
     mlflow_client = client(tracking_uri)
     found = mlflow_client.get_experiment_by_name(experiment)
     if found is None:
@@ -276,15 +278,15 @@ def render(
     tracking_uri: str | None = None,
     sweep: str | None = None,
     out: str | Path | None = None,
-    root="runs",
+    root: str | Path = "runs",
 ) -> Report:
     """Read the runs, build the table and figures and, with ``out``, write ``table.md``,
-    ``table.csv`` and the figures there."""
+    ``table.csv`` and the figures there. ``parent_run_ids``: the parents of the rows' runs."""
     uri = store(tracking_uri, root)
     runs = fetch_runs(experiment, uri, sweep)
     table = comparison(runs)
     made = figures(table, curves(runs, uri))
-    parents = sorted(set(runs.get("tags.mlflow.parentRunId", pd.Series(dtype=object)).dropna()))
+    parents = sorted(set(rows_of(runs).get("tags.mlflow.parentRunId", pd.Series(dtype=object)).dropna()))
     result = Report(table, markdown(table), made, [], parents)
     if out is not None:
         result.files = write(result, Path(out))
