@@ -123,7 +123,7 @@ def grid_points(grid: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         if not isinstance(values, list) or not values:
             raise SweepError(f"grid.{key} must be a non-empty list of values")
     points = []
-    for values in itertools.product(*grid.values()):
+    for values in itertools.product(*grid.values()) if grid else ():
         pairs = dict(zip(grid, values, strict=True))
         label = ",".join(f"{key.rsplit('.', 1)[-1]}={value_label(v)}" for key, v in pairs.items())
         points.append((label, pairs))
