@@ -1,6 +1,7 @@
 """python -m vqlab.sweep: sweep files, validation, shards, MLflow records, failures and reruns."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -201,6 +202,7 @@ def test_submitit_local_jobs_log_to_an_mlflow_server(tmp_path, monkeypatch):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its uvicorn and job-runner children share its process group
     )
     try:
         uri = f"http://127.0.0.1:{port}"
@@ -228,5 +230,5 @@ def test_submitit_local_jobs_log_to_an_mlflow_server(tmp_path, monkeypatch):
         assert runs["b"].data.params["quantizer.levels"] == "[8, 8]"
         assert list((tmp_path / "runs" / "tiny" / "submitit").glob("*_result.pkl"))  # submitit ran them
     finally:
-        server.kill()
+        os.killpg(server.pid, signal.SIGKILL)  # the group the server's PID leads: the server and its children
         server.wait()
