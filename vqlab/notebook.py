@@ -6,8 +6,9 @@ validated ``RunConfig``, ``train`` trains it through ``vqlab.fit`` (the function
 ``python -m vqlab.train``; ``torchrun`` for several processes), ``evaluate`` measures the final
 checkpoint with ``vqlab.evaluate``, and ``vqlab.figures`` draws what the notebook shows.
 
-``execute`` runs the notebook headless with papermill into the run folder (``run.ipynb``) and
-logs it to the run's MLflow run; the sweep driver (``vqlab.sweep``) calls it once per variant.
+``execute`` runs the notebook headless with papermill into a path (a run folder's ``run.ipynb``);
+the sweep driver (``vqlab.sweep``) calls it once per variant and logs the executed notebook to
+the variant's MLflow run.
 Papermill starts the kernel named ``vqlab``, resolved from a kernel spec that ``execute`` writes
 for the running interpreter (``kernel_dir``), so a fresh checkout needs no ``ipykernel install``
 and a kernel of another environment installed under the same name is never picked by mistake.
