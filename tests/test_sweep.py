@@ -1,0 +1,234 @@
+"""python -m vqlab.sweep: sweep files, validation, shards, MLflow records, failures and reruns."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vqlab import quantizers, sweep
+from vqlab.runfolder import RunFolder
+from vqlab.tracking import client
+
+
+def write_sweep(tmp_path, **content):
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"name": "tiny", "base": "smoke", **content}, sort_keys=False))
+    return str(path)
+
+
+def root_override(tmp_path):
+    return {"tracking.root": str(tmp_path / "runs")}
+
+
+def test_variants_are_crossed_with_the_grid_in_file_order(tmp_path):
+    source = write_sweep(
+        tmp_path,
+        variants={"a": {"quantizer.levels": [8, 8]}, "b": {"optim.lr": 1e-3}},
+        grid={"train.dtype": ["fp32", "bf16"], "train.seed": [0, 1]},
+    )
+    loaded = sweep.load(source, extra=root_override(tmp_path))
+    names = [v.name for v in loaded.variants]
+    assert names[:4] == ["a,dtype=fp32,seed=0", "a,dtype=fp32,seed=1", "a,dtype=bf16,seed=0", "a,dtype=bf16,seed=1"]
+    assert len(names) == 8
+    variant = loaded.variants[3]
+    assert (variant.cfg.quantizer.levels, variant.cfg.train.dtype, variant.cfg.train.seed) == ((8, 8), "bf16", 1)
+    assert variant.run.path == tmp_path / "runs" / "tiny" / variant.name
+    assert variant.cfg.tracking.mlflow  # every variant records in MLflow
+
+
+def test_a_scale_chooses_the_base_and_its_own_variant_overrides(tmp_path):
+    source = write_sweep(
+        tmp_path,
+        variants={"a": {"quantizer.levels": [8, 8], "big": {"optim.lr": 5e-4}}},
+        scales={"small": {"train.steps": 7}, "big": {"base": "default"}},
+    )
+    small = sweep.load(source, extra=root_override(tmp_path)).variants[0].cfg
+    big_sweep = sweep.load(source, "big", extra=root_override(tmp_path))
+    big = big_sweep.variants[0].cfg
+    assert (small.train.steps, small.optim.lr, small.model.width) == (7, 2e-3, 32)
+    assert (big.optim.lr, big.model.width, big_sweep.name) == (5e-4, 128, "tiny-big")
+    with pytest.raises(sweep.SweepError, match="no scale 'huge'"):
+        sweep.load(source, "huge")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"variants": {"ok": {}, "typo": {"optim.lrr": 1}}}, "variant typo: optim.lrr"),
+        ({"variants": {"neg": {"train.steps": -1}}}, "variant neg: train.steps"),
+        ({"variants": {"a": {"train.steps": 3}}, "grid": {"train.steps": [1, 2]}}, "both the variant and the grid"),
+        ({"variants": {"a": {"steps": 3}}}, "neither a dotted config key nor a scale"),
+        ({"variants": {"a": {}}, "seeds": 3}, "unknown key 'seeds'"),
+        ({"grid": {"train.seed": []}}, "non-empty list"),
+        ({}, "variants or a grid"),
+    ],
+)
+def test_an_invalid_sweep_stops_before_anything_runs_naming_variant_and_key(tmp_path, capsys, content, message):
+    source = write_sweep(tmp_path, **content)
+    assert sweep.main([source, f"tracking.root={tmp_path / 'runs'}"]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_invalid_key_is_on_the_error(tmp_path):
+    with pytest.raises(sweep.SweepError) as raised:
+        sweep.load(write_sweep(tmp_path, variants={"typo": {"quantizer.levels": "x"}}))
+    assert raised.value.key == "quantizer.levels"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_shards_partition_the_variants_exactly(tmp_path, n):
+    loaded = sweep.load(write_sweep(tmp_path, grid={"train.seed": list(range(7))}), extra=root_override(tmp_path))
+    shards = [sweep.shard(loaded.variants, f"{k}/{n}") for k in range(1, n + 1)]
+    names = [v.name for part in shards for v in part]
+    assert sorted(names) == sorted(v.name for v in loaded.variants)
+    assert len(names) == len(set(names))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.parametrize("spec", ["0/2", "3/2", "1-2", "a/b"])
+def test_a_bad_shard_is_an_error(spec):
+    with pytest.raises(sweep.SweepError, match="--shard"):
+        sweep.shard([], spec)
+
+
+def test_dry_run_lists_variants_and_folders_and_writes_nothing(tmp_path, capsys):
+    source = write_sweep(tmp_path, variants={"a": {}, "b": {"optim.lr": 1e-3}})
+    assert sweep.main([source, "--dry-run", "--shard", "2/2", f"tracking.root={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 variants of tiny" in out
+    assert str(tmp_path / "runs" / "tiny" / "b") in out and "optim.lr=0.001" in out
+    assert "/tiny/a" not in out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("preset", sweep.sweep_presets())
+def test_every_variant_of_every_sweep_preset_is_valid_at_every_scale(preset, tmp_path):
+    data, _ = sweep.read_file(preset)
+    assert set(data["scales"]) == {"photos", "imagenet"}
+    for scale in data["scales"]:
+        loaded = sweep.load(preset, scale, extra=root_override(tmp_path))
+        assert len({v.run.path for v in loaded.variants}) == len(loaded.variants) > 1
+        if scale == "imagenet":  # the upstream recipe
+            for variant in loaded.variants:
+                cfg = variant.cfg
+                assert (cfg.data.image_size, cfg.data.batch_size, cfg.optim.name) == (128, 32, "adam")
+                assert cfg.optim.lr == pytest.approx(1e-4 * cfg.train.grad_accum)
+                assert cfg.optim.warmup_steps == cfg.train.steps // 100
+                assert cfg.optim.schedule == "linear" and cfg.loss.l1 > 0
+
+
+def test_the_quantizer_sweep_has_every_registered_quantizer_at_about_1k_codes(tmp_path):
+    loaded = sweep.load("quantizers", extra=root_override(tmp_path))
+    assert sorted(v.cfg.quantizer.name for v in loaded.variants) == quantizers.available()
+    for variant in loaded.variants:
+        q = quantizers.build(variant.cfg.quantizer)
+        assert not q.discrete or 1000 <= q.codebook_size <= 1024, variant.name
+
+
+def test_the_seed_table_has_every_row_in_fp32_and_bf16(tmp_path):
+    loaded = sweep.load("seed_table", extra=root_override(tmp_path))
+    assert len(loaded.variants) == 16
+    assert {v.cfg.train.dtype for v in loaded.variants} == {"fp32", "bf16"}
+
+
+# --- sweeps that run -----------------------------------------------------------------------------
+def runs_by_variant(mlflow_client, name):
+    experiment = mlflow_client.get_experiment_by_name(name)
+    found = mlflow_client.search_runs([experiment.experiment_id])
+    return {r.data.tags["variant"]: r for r in found if "variant" in r.data.tags}, [
+        r for r in found if r.data.tags.get("sweep_parent") == "true"
+    ]
+
+
+@pytest.mark.slow
+def test_a_failing_variant_is_a_failed_run_the_others_finish_and_a_rerun_retries_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    source = write_sweep(tmp_path, variants={"a": {}, "bad": {"optim.lr": 1e30}, "c": {"quantizer.levels": [8, 8]}})
+    args = [source, "--smoke", f"tracking.root={tmp_path / 'runs'}"]
+    assert sweep.main(args) == 1
+    assert "failed: bad:" in capsys.readouterr().err
+    loaded = sweep.load(source, extra=root_override(tmp_path), smoke=True)
+    mlflow_client = client(loaded.variants[0].cfg.tracking)
+    runs, parents = runs_by_variant(mlflow_client, "tiny")
+    assert {v: r.info.status for v, r in runs.items()} == {"a": "FINISHED", "bad": "FAILED", "c": "FINISHED"}
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    for variant, run in runs.items():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["sweep"] == "tiny" and run.data.tags["variant"] == variant
+        assert run.data.tags["git_commit"]
+        assert "run.ipynb" in [a.path for a in mlflow_client.list_artifacts(run.info.run_id)]
+        assert RunFolder(tmp_path / "runs" / "tiny" / variant).notebook.is_file()
+    bad = runs["bad"]
+    assert "NaN or inf" in bad.data.tags["error"] or "non-finite" in bad.data.tags["error"]
+    error = mlflow_client.download_artifacts(bad.info.run_id, "error.txt", str(tmp_path))
+    text = Path(error).read_text()
+    assert text.startswith("cell ") and bad.data.tags["error"] in text  # the cell, the error, the traceback's tail
+
+    notebooks = {v: (tmp_path / "runs" / "tiny" / v / "run.ipynb").stat().st_mtime_ns for v in runs}
+    assert sweep.main(args) == 1
+    assert "skipping 2 finished variants" in capsys.readouterr().err
+    again, parents_again = runs_by_variant(mlflow_client, "tiny")
+    assert [p.info.run_id for p in parents_again] == [parents[0].info.run_id]  # the same parent run
+    for variant in ("a", "c"):  # untouched
+        assert again[variant].info.run_id == runs[variant].info.run_id
+        assert (tmp_path / "runs" / "tiny" / variant / "run.ipynb").stat().st_mtime_ns == notebooks[variant]
+    assert again["bad"].info.status == "FAILED"
+    assert (tmp_path / "runs" / "tiny" / "bad" / "run.ipynb").stat().st_mtime_ns > notebooks["bad"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_submitit_local_jobs_log_to_an_mlflow_server(tmp_path, monkeypatch):
+    """Two variants, one submitit job each, recording through MLFLOW_TRACKING_URI on a tracking server."""
+    port = free_port()
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    server = subprocess.Popen(
+        [
+            *(mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
+            *("--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"),
+            *("--default-artifact-root", str(tmp_path / "server-artifacts")),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its uvicorn and job-runner children share its process group
+    )
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        from mlflow import MlflowClient
+
+        server_client = MlflowClient(tracking_uri=uri)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                server_client.search_experiments()
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.setenv("MPLBACKEND", "Agg")
+        source = write_sweep(tmp_path, variants={"a": {}, "b": {"quantizer.levels": [8, 8]}})
+        args = [source, "--smoke", "--launcher", "submitit", "--cluster", "local", f"tracking.root={tmp_path / 'runs'}"]
+        assert sweep.main(args) == 0
+        runs, parents = runs_by_variant(server_client, "tiny")
+        assert {v: r.info.status for v, r in runs.items()} == {"a": "FINISHED", "b": "FINISHED"}
+        assert [p.info.status for p in parents] == ["FINISHED"]
+        assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs.values())
+        assert runs["b"].data.params["quantizer.levels"] == "[8, 8]"
+        assert list((tmp_path / "runs" / "tiny" / "submitit").glob("*_result.pkl"))  # submitit ran them
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)  # the group the server's PID leads: the server and its children
+        server.wait()

@@ -1,0 +1,108 @@
+"""Figures of one run, drawn from its folder: loss curves (``metrics.jsonl``) and codebook usage
+(``codebook_histogram.npz``). Drawn on ``matplotlib.figure.Figure`` objects, so they need no
+pyplot state and work under any backend (``MPLBACKEND=Agg`` headless)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from vqlab.codes import perplexity
+from vqlab.config import TrackingConfig
+from vqlab.runfolder import RunFolder
+from vqlab.tracking import existing_run, headline, summary_table
+
+# The loss terms the objective (vqlab.losses) and the quantizers log under train/; the other
+# train/ metrics are statistics (perplexity, distinct codes), rates and resources.
+LOSS_TERMS = ("loss", "l1", "l2", "perceptual", "adversarial", "codebook", "commitment", "entropy", "kl", "disc_loss")
+
+
+def series(run: RunFolder, key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of one metric, in logged order, non-finite values left out."""
+    rows = [(row["step"], row[key]) for row in run.read_metrics() if key in row and math.isfinite(row[key])]
+    return [s for s, _ in rows], [v for _, v in rows]
+
+
+def loss_curves(run: RunFolder) -> Figure:
+    """Training losses (left, log scale) and validation L1 (right) against the step."""
+    logged = {k for row in run.read_metrics() for k in row}
+    names = [f"train/{term}" for term in LOSS_TERMS if f"train/{term}" in logged]
+    if not names:
+        raise ValueError(f"{run.metrics_file} holds no train/ losses yet")
+    figure = Figure(figsize=(10, 3.5), layout="constrained")
+    train_axes, val_axes = figure.subplots(1, 2)
+    for name in names:
+        steps, values = series(run, name)
+        train_axes.plot(steps, values, label=name.removeprefix("train/"))
+    if all(v > 0 for name in names for v in series(run, name)[1]):
+        train_axes.set_yscale("log")
+    train_axes.set(xlabel="step", title="training losses")
+    train_axes.legend(fontsize="small")
+    for prefix in ("val", "val_ema"):
+        steps, values = series(run, f"{prefix}/l1")
+        if steps:
+            val_axes.plot(steps, values, marker="o", label=prefix)
+    val_axes.set(xlabel="step", title="validation L1")
+    if val_axes.lines:
+        val_axes.legend(fontsize="small")
+    figure.suptitle(run.name)
+    return figure
+
+
+def codebook_usage(run: RunFolder, prefix: str = "") -> Figure:
+    """Code frequencies of the final validation, most used first (log scale), with the share of
+    the codebook used and the perplexity; one histogram per digit beside it when codes have
+    several digits."""
+    path = run.histogram(prefix)
+    if not path.is_file():
+        raise FileNotFoundError(f"no code histogram at {path}: the run has not finished its final validation")
+    saved = np.load(path)
+    counts = np.sort(saved["counts"])[::-1]
+    size = math.prod(int(r) for r in saved["radices"])
+    digits = sorted(k for k in saved.files if k.startswith("digit_counts_"))
+    figure = Figure(figsize=(10 if digits else 5, 3.5), layout="constrained")
+    axes = figure.subplots(1, 2 if digits else 1)
+    ranked = axes[0] if digits else axes
+    ranked.plot(np.arange(1, len(counts) + 1), counts / max(counts.sum(), 1))
+    ranked.set(xscale="log", yscale="log", xlabel="code rank", ylabel="frequency")
+    used = len(counts) / size
+    ppl = perplexity(torch.from_numpy(saved["counts"])).item()
+    ranked.set_title(f"{len(counts)} of {size} codes used ({used:.1%}), perplexity {ppl:.1f}")
+    if digits:
+        for key in digits:
+            values = saved[key]
+            axes[1].plot(np.arange(len(values)), values / max(values.sum(), 1), marker=".", label=key.split("_")[-1])
+        axes[1].set(xlabel="digit value", ylabel="frequency", title="per digit")
+        axes[1].legend(title="digit", fontsize="small")
+    figure.suptitle(f"{run.name} {prefix}codebook usage".replace("  ", " "))
+    return figure
+
+
+def metrics_table(run: RunFolder, evaluation: dict[str, float]) -> str:
+    """The headline metrics of the final validation, of an evaluation (``eval/``, ``eval_ema/``
+    keys) and of the trivial codecs, as one aligned table."""
+    recorded = run.last_metrics(("val/", "val_ema/", "baseline"))
+    rows = {
+        "model": headline(recorded, "val"),
+        "model EMA": headline(recorded, "val_ema"),
+        "evaluation": headline(evaluation, "eval"),
+        "evaluation, EMA": headline(evaluation, "eval_ema"),
+        "block mean colour": headline(recorded, "baseline"),
+        "block mean, palette": headline(recorded, "baseline_palette"),
+    }
+    return summary_table({label: values for label, values in rows.items() if values})
+
+
+def publish(figure: Figure, run: RunFolder, name: str, tracking: TrackingConfig) -> Path:
+    """Save ``figure`` as ``figures/<name>`` in the run folder and log it to the run's MLflow run."""
+    path = run.figure(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    mlflow_run = existing_run(tracking, run) if tracking.mlflow else None
+    if mlflow_run is not None:
+        mlflow_run.artifact(path, "figures")
+    return path

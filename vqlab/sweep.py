@@ -1,0 +1,484 @@
+"""``python -m vqlab.sweep <sweep.yaml | preset>``: one executed notebook per variant of a study.
+
+A sweep file is YAML::
+
+    name: quantizers                  # runs/<name>[-<scale>]/<variant>/ and the MLflow experiment
+    base: default                     # a preset or a config file (relative to the sweep file)
+    notebook: notebooks/run.ipynb     # optional; relative to the current folder
+    overrides: {train.steps: 3000}    # optional; every variant
+    variants:                         # a variant's name -> its dotted overrides
+      fsq: {quantizer.name: fsq}
+      lfq: {quantizer.name: lfq}
+    grid:                             # dotted key -> values, crossed (and crossed with the variants)
+      train.dtype: [fp32, bf16]
+      large: {quantizer.name: fsq, imagenet: {optim.lr: 2.0e-4}}   # a scale's own overrides
+    scales:                           # named override sets, chosen with --scale (default: the first);
+      photos: {}                      # a scale's ``base`` replaces the sweep's
+      imagenet: {base: reproduction}
+
+Every variant's config is built and validated before anything runs; an invalid one stops the
+sweep naming the variant and the key. Each variant is one papermill execution of the notebook
+into ``runs/<sweep>/<variant>/run.ipynb`` (``vqlab.notebook.execute``) with ``resume="auto"``
+semantics, nested in MLflow under one parent run of the sweep (tags ``sweep``, ``variant``,
+``git_commit``). A failed variant becomes a FAILED MLflow run holding the failing cell, the error
+and the traceback's tail (``error.txt``); the others go on and the command exits with status 1
+naming the failures. A rerun skips the variants whose MLflow run FINISHED and continues the others
+from their newest checkpoint. ``--shard k/n`` runs every n-th variant (machines sharing one
+``MLFLOW_TRACKING_URI`` share the sweep); ``--launcher submitit`` submits one job per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from vqlab import notebook
+from vqlab.config import RunConfig, TrackingConfig, parse_overrides, parse_yaml
+from vqlab.errors import UserError
+from vqlab.runfolder import RunFolder
+from vqlab.schema import ConfigError
+from vqlab.tracking import MlflowRun, client, experiment_id, mlflow_uri
+
+PRESETS = resources.files("vqlab") / "configs" / "sweeps"
+KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "scales")
+TRACEBACK_LINES = 40  # the tail of a failing cell's traceback kept on its MLflow run
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class SweepError(UserError, ValueError):
+    """A sweep file, or one of its variants, is invalid; ``key`` is the dotted config key when
+    a variant's config is what is wrong."""
+
+    def __init__(self, message: str, key: str = ""):
+        self.key = key
+        super().__init__(message)
+
+
+# --- the sweep file ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    overrides: dict[str, Any]  # every dotted override the notebook receives
+    cfg: RunConfig
+
+    @property
+    def run(self) -> RunFolder:
+        return RunFolder.of(self.cfg)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str  # the experiment: the sweep's name, with the scale when the file names scales
+    base: str  # a preset name or an absolute config path
+    notebook: Path
+    variants: list[Variant] = field(default_factory=list)
+
+
+def sweep_presets() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_file(source: str) -> tuple[dict[str, Any], Path | None]:
+    """A sweep preset's or file's mapping, and the folder a relative ``base`` is read from."""
+    path = Path(source)
+    if source.endswith((".yaml", ".yml")) or path.exists():
+        if not path.is_file():
+            raise SweepError(f"sweep file {source} does not exist")
+        text, folder = path.read_text(), path.resolve().parent
+    else:
+        preset = PRESETS / f"{source}.yaml"
+        if not preset.is_file():
+            raise SweepError(f"unknown sweep {source!r}; presets: {', '.join(sweep_presets())}, or a .yaml file")
+        text, folder = preset.read_text(), None
+    try:
+        data = parse_yaml(text, source)
+    except ConfigError as err:
+        raise SweepError(str(err), err.key) from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{source} must hold a mapping with name, base and variants or grid")
+    return data, folder
+
+
+def mapping(data: dict[str, Any], key: str) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise SweepError(f"{key} must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def grid_points(grid: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``{"train.dtype": ["fp32", "bf16"]}`` -> ``[("dtype=fp32", {...}), ("dtype=bf16", {...})]``."""
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise SweepError(f"grid.{key} must be a non-empty list of values")
+    points = []
+    for values in itertools.product(*grid.values()) if grid else ():
+        pairs = dict(zip(grid, values, strict=True))
+        label = ",".join(f"{key.rsplit('.', 1)[-1]}={value_label(v)}" for key, v in pairs.items())
+        points.append((label, pairs))
+    return points
+
+
+def value_label(value: Any) -> str:
+    return "-".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def variant_overrides(data: dict[str, Any], scale: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """Each variant's own overrides: the named variants crossed with the grid points. A variant's
+    key naming a scale (config keys are dotted, scale names are not) holds overrides of that scale."""
+    named = mapping(data, "variants")
+    scales = mapping(data, "scales")
+    for name, overrides in named.items():
+        if not isinstance(overrides, dict):
+            raise SweepError(f"variant {name}: its overrides must be a mapping of dotted keys")
+        stray = sorted(k for k in overrides if "." not in k and k not in scales)
+        if stray:
+            raise SweepError(f"variant {name}: {stray[0]!r} is neither a dotted config key nor a scale", stray[0])
+    points = grid_points(mapping(data, "grid"))
+    if not named and not points:
+        raise SweepError("a sweep needs variants or a grid")
+    variants = []
+    for (name, given), (label, pairs) in itertools.product(named.items() or [("", {})], points or [("", {})]):
+        own = {k: v for k, v in given.items() if "." in k} | (mapping(given, scale) if scale in given else {})
+        both = sorted(own.keys() & pairs.keys())
+        if both:
+            raise SweepError(f"variant {name}: {', '.join(both)} given by both the variant and the grid", both[0])
+        variants.append((",".join(p for p in (str(name), label) if p), {**own, **pairs}))
+    return variants
+
+
+def load(source: str, scale: str | None = None, extra: dict[str, Any] | None = None, smoke: bool = False) -> Sweep:
+    """Read a sweep and build every variant's config (``extra``: overrides of every variant, last);
+    the first invalid variant is a ``SweepError`` naming it and the key."""
+    data, folder = read_file(source)
+    unknown = sorted(data.keys() - set(KEYS))
+    if unknown:
+        raise SweepError(f"unknown key {unknown[0]!r} in sweep {source}; known: {', '.join(KEYS)}", unknown[0])
+    name = data.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+        raise SweepError(f"sweep {source}: name must be letters, digits, '_', '.' or '-', got {name!r}", "name")
+    scales = mapping(data, "scales")
+    if scale is not None and scale not in scales:
+        raise SweepError(f"sweep {name} has no scale {scale!r}; scales: {', '.join(scales) or 'none'}", "scales")
+    scale = scale or next(iter(scales), None)
+    chosen = dict(mapping(scales, scale) if scale else {})
+    base = chosen.pop("base", data.get("base"))
+    if not isinstance(base, str) or not base:
+        raise SweepError(f"sweep {name}: base must name a preset or a config file", "base")
+    if folder is not None and (folder / base).is_file():
+        base = str(folder / base)
+    experiment = f"{name}-{scale}" if scale else name
+    common = {**mapping(data, "overrides"), **chosen}
+    variants = []
+    for variant, own in variant_overrides(data, scale):
+        overrides = {**common, **own, **(extra or {})}
+        try:
+            cfg = notebook.build_config(base, overrides, experiment, variant, smoke=smoke)
+            overrides |= recorded(cfg.tracking)
+            cfg = notebook.build_config(base, overrides, experiment, variant, smoke=smoke)
+        except ConfigError as err:
+            raise SweepError(f"variant {variant}: {err}", err.key) from None
+        variants.append(Variant(variant, overrides, cfg))
+    return Sweep(experiment, base, Path(data.get("notebook") or notebook.NOTEBOOK), variants)
+
+
+def recorded(tracking: TrackingConfig) -> dict[str, Any]:
+    """Every variant records in MLflow, in the store this process resolves, under an absolute root,
+    so a notebook kernel or a submitit job elsewhere writes where the driver looks."""
+    root = str(Path(tracking.root).resolve())
+    uri = mlflow_uri(replace(tracking, root=root))
+    return {"tracking.root": root, "tracking.mlflow": True, "tracking.mlflow_uri": uri}
+
+
+def check_data(sweep: Sweep) -> None:
+    """The data folders every variant reads exist: a missing one stops the sweep before it runs."""
+    for variant in sweep.variants:
+        data = variant.cfg.data
+        for key, folder in (("data.root", data.root), ("data.val_root", data.val_root)):
+            if folder and data.name == "imagefolder" and not Path(folder).is_dir():
+                raise SweepError(f"variant {variant.name}: {key}: {folder} is not a folder", key)
+
+
+def shard(variants: list[Variant], spec: str | None) -> list[Variant]:
+    """``"k/n"``: every n-th variant from the k-th (1-based), so n shards partition the sweep."""
+    if spec is None:
+        return variants
+    match = re.fullmatch(r"(\d+)/(\d+)", spec)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise SweepError(f"--shard {spec}: give k/n with 1 <= k <= n, e.g. 1/4")
+    k, n = int(match.group(1)), int(match.group(2))
+    return variants[k - 1 :: n]
+
+
+# --- MLflow ------------------------------------------------------------------------------------
+def git_commit() -> str:
+    """The commit of the vqlab checkout that runs (``unknown`` outside a git checkout)."""
+    folder = Path(__file__).resolve().parent
+    found = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else "unknown"
+
+
+class Tracker:
+    """The sweep's MLflow records: its parent run and what is known of each variant."""
+
+    def __init__(self, sweep: Sweep):
+        tracking = sweep.variants[0].cfg.tracking
+        self.tracking = tracking
+        self.client = client(tracking)
+        self.experiment = experiment_id(self.client, tracking)
+        self.sweep = sweep.name
+        self.commit = git_commit()
+
+    def search(self, query: str) -> list:
+        return self.client.search_runs(
+            [self.experiment], f"tags.sweep = '{self.sweep}' and {query}", order_by=["start_time ASC"]
+        )
+
+    def parent(self) -> str:
+        """The sweep's parent run: the oldest one any machine made (so shards that start together
+        end up sharing one), or a new one."""
+        found = self.search("tags.sweep_parent = 'true'")
+        if found:
+            return found[0].info.run_id
+        tags = {"sweep": self.sweep, "sweep_parent": "true", "git_commit": self.commit}
+        made = self.client.create_run(self.experiment, run_name=self.sweep, tags=tags).info.run_id
+        oldest = self.search("tags.sweep_parent = 'true'")[0].info.run_id
+        if oldest != made:
+            self.client.delete_run(made)
+        return oldest
+
+    def finished(self) -> set[str]:
+        """The variants whose MLflow run FINISHED."""
+        return {
+            run.data.tags["variant"]
+            for run in self.search("attributes.status = 'FINISHED'")
+            if "variant" in run.data.tags
+        }
+
+    def tags(self, variant: str) -> dict[str, str]:
+        return {
+            "sweep": self.sweep,
+            "variant": variant,
+            "git_commit": self.commit,
+            "mlflow.source.git.commit": self.commit,
+        }
+
+
+# --- one variant ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Job:
+    """Everything one variant's execution needs, picklable (a submitit job receives it)."""
+
+    variant: Variant
+    base: str
+    notebook: Path
+    parent_run_id: str
+    tags: dict[str, str]
+    nproc: int
+    smoke: bool
+    cwd: Path
+
+
+@dataclass(frozen=True)
+class Outcome:
+    variant: str
+    error: str = ""  # empty: the notebook ran to the end
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+def describe(err: BaseException) -> tuple[str, str]:
+    """A one-line summary and the text kept on the FAILED run: papermill's failing cell, error and
+    the tail of its traceback, or the exception that stopped the execution itself."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(err, PapermillExecutionError):
+        lines = ANSI.sub("", "\n".join(err.traceback)).splitlines()[-TRACEBACK_LINES:]
+        summary = f"{err.ename}: {err.evalue}"
+        text = f"cell {err.cell_index} (In [{err.exec_count}]):\n{err.source}\n\n{summary}\n\n" + "\n".join(lines)
+        return summary, text
+    summary = f"{type(err).__name__}: {err}"
+    return summary, summary
+
+
+def variant_run(job: Job) -> MlflowRun:
+    """The MLflow run recorded in the variant's folder (training makes it), or a new one nested under
+    the sweep when there is none in this store (the execution failed before training started)."""
+    from mlflow.exceptions import MlflowException
+
+    run, tracking = job.variant.run, job.variant.cfg.tracking
+    mlflow_client = client(tracking)
+    run_id = run.mlflow_run_id()
+    if run_id is not None:
+        try:
+            mlflow_client.get_run(run_id)
+            return MlflowRun(mlflow_client, run_id)
+        except MlflowException:
+            pass  # recorded in another store
+    tags = {**job.tags, "vqlab.run_dir": str(run.path), "mlflow.parentRunId": job.parent_run_id}
+    made = mlflow_client.create_run(experiment_id(mlflow_client, tracking), run_name=job.variant.name, tags=tags)
+    run.set_mlflow_run_id(made.info.run_id)
+    return MlflowRun(mlflow_client, made.info.run_id)
+
+
+def run_job(job: Job) -> Outcome:
+    """Execute the notebook for one variant and give its MLflow run the notebook's outcome:
+    FINISHED, or FAILED with the error attached (a run made here if training made none)."""
+    variant, run = job.variant, job.variant.run
+    from mlflow.exceptions import MlflowException
+
+    run.path.mkdir(parents=True, exist_ok=True)
+    overrides = {**variant.overrides, "tracking.tags": job.tags}
+    parameters = {
+        "preset": job.base,
+        "overrides": overrides,
+        "experiment": variant.cfg.tracking.experiment,
+        "run_name": variant.name,
+        "parent_run_id": job.parent_run_id,
+        "nproc": job.nproc,
+        "smoke": job.smoke,
+    }
+    summary = text = ""
+    try:
+        notebook.execute(parameters, run.notebook, job.notebook, job.cwd)
+    except Exception as err:  # any failure of this variant is recorded on its run; the sweep goes on
+        summary, text = describe(err)
+    mlflow_run = variant_run(job)
+    if run.notebook.is_file():
+        mlflow_run.artifact(run.notebook)
+    if summary:
+        mlflow_run.set_tag("error", summary[:5000])
+        mlflow_run.client.log_text(mlflow_run.run_id, text, "error.txt")
+    else:  # a run finished by an earlier attempt whose notebook failed after training
+        with contextlib.suppress(MlflowException):
+            mlflow_run.client.delete_tag(mlflow_run.run_id, "error")
+    mlflow_run.end("FAILED" if summary else "FINISHED")
+    return Outcome(variant.name, summary)
+
+
+# --- launchers -----------------------------------------------------------------------------------
+def run_local(jobs: list[Job], sweep: str) -> list[Outcome]:
+    outcomes = []
+    bar = tqdm(jobs, desc=sweep, unit="variant", dynamic_ncols=True)
+    for job in bar:
+        bar.set_postfix_str(job.variant.name)
+        outcomes.append(run_job(job))
+        failed = sum(not o.ok for o in outcomes)
+        if failed:
+            bar.set_postfix_str(f"{job.variant.name}, {failed} failed")
+    bar.close()
+    return outcomes
+
+
+def run_submitit(
+    jobs: list[Job], sweep: str, folder: Path, cluster: str | None, options: dict[str, Any]
+) -> list[Outcome]:
+    """One submitit job per variant (Slurm through ``AutoExecutor``, or its ``local``/``debug``
+    executors); a variant's ``nproc`` GPUs go to the job, whose notebook runs torchrun over them."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    submitted = []
+    for job in jobs:
+        gpus = 0 if job.variant.cfg.train.device == "cpu" else job.nproc
+        executor.update_parameters(name=f"{sweep}-{job.variant.name}", gpus_per_node=gpus, tasks_per_node=1, **options)
+        submitted.append((job, executor.submit(run_job, job)))
+    outcomes = []
+    bar = tqdm(total=len(submitted), desc=sweep, unit="variant", dynamic_ncols=True)
+    pending = list(submitted)
+    while pending:
+        for job, handle in [p for p in pending if p[1].done()]:
+            pending.remove((job, handle))
+            try:
+                outcomes.append(handle.result())
+            except Exception as err:  # the job itself died (killed, out of time): its variant failed
+                outcomes.append(Outcome(job.variant.name, describe(err)[0]))
+            bar.update()
+        time.sleep(0.5 if pending else 0)
+    bar.close()
+    return outcomes
+
+
+# --- command line --------------------------------------------------------------------------------
+def listing(sweep: Sweep, variants: list[Variant]) -> str:
+    width = max(len(v.name) for v in variants)
+    rows = [f"{len(variants)} of {len(sweep.variants)} variants of {sweep.name} (base {sweep.base}):"]
+    for v in variants:
+        own = " ".join(f"{k}={val}" for k, val in v.overrides.items() if not k.startswith("tracking."))
+        rows.append(f"  {v.name:<{width}}  {v.run.path}  {own}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vqlab.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", help=f"a sweep file or a preset ({', '.join(sweep_presets())})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every variant")
+    parser.add_argument("--scale", help="one of the sweep's scales (default: its first)")
+    parser.add_argument("--dry-run", action="store_true", help="list the variants and their run folders; run nothing")
+    parser.add_argument("--shard", metavar="k/n", help="run every n-th variant from the k-th (1-based)")
+    parser.add_argument("--smoke", action="store_true", help="a few steps per variant, to check the sweep end to end")
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="processes (GPUs) per variant; > 1 trains through torchrun"
+    )
+    parser.add_argument("--launcher", choices=("local", "submitit"), default="local")
+    parser.add_argument("--cluster", help="submitit's cluster: slurm (default where sbatch exists), local or debug")
+    parser.add_argument(
+        "--submitit",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="a submitit parameter (repeatable), e.g. --submitit timeout_min=600 --submitit slurm_partition=gpu",
+    )
+    args = parser.parse_intermixed_args(argv)
+    try:
+        if args.nproc < 1:
+            raise SweepError(f"--nproc must be >= 1, got {args.nproc}")
+        sweep = load(args.sweep, args.scale, parse_overrides(args.overrides), args.smoke)
+        chosen = shard(sweep.variants, args.shard)
+        if args.dry_run:  # reads nothing and writes nothing, MLflow included
+            print(listing(sweep, chosen))
+            return 0
+        check_data(sweep)
+        options = parse_overrides(args.submitit)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    tracker = Tracker(sweep)
+    finished = tracker.finished()
+    todo = [v for v in chosen if v.name not in finished]
+    if len(todo) < len(chosen):
+        print(f"skipping {len(chosen) - len(todo)} finished variants of {sweep.name}", file=sys.stderr)
+    parent = tracker.parent()
+    jobs = [
+        Job(v, sweep.base, sweep.notebook.resolve(), parent, tracker.tags(v.name), args.nproc, args.smoke, Path.cwd())
+        for v in todo
+    ]
+    if args.launcher == "submitit":
+        folder = Path(sweep.variants[0].cfg.tracking.root) / sweep.name / "submitit"
+        outcomes = run_submitit(jobs, sweep.name, folder, args.cluster, options)
+    else:
+        outcomes = run_local(jobs, sweep.name)
+    failures = [o for o in outcomes if not o.ok]
+    tracker.client.set_terminated(parent, status="FAILED" if failures else "FINISHED")
+    done = len(outcomes) - len(failures)
+    print(f"sweep {sweep.name}: {done} finished, {len(failures)} failed; mlflow {mlflow_uri(tracker.tracking)}")
+    for failure in failures:
+        print(f"failed: {failure.variant}: {failure.error}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
