@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# the main job: a small sweep on the photos (one executed notebook per quantizer), then the table from MLflow
 demo: $(STAMP)
-	$(BIN)/python -m vqlab.train --config default
+	$(BIN)/python -m vqlab.sweep demo
+	$(BIN)/python -m vqlab.report demo-photos --notebook
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -4,7 +4,6 @@ One MLflow store per module: a sweep ``S`` (a parent run, three variants of 4 sm
 different codebook budgets) and one run in another experiment that is not a sweep.
 """
 
-import json
 import math
 import os
 import subprocess
@@ -208,34 +207,16 @@ def test_a_sweep_tag_that_matches_no_run_is_a_user_error(store):
         report.render(SWEEP, uri, sweep="it's")
 
 
-@pytest.fixture
-def kernel(tmp_path, monkeypatch):
-    """A ``python3`` kernelspec running this interpreter with this checkout's vqlab, first on
-    ``JUPYTER_PATH``: a fresh machine may have no kernelspec, or one for another Python."""
-    spec = tmp_path / "jupyter" / "kernels" / "python3"
-    spec.mkdir(parents=True)
-    kernel_json = {
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "vqlab test kernel",
-        "language": "python",
-        "env": {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
-    }
-    (spec / "kernel.json").write_text(json.dumps(kernel_json))
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    return "python3"
-
-
-def test_compare_notebook_executes_and_shows_the_table(store, kernel, tmp_path):
+def test_compare_notebook_executes_and_shows_the_table(store, tmp_path, monkeypatch, capsys):
+    """``--notebook`` runs compare.ipynb through the project's kernel (the one the sweeps use)."""
     import nbformat
-    import papermill
 
+    monkeypatch.setenv("MPLBACKEND", "Agg")
     uri, _, _ = store
-    executed = tmp_path / "compare.ipynb"
-    parameters = {"sweep": SWEEP, "tracking_uri": uri, "out": str(tmp_path / "report")}
-    papermill.execute_notebook(
-        ROOT / "notebooks" / "compare.ipynb", executed, parameters=parameters, kernel_name=kernel, progress_bar=False
-    )
+    out = tmp_path / "report"
+    assert report.main([SWEEP, "--sweep", SWEEP, "--tracking-uri", uri, "--out", str(out), "--notebook"]) == 0
+    executed = out / "compare.ipynb"
+    assert f"executed {executed}" in capsys.readouterr().out
     outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
     shown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert shown == [report.render(SWEEP, uri).markdown]

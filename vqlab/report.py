@@ -34,6 +34,7 @@ import pandas as pd
 
 from vqlab.config import TrackingConfig
 from vqlab.errors import UserError
+from vqlab.notebook import execute
 from vqlab.tracking import mlflow_uri
 
 # table column -> the MLflow metric it shows
@@ -64,6 +65,9 @@ BASELINE_METRICS = {"l1": "l1", "psnr": "psnr", "ssim": "ssim"}
 BLOCK_MEAN, PALETTE = "block mean colour", "palette (same code budget)"
 CURVE_KEYS = ("train/l1", "train/loss")  # the first one a run logged is its training curve
 FIGURES = ("l1_vs_bits.png", "usage.png", "curves.png")
+
+
+COMPARE_NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "compare.ipynb"
 
 
 class ReportError(UserError, LookupError):
@@ -322,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--root", default="runs", help="the runs root (default: runs)")
     parser.add_argument("--out", type=Path, help="where the files go (default: <root>/<experiment>/report)")
+    parser.add_argument(
+        "--notebook", action="store_true", help="also execute notebooks/compare.ipynb into <out>/compare.ipynb"
+    )
     args = parser.parse_args(argv)
     out = args.out or Path(args.root) / args.experiment / "report"
     try:
@@ -332,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     log_to_parents(result, store(args.tracking_uri, args.root))
     print(result.markdown)
     print(f"wrote {', '.join(str(path) for path in result.files)}")
+    if args.notebook:
+        executed = out / "compare.ipynb"
+        parameters = {"experiment": args.experiment, "sweep": args.sweep or "", "root": str(args.root)}
+        parameters |= {"tracking_uri": args.tracking_uri or "", "out": str(out)}
+        execute(parameters, executed, notebook=COMPARE_NOTEBOOK)
+        print(f"executed {executed}")
     return 0
 
 
