@@ -10,7 +10,6 @@ validation set); then the run folder (``vqlab.runfolder.RunFolder``) receives ``
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import os
 import sys
@@ -256,10 +255,9 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
         recorded = run.last_metrics(("val/", "val_ema/"))
         return TrainResult(run.path, recorded, run.last_metrics(("baseline",)), start.checkpoint)
 
-    # --- first reads: a batch and the whole validation set, before anything is written ------
+    # --- first reads: every rank's first batches and the whole validation set, before anything is written
     data.check_first_batches(train_loader, val_loader)
     stream = batches(train_loader, *state.position)
-    stream = itertools.chain([next(stream)], stream)
     # one code per token: compare with one palette colour per token-sized block
     budget = quantizer.codebook_size if quantizer.discrete else 2**24
     baseline = block_mean_baseline(val_loader, device, model.downsample, budget)
