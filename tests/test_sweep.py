@@ -57,6 +57,18 @@ def test_a_scale_chooses_the_base_and_its_own_variant_overrides(tmp_path):
         sweep.load(source, "huge")
 
 
+def test_a_scale_may_replace_the_grid(tmp_path):
+    source = write_sweep(
+        tmp_path,
+        variants={"a": {}},
+        grid={"train.dtype": ["fp32", "bf16"]},
+        scales={"cpu": {"grid": {"train.dtype": ["fp32"]}}, "gpu": {}},
+    )
+    cpu = [v.name for v in sweep.load(source, "cpu", extra=root_override(tmp_path)).variants]
+    gpu = [v.name for v in sweep.load(source, "gpu", extra=root_override(tmp_path)).variants]
+    assert (cpu, gpu) == (["a,dtype=fp32"], ["a,dtype=fp32", "a,dtype=bf16"])
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -66,6 +78,7 @@ def test_a_scale_chooses_the_base_and_its_own_variant_overrides(tmp_path):
         ({"variants": {"a": {"steps": 3}}}, "neither a dotted config key nor a scale"),
         ({"variants": {"a": {}}, "seeds": 3}, "unknown key 'seeds'"),
         ({"grid": {"train.seed": []}}, "non-empty list"),
+        ({"variants": {"a": {}}, "scales": {"s": {"grid": [1]}}}, "grid must be a mapping"),
         ({}, "variants or a grid"),
     ],
 )
@@ -132,10 +145,14 @@ def test_the_quantizer_sweep_has_every_registered_quantizer_at_about_1k_codes(tm
         assert not q.discrete or 1000 <= q.codebook_size <= 1024, variant.name
 
 
-def test_the_seed_table_has_every_row_in_fp32_and_bf16(tmp_path):
-    loaded = sweep.load("seed_table", extra=root_override(tmp_path))
-    assert len(loaded.variants) == 16
-    assert {v.cfg.train.dtype for v in loaded.variants} == {"fp32", "bf16"}
+def test_the_seed_table_has_every_row_in_fp32_and_bf16_at_gpu_scale(tmp_path):
+    gpu = sweep.load("seed_table", "imagenet", extra=root_override(tmp_path))
+    assert len(gpu.variants) == 16
+    assert {v.cfg.train.dtype for v in gpu.variants} == {"fp32", "bf16"}
+    cpu = sweep.load("seed_table", "photos", extra=root_override(tmp_path))
+    assert [v.name.removesuffix(",dtype=fp32") for v in cpu.variants] == [
+        v.name.removesuffix(",dtype=fp32") for v in gpu.variants if v.cfg.train.dtype == "fp32"
+    ]
 
 
 # --- sweeps that run -----------------------------------------------------------------------------

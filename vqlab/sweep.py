@@ -13,7 +13,7 @@ A sweep file is YAML::
       train.dtype: [fp32, bf16]
       large: {quantizer.name: fsq, imagenet: {optim.lr: 2.0e-4}}   # a scale's own overrides
     scales:                           # named override sets, chosen with --scale (default: the first);
-      photos: {}                      # a scale's ``base`` replaces the sweep's
+      photos: {grid: {train.dtype: [fp32]}}   # a scale's ``base`` and ``grid`` replace the sweep's
       imagenet: {base: reproduction}
 
 Every variant's config is built and validated before anything runs; an invalid one stops the
@@ -134,7 +134,9 @@ def value_label(value: Any) -> str:
     return "-".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
-def variant_overrides(data: dict[str, Any], scale: str | None) -> list[tuple[str, dict[str, Any]]]:
+def variant_overrides(
+    data: dict[str, Any], scale: str | None, grid: dict[str, Any]
+) -> list[tuple[str, dict[str, Any]]]:
     """Each variant's own overrides: the named variants crossed with the grid points. A variant's
     key naming a scale (config keys are dotted, scale names are not) holds overrides of that scale."""
     named = mapping(data, "variants")
@@ -145,7 +147,7 @@ def variant_overrides(data: dict[str, Any], scale: str | None) -> list[tuple[str
         stray = sorted(k for k in overrides if "." not in k and k not in scales)
         if stray:
             raise SweepError(f"variant {name}: {stray[0]!r} is neither a dotted config key nor a scale", stray[0])
-    points = grid_points(mapping(data, "grid"))
+    points = grid_points(grid)
     if not named and not points:
         raise SweepError("a sweep needs variants or a grid")
     variants = []
@@ -174,6 +176,7 @@ def load(source: str, scale: str | None = None, extra: dict[str, Any] | None = N
     scale = scale or next(iter(scales), None)
     chosen = dict(mapping(scales, scale) if scale else {})
     base = chosen.pop("base", data.get("base"))
+    grid = mapping({"grid": chosen.pop("grid", data.get("grid"))}, "grid")
     if not isinstance(base, str) or not base:
         raise SweepError(f"sweep {name}: base must name a preset or a config file", "base")
     if folder is not None and (folder / base).is_file():
@@ -181,7 +184,7 @@ def load(source: str, scale: str | None = None, extra: dict[str, Any] | None = N
     experiment = f"{name}-{scale}" if scale else name
     common = {**mapping(data, "overrides"), **chosen}
     variants = []
-    for variant, own in variant_overrides(data, scale):
+    for variant, own in variant_overrides(data, scale, grid):
         overrides = {**common, **own, **(extra or {})}
         try:
             cfg = notebook.build_config(base, overrides, experiment, variant, smoke=smoke)
