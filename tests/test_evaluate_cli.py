@@ -13,6 +13,7 @@ import torch
 
 import vqlab
 from vqlab.evaluate import main
+from vqlab.models import build_autoencoder
 from vqlab.trainer import fit
 
 ALL_METRICS = ["reconstruction", "codebook", "swd", "lpips", "fid"]
@@ -107,6 +108,25 @@ def test_metrics_checkpoint_data_and_output_options(smoke_run, tmp_path):
     assert set(record["metrics"]) == {"eval/l1", "eval/mse", "eval/psnr", "eval/ssim"}
     assert record["data"]["val_count"] == 16 and record["missing"] == {}
     assert record["metrics"]["eval/l1"] != pytest.approx(result.metrics["val/l1"])
+
+
+def test_the_train_split_counts_the_codes_of_the_first_training_crops(smoke_run):
+    result, _ = smoke_run
+    assert main(["--run", str(result.run_dir), "--split", "train", "--metrics", "reconstruction,codebook"]) == 0
+    record = read(result.run_dir / "eval_train.json")
+    assert {"eval_train/l1", "eval_train/codebook_usage"} <= set(record["metrics"])
+    run = vqlab.RunFolder(result.run_dir)
+    cfg = run.read_config()
+    quantizer = vqlab.quantizers.build(cfg.quantizer)
+    model = build_autoencoder(cfg.model, quantizer).eval()
+    model.load_state_dict(vqlab.checkpoint.latest_valid(run.checkpoints)[1]["model"])
+    train = vqlab.data.build_datasets(cfg.data, cfg.train.seed).train
+    images = torch.stack([train[i] for i in range(cfg.data.val_count)])
+    with torch.no_grad():
+        codes = model(images).quant.codes  # (B, N, G)
+    distinct = torch.unique(codes.reshape(-1, codes.shape[-1]), dim=0).shape[0]
+    assert record["metrics"]["eval_train/codebook_usage"] == pytest.approx(distinct / quantizer.codebook_size)
+    assert record["metrics"]["eval_train/l1"] != pytest.approx(result.metrics["val/l1"])
 
 
 def test_bad_requests_fail_with_a_message(smoke_run, tmp_path, capsys, torch_home):

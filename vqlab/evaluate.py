@@ -5,8 +5,11 @@
 
 The run's ``config.yaml`` rebuilds the model; the checkpoint is the newest valid one (or
 ``--checkpoint``); the data is the run's validation split unless ``data.*`` overrides name
-another. The evaluators, and the function that runs them, are the ones training-time validation
-uses, so the numbers mean the same. Under ``torchrun`` every rank takes a shard and the metrics
+another. ``--split train`` measures the first ``data.val_count`` crops of the training split
+instead (content the model trained on: with ``codebook`` it tells a dead code from one the held-out
+images do not need), as ``eval_train/<name>`` in ``<run>/eval_train.json``. The evaluators, and
+the function that runs them, are the ones training-time validation uses, so the numbers mean the
+same. Under ``torchrun`` every rank takes a shard and the metrics
 are computed over all of them. Rank 0 writes ``<run>/eval.json`` (metrics as ``eval/<name>``,
 ``eval_ema/<name>`` for the model EMA when the checkpoint has one, and the metrics skipped for
 missing weights with the reason), the code histogram beside it (``eval_codebook_histogram.npz``,
@@ -24,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch.utils.data import Subset
+
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import RunConfig, load, parse_overrides
 from vqlab.errors import MissingFileError, UserError
@@ -32,6 +37,8 @@ from vqlab.models import build_autoencoder
 from vqlab.runfolder import RunFolder
 from vqlab.schema import ConfigError, to_dict
 from vqlab.tracking import log_evaluation
+
+SPLITS = {"val": "eval", "train": "eval_train"}  # split -> metric prefix and file stem
 
 # What may change between training and evaluation; the model must stay the one that was trained.
 OVERRIDABLE = ("data.", "eval.", "train.device", "train.dtype", "tracking.")
@@ -63,14 +70,18 @@ def evaluate_run(
     metrics: list[str] | None = None,
     overrides: list[str] | None = None,
     out: Path | None = None,
+    split: str = "val",
 ) -> EvalResult:
-    """Evaluate one checkpoint of ``run_dir``; see the module docstring."""
+    """Evaluate one checkpoint of ``run_dir`` on its ``val`` or ``train`` split; see the module docstring."""
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     run = RunFolder(run_dir)
     run_dir = run.path
     if not run.has_config():
         raise MissingFileError(f"no run folder ({run.config_file.name}) at {run_dir}")
     cfg = run_config(run_dir, list(overrides or []), metrics)
-    out = Path(out) if out else run.eval_file
+    prefix = SPLITS[split]
+    out = Path(out) if out else (run.eval_file if split == "val" else run.train_eval_file)
     ctx = distributed.setup(cfg.train.device)
     try:
         if checkpoint_path is None:
@@ -84,15 +95,18 @@ def evaluate_run(
         model = build_autoencoder(cfg.model, quantizer).to(ctx.device)
         model.load_state_dict(state["model"])
         splits = data.build_datasets(cfg.data, cfg.train.seed)
-        loader = data.val_loader(splits.val, cfg.data, ctx.rank, ctx.world_size)
+        dataset = (
+            splits.val if split == "val" else Subset(splits.train, range(min(cfg.data.val_count, len(splits.train))))
+        )
+        loader = data.val_loader(dataset, cfg.data, ctx.rank, ctx.world_size)
         suite = evaluators.build(cfg.eval.metrics, quantizer.radices, ctx.device, cfg.eval)
 
-        results = evaluate(model, loader, suite, ctx.device, cfg.train.dtype, "eval")
+        results = evaluate(model, loader, suite, ctx.device, cfg.train.dtype, prefix)
         artifacts = suite.save(out.parent, prefix=f"{out.stem}_")
         if "ema" in state:
             averaged = copy.deepcopy(model)
             averaged.load_state_dict(state["ema"])
-            results |= evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype, "eval_ema")
+            results |= evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype, f"{prefix}_ema")
             artifacts += suite.save(out.parent, prefix=f"{out.stem}_ema_")
         result = EvalResult(path=out, metrics=results, missing=suite.missing, step=int(state["step"]))
         if ctx.main:
@@ -143,7 +157,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME[,NAME...]",
         help=f"evaluators (default: the run's eval.metrics); available: {', '.join(evaluators.registry.names())}",
     )
-    parser.add_argument("--out", type=Path, help="where to write the results (default: <run>/eval.json)")
+    parser.add_argument(
+        "--split",
+        choices=tuple(SPLITS),
+        default="val",
+        help="val (default), or train: the first data.val_count training crops (eval_train/* in eval_train.json)",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="where to write the results (default: <run>/eval.json, eval_train.json for train)"
+    )
     parser.add_argument(
         "overrides",
         nargs="*",
@@ -153,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        result = evaluate_run(args.run, args.checkpoint, args.metrics, args.overrides, args.out)
+        result = evaluate_run(args.run, args.checkpoint, args.metrics, args.overrides, args.out, args.split)
     except UserError as err:  # bad input is one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@
     figures/                    figures shown to people
     <prefix>codebook_histogram.npz   code histograms of the final validation (``ema_`` for the model EMA)
     eval.json                   ``python -m vqlab.evaluate``'s results
+    eval_train.json             the same on training crops (``--split train``)
     run.ipynb                   the executed notebook, when a notebook ran the run
     mlflow_run_id               the run's MLflow run id
 
@@ -77,6 +78,10 @@ class RunFolder:
     @property
     def eval_file(self) -> Path:
         return self.path / "eval.json"
+
+    @property
+    def train_eval_file(self) -> Path:
+        return self.path / "eval_train.json"
 
     @property
     def notebook(self) -> Path:
