@@ -35,6 +35,7 @@ def test_dead_code_replacement_raises_usage(name, tmp_path):
         "quantizer.codebook_size": 256,
         "quantizer.dim": 8,
         "quantizer.init": "normal",
+        "quantizer.dead_code_steps": 0,
     }
     without = fit(vqlab.config.load("smoke", common))
     with_replacement = fit(vqlab.config.load("smoke", {**common, "quantizer.dead_code_steps": 10}))

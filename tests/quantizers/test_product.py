@@ -115,7 +115,9 @@ def all_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_two_vq_groups_weigh_as_one_vq_over_the_product_codebook():
+    # codebooks set by hand below: no k-means init or re-seeding to replace them
     options = {"codebook_size": 4, "dim": 2, "entropy_weight": 0.2, "entropy_temperature": 0.7, "beta": 0.3}
+    options |= {"init": "uniform", "dead_code_steps": 0}
     q = build(groups=2, base={"name": "vq", **options})
     single = vqlab.quantizers.build("vq", **{**options, "codebook_size": 16, "dim": 4})
     first, second = q.part(0).embedding.detach(), q.part(1).embedding.detach()

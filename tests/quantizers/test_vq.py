@@ -10,6 +10,8 @@ from vqlab.cluster import kmeans
 from vqlab.quantizers.vq import VQConfig
 from vqlab.schema import ConfigError
 
+HAND_SET = {"init": "uniform", "dead_code_steps": 0}  # no k-means init or re-seeding to replace the codebook
+
 
 def with_codebook(q, codebook):
     with torch.no_grad():
@@ -18,7 +20,9 @@ def with_codebook(q, codebook):
 
 
 def test_losses_and_nearest_code_by_hand():
-    q = with_codebook(vqlab.quantizers.build("vq", codebook_size=3, dim=2, beta=0.5), [[0, 0], [2, 0], [0, 2]])
+    q = with_codebook(
+        vqlab.quantizers.build("vq", codebook_size=3, dim=2, beta=0.5, **HAND_SET), [[0, 0], [2, 0], [0, 2]]
+    )
     z = torch.tensor([[[0.5, 0.25], [1.5, 0.0], [0.0, 3.0]]], requires_grad=True)
     out = q(z)
     assert out.codes[0, :, 0].tolist() == [0, 1, 2]
@@ -111,7 +115,7 @@ def test_low_dimensional_lookup_shapes_and_round_trip():
 
 def test_dead_codes_are_reseeded_from_batch_latents():
     codebook = [[5.0, 0.0], [-5.0, 0.0]] + [[100.0 + i, 100.0] for i in range(6)]
-    q = with_codebook(vqlab.quantizers.build("vq", codebook_size=8, dim=2, dead_code_steps=2), codebook)
+    q = with_codebook(vqlab.quantizers.build("vq", codebook_size=8, dim=2, init="uniform", dead_code_steps=2), codebook)
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randn(2, 8, 2, generator=generator) + torch.tensor([5.0, 0.0]) * s for s in (1, -1)]
     q(batches[0])

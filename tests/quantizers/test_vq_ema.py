@@ -9,7 +9,8 @@ CODEBOOK = [[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]]
 
 
 def ema_quantizer(**options):
-    q = vqlab.quantizers.build("vq_ema", codebook_size=3, dim=2, **options)
+    # the codebook is set by hand: no k-means init or re-seeding unless the test asks
+    q = vqlab.quantizers.build("vq_ema", codebook_size=3, dim=2, **{"init": "uniform", "dead_code_steps": 0, **options})
     with torch.no_grad():
         q.embedding.copy_(torch.tensor(CODEBOOK))
         q.embed_sum.copy_(q.embedding * q.usage.ema[:, None])

@@ -40,11 +40,14 @@ class LFQConfig(QuantizerConfig):
     name: str = "lfq"
     dim: int = 10  # bits; the implicit codebook has 2^dim codes
     scale: float = 1.0
-    # The reference implementation's defaults (lucidrains/vector-quantize-pytorch, inv_temperature 100).
+    # The reference implementation's weights (lucidrains/vector-quantize-pytorch). Its temperature
+    # 0.01 (inv_temperature 100) saturates every bit's sigmoid once |z| > 0.02, so the entropy terms
+    # lose their gradient: on the photos (sweep ``codebook_usage``) 0.01 used 0.8% of 1024 codes at
+    # val L1 0.100, 0.1 used 39% at 0.079, 1.0 used 25% at 0.082.
     entropy_weight: float = 0.1
     commitment_weight: float = 0.25
     diversity_gamma: float = 1.0
-    entropy_temperature: float = 0.01
+    entropy_temperature: float = 0.1
     # Bits per sub-group of the batch entropy; group_bits >= dim is the exact 2^dim form.
     group_bits: int = 10
 
