@@ -108,9 +108,10 @@ def test_codebook_usage_without_a_histogram_says_why(tmp_path):
 
 
 def test_metrics_table_has_a_row_per_measured_model(tmp_path):
-    table = figures.metrics_table(fake_run(tmp_path), {"eval/l1": 0.25})
+    table = figures.metrics_table(fake_run(tmp_path), {"eval/l1": 0.25, "eval_train/l1": 0.125})
     labels = [line.split("  ")[0].strip() for line in table.splitlines()[1:]]
-    assert labels == ["model", "evaluation", "block mean colour"]
+    assert labels == ["model", "evaluation", "training crops", "block mean colour"]
+    assert "0.1250" in table.splitlines()[3]
 
 
 def test_publish_saves_into_the_run_folder_and_its_mlflow_run(tmp_path):
@@ -149,4 +150,6 @@ def test_papermill_runs_the_notebook_headless_through_torchrun(tmp_path, monkeyp
     for name in ("reconstructions.png", "loss_curves.png", "codebook_usage.png"):
         assert run.figure(name).is_file()
     assert run.eval_file.is_file()
+    on_training_crops = json.loads(run.train_eval_file.read_text())["metrics"]
+    assert set(on_training_crops) >= {"eval_train/l1", "eval_train/codebook_usage"}
     assert run.read_config().train.steps == notebook.SMOKE["train.steps"]

@@ -83,14 +83,16 @@ def codebook_usage(run: RunFolder, prefix: str = "") -> Figure:
 
 
 def metrics_table(run: RunFolder, evaluation: dict[str, float]) -> str:
-    """The headline metrics of the final validation, of an evaluation (``eval/``, ``eval_ema/``
-    keys) and of the trivial codecs, as one aligned table."""
+    """The headline metrics of the final validation, of an evaluation (``eval/``, ``eval_ema/``,
+    and ``eval_train/`` for training crops) and of the trivial codecs, as one aligned table."""
     recorded = run.last_metrics(("val/", "val_ema/", "baseline"))
     rows = {
         "model": headline(recorded, "val"),
         "model EMA": headline(recorded, "val_ema"),
         "evaluation": headline(evaluation, "eval"),
         "evaluation, EMA": headline(evaluation, "eval_ema"),
+        "training crops": headline(evaluation, "eval_train"),
+        "training crops, EMA": headline(evaluation, "eval_train_ema"),
         "block mean colour": headline(recorded, "baseline"),
         "block mean, palette": headline(recorded, "baseline_palette"),
     }

@@ -4,7 +4,8 @@ The notebook's ``parameters`` cell holds primitives (``preset``, ``overrides``, 
 ``run_name``, ``parent_run_id``, ``nproc``, ``smoke``); ``build_config`` turns them into a
 validated ``RunConfig``, ``train`` trains it through ``vqlab.fit`` (the function behind
 ``python -m vqlab.train``; ``torchrun`` for several processes), ``evaluate`` measures the final
-checkpoint with ``vqlab.evaluate``, and ``vqlab.figures`` draws what the notebook shows.
+checkpoint with ``vqlab.evaluate`` on the validation crops and on training crops, and
+``vqlab.figures`` draws what the notebook shows.
 
 ``execute`` runs the notebook headless with papermill into a path (a run folder's ``run.ipynb``);
 the sweep driver (``vqlab.sweep``) calls it once per variant and logs the executed notebook to
@@ -51,6 +52,11 @@ SMOKE = {
     "data.val_batch_size": 64,
     "tracking.progress": False,
 }
+
+
+# On training crops the question is which codes the model can reach, not how it generalises: the
+# weighted metrics (FID, LPIPS) stay with the validation split.
+TRAIN_SPLIT_METRICS = ["reconstruction", "codebook"]
 
 
 class TrainingFailedError(RuntimeError):
@@ -111,12 +117,13 @@ def train(cfg: RunConfig, nproc: int = 1) -> RunFolder:
     return RunFolder.of(cfg)
 
 
-def evaluate(run: RunFolder):
-    """The run's newest checkpoint measured by ``vqlab.evaluate`` (writes ``eval.json``, logs to
-    the run's MLflow run)."""
+def evaluate(run: RunFolder, split: str = "val"):
+    """The run's newest checkpoint measured by ``vqlab.evaluate`` on its ``val`` split (writes
+    ``eval.json``) or on its first training crops (``train``: ``eval_train.json``, the
+    reconstruction and codebook metrics only); logs to the run's MLflow run."""
     from vqlab.evaluate import evaluate_run
 
-    return evaluate_run(run.path)
+    return evaluate_run(run.path, metrics=TRAIN_SPLIT_METRICS if split == "train" else None, split=split)
 
 
 # --- headless execution -------------------------------------------------------------------------

@@ -11,7 +11,8 @@ of that name. Below the runs come the two trivial codecs measured on the same va
 differ (a palette row per code budget).
 
 Columns are the seed study's (name, levels, fid, l1, lpips, codebook usage) and then psnr, ssim,
-perplexity and bits/token, all from the final ``val/*`` metrics. A metric the run did not log
+perplexity and bits/token, all from the final ``val/*`` metrics, and train usage: the codebook
+usage of the final checkpoint on training crops (``eval_train/codebook_usage``). A metric the run did not log
 (``fid`` and ``lpips`` when their weights were absent; bits/token of a continuous quantizer) is
 missing: ``NaN`` in the frame, ``—`` in the table, empty in the CSV; never 0. The markdown rounds
 as ``FORMATS`` says; the CSV keeps every digit MLflow stored.
@@ -47,6 +48,9 @@ METRICS = {
     "ssim": "val/ssim",
     "perplexity": "val/perplexity",
     "bits/token": "model/bits_per_token",
+    # the final checkpoint's usage on training crops (``vqlab.evaluate --split train``, which
+    # run.ipynb runs): tells a dead code from one the held-out validation photos do not need
+    "train usage": "eval_train/codebook_usage",
 }
 COLUMNS = ("name", "levels", *METRICS)
 # decimals shown in the markdown table
@@ -59,6 +63,7 @@ FORMATS = {
     "ssim": 4,
     "perplexity": 1,
     "bits/token": 2,
+    "train usage": 4,
 }
 MISSING = "—"
 BASELINE_METRICS = {"l1": "l1", "psnr": "psnr", "ssim": "ssim"}
