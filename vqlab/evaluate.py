@@ -33,7 +33,7 @@ from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import RunConfig, load, parse_overrides
 from vqlab.errors import MissingFileError, UserError
 from vqlab.evaluators import evaluate
-from vqlab.models import build_autoencoder
+from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.runfolder import RunFolder
 from vqlab.schema import ConfigError, to_dict
 from vqlab.tracking import log_evaluation
@@ -64,6 +64,23 @@ def run_config(run_dir: Path, overrides: list[str], metrics: list[str] | None) -
     return load(to_dict(RunFolder(run_dir).read_config()), pairs)
 
 
+def trained_model(
+    run: RunFolder, cfg: RunConfig, device, checkpoint_path: Path | None = None
+) -> tuple[VQAutoencoder, dict, Path]:
+    """The run's model with the weights of ``checkpoint_path`` (default: its newest valid
+    checkpoint), the checkpoint's state, and its path."""
+    if checkpoint_path is None:
+        found = checkpoint.latest_valid(run.checkpoints, device)
+        if found is None:
+            raise MissingFileError(f"no readable checkpoint in {run.checkpoints}")
+        checkpoint_path, state = found
+    else:
+        state = checkpoint.load(checkpoint_path, device)
+    model = build_autoencoder(cfg.model, quantizers.build(cfg.quantizer)).to(device)
+    model.load_state_dict(state["model"])
+    return model, state, Path(checkpoint_path)
+
+
 def evaluate_run(
     run_dir: Path,
     checkpoint_path: Path | None = None,
@@ -84,16 +101,8 @@ def evaluate_run(
     out = Path(out) if out else (run.eval_file if split == "val" else run.train_eval_file)
     ctx = distributed.setup(cfg.train.device)
     try:
-        if checkpoint_path is None:
-            found = checkpoint.latest_valid(run.checkpoints, ctx.device)
-            if found is None:
-                raise MissingFileError(f"no readable checkpoint in {run.checkpoints}")
-            checkpoint_path, state = found
-        else:
-            state = checkpoint.load(checkpoint_path, ctx.device)
-        quantizer = quantizers.build(cfg.quantizer)
-        model = build_autoencoder(cfg.model, quantizer).to(ctx.device)
-        model.load_state_dict(state["model"])
+        model, state, checkpoint_path = trained_model(run, cfg, ctx.device, checkpoint_path)
+        quantizer = model.quantizer
         splits = data.build_datasets(cfg.data, cfg.train.seed)
         dataset = (
             splits.val if split == "val" else Subset(splits.train, range(min(cfg.data.val_count, len(splits.train))))

@@ -1,0 +1,485 @@
+"""Hierarchical k-means versus radix decomposition: ``python -m analysis.decomposition``.
+
+The seed study asked: "Is the main reason FSQ works hierarchical decomposition? K-means ->
+hierarchical k-means, (n·m, d) -> (n+m, d); map the input to one number in [0, M-1], then radix
+decomposition." This study fits every way of spending a budget of K codes on the same latents and
+measures them on held-out latents of the same source:
+
+- ``flat``: k-means with K centroids (K·d parameters);
+- ``tree``: two-level tree k-means, n parents and m children inside each parent, n·m = K
+  (n + n·m centroids; a child depends on its parent);
+- ``residual``: two-stage residual k-means with a shared second stage, n + m = the note's
+  "(n·m, d) -> (n+m, d)": ``x ≈ c1[a] + c2[b]``;
+- ``product``: k-means over two halves of the dimensions, n and m centroids;
+- ``scalar``: a 1-D k-means (Lloyd-Max) grid per dimension, levels per dimension multiplying to K
+  (a learned, non-uniform FSQ grid);
+- ``uniform_grid``: the same levels evenly spaced over each dimension (FSQ's grid), over the range
+  that fits the training latents best;
+- ``radix``: the radix scheme of the note: project onto the first principal direction, cut the
+  scalar into K equal-mass bins (one number in [0, K-1]), decode a bin as the mean of its training
+  latents, and write the number as digits.
+
+Two-level codes have radices ``(m, n)`` (digit 0 the child or second stage), per the index spec.
+Each scheme reports distortion (MSE per element), usage and entropy of its held-out codes, stored
+parameters, fit and encode seconds, and, for a trained run's latents, the L1 of the run's decoder
+applied to the reconstructed latents. k-means is ``vqlab.cluster.kmeans`` (torch; GPU when the
+latents are there). A budget where a k-means stage would get fewer than ``min_points`` training
+latents per centroid is left out (missing, never 0): those centroids would memorise their points.
+
+Sources: ``gaussian``, ``uniform`` and ``mixture`` (8 Gaussian clusters) synthetic controls, and
+``run:<run folder>``: the pre-quantization latents of a trained autoencoder on its training crops
+(fit) and validation crops (held out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vqlab.cluster import kmeans, nearest
+from vqlab.codes import digits_to_index, index_to_digits
+
+SCHEMES = ("flat", "tree", "residual", "product", "scalar", "uniform_grid", "radix")
+SYNTHETIC = ("gaussian", "uniform", "mixture")
+KMEANS_ITERS = 20
+RANGE_STEPS = torch.linspace(1.0, 0.05, 20).tolist()  # the uniform grid's candidate ranges, as shares of min..max
+
+
+@dataclass
+class Codec:
+    """A fitted scheme: latents ``(M, d)`` -> digits ``(M, G)`` over ``radices`` -> latents."""
+
+    radices: tuple[int, ...]
+    encode: Callable[[torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], torch.Tensor]
+    parameters: int  # floats stored to decode
+
+
+class TooFewPoints(ValueError):
+    """A k-means stage would get fewer than ``min_points`` training latents per centroid."""
+
+
+def split(bits: int) -> tuple[int, int]:
+    """``K = 2^bits`` as ``(n, m)``, n·m = K, n >= m: the parents (or first stage) and children."""
+    return 2 ** math.ceil(bits / 2), 2 ** (bits // 2)
+
+
+def fit_kmeans(x: torch.Tensor, k: int, min_points: int, seed: int = 0) -> torch.Tensor:
+    if x.shape[0] < k * min_points:
+        raise TooFewPoints(f"{k} centroids need {k * min_points} latents, got {x.shape[0]}")
+    return kmeans(x, k, iters=KMEANS_ITERS, seed=seed)
+
+
+def flat(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+    centroids = fit_kmeans(x, 2**bits, min_points)
+    return Codec(
+        radices=(2**bits,),
+        encode=lambda z: nearest(z, centroids)[:, None],
+        decode=lambda digits: centroids[digits[:, 0]],
+        parameters=centroids.numel(),
+    )
+
+
+def tree(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+    n, m = split(bits)
+    if x.shape[0] < n * m * min_points:
+        raise TooFewPoints(f"{n} x {m} children need {n * m * min_points} latents, got {x.shape[0]}")
+    parents = fit_kmeans(x, n, min_points)  # (n, d)
+    assignment = nearest(x, parents)
+    # a parent holding fewer than m latents keeps copies of its centroid: its children cannot be told apart
+    children = torch.stack(
+        [
+            kmeans(x[assignment == p], m, iters=KMEANS_ITERS, seed=p)
+            if (assignment == p).sum() >= m
+            else parents[p].repeat(m, 1)
+            for p in range(n)
+        ]
+    )  # (n, m, d)
+
+    def encode(z: torch.Tensor) -> torch.Tensor:
+        parent = nearest(z, parents)
+        child = torch.empty_like(parent)
+        for p in parent.unique().tolist():
+            chosen = parent == p
+            child[chosen] = nearest(z[chosen], children[p])
+        return torch.stack([child, parent], dim=-1)
+
+    return Codec(
+        radices=(m, n),
+        encode=encode,
+        decode=lambda digits: children[digits[:, 1], digits[:, 0]],
+        parameters=parents.numel() + children.numel(),
+    )
+
+
+def residual(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+    n, m = split(bits)
+    first = fit_kmeans(x, n, min_points)
+    second = fit_kmeans(x - first[nearest(x, first)], m, min_points)
+
+    def encode(z: torch.Tensor) -> torch.Tensor:
+        a = nearest(z, first)
+        return torch.stack([nearest(z - first[a], second), a], dim=-1)
+
+    return Codec(
+        radices=(m, n),
+        encode=encode,
+        decode=lambda digits: first[digits[:, 1]] + second[digits[:, 0]],
+        parameters=first.numel() + second.numel(),
+    )
+
+
+def product(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+    if x.shape[1] < 2:
+        raise TooFewPoints("product quantization needs at least 2 dimensions")
+    n, m = split(bits)
+    half = x.shape[1] // 2
+    left, right = fit_kmeans(x[:, :half], n, min_points), fit_kmeans(x[:, half:], m, min_points)
+    return Codec(
+        radices=(n, m),
+        encode=lambda z: torch.stack([nearest(z[:, :half], left), nearest(z[:, half:], right)], dim=-1),
+        decode=lambda digits: torch.cat([left[digits[:, 0]], right[digits[:, 1]]], dim=-1),
+        parameters=left.numel() + right.numel(),
+    )
+
+
+def levels_per_dim(x: torch.Tensor, bits: int) -> list[int]:
+    """``bits`` shared over the dimensions as evenly as possible, the extra bits to the dimensions
+    of largest variance; a dimension with 0 bits has 1 level (its training mean)."""
+    d = x.shape[1]
+    order = x.var(0).argsort(descending=True).tolist()
+    shares = [bits // d + (1 if rank < bits % d else 0) for rank in range(d)]
+    levels = [0] * d
+    for rank, dim in enumerate(order):
+        levels[dim] = 2 ** shares[rank]
+    return levels
+
+
+def grid_codec(values: list[torch.Tensor]) -> Codec:
+    """Per-dimension value tables -> a codec whose digits are the nearest value of each coded
+    dimension (tables of one value are constants, not digits)."""
+    coded = [i for i, table in enumerate(values) if len(table) > 1]
+
+    def encode(z: torch.Tensor) -> torch.Tensor:
+        return torch.stack([(z[:, i, None] - values[i]).abs().argmin(-1) for i in coded], dim=-1)
+
+    def decode(digits: torch.Tensor) -> torch.Tensor:
+        columns = [table.expand(digits.shape[0]) if len(table) == 1 else None for table in values]
+        for column, i in enumerate(coded):
+            columns[i] = values[i][digits[:, column]]
+        return torch.stack(columns, dim=-1)
+
+    return Codec(
+        radices=tuple(len(values[i]) for i in coded),
+        encode=encode,
+        decode=decode,
+        parameters=sum(len(t) for t in values),
+    )
+
+
+def scalar(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+    values = []
+    for i, count in enumerate(levels_per_dim(x, bits)):
+        column = x[:, i : i + 1]
+        values.append(column.mean(0) if count == 1 else fit_kmeans(column, count, min_points)[:, 0].sort().values)
+    return grid_codec(values)
+
+
+def uniform_grid(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+    """FSQ's grid: ``L`` evenly spaced values per dimension. FSQ's encoder learns where its bounded
+    range sits; here each dimension's range is the best of ``RANGE_STEPS`` shrinkings of its training
+    range (about its centre) on the training MSE, from the full range (min and max are levels) down."""
+    values = []
+    for i, count in enumerate(levels_per_dim(x, bits)):
+        column = x[:, i]
+        if count == 1:
+            values.append(column.mean(0, keepdim=True))
+            continue
+        centre, half = (column.max() + column.min()) / 2, (column.max() - column.min()) / 2
+        grids = [torch.linspace(centre - f * half, centre + f * half, count) for f in RANGE_STEPS]
+        errors = [(column[:, None] - grid).abs().min(-1).values.square().mean() for grid in grids]
+        values.append(grids[int(torch.stack(errors).argmin())])
+    codec = grid_codec(values)
+    codec.parameters = 2 * x.shape[1]  # a range per dimension is all a uniform grid stores
+    return codec
+
+
+def radix(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+    """One number per latent: the first principal coordinate cut into ``K`` equal-mass bins."""
+    k = 2**bits
+    if x.shape[0] < k * min_points:
+        raise TooFewPoints(f"{k} bins need {k * min_points} latents, got {x.shape[0]}")
+    mean = x.mean(0)
+    direction = torch.linalg.svd(x - mean, full_matrices=False).Vh[0]  # (d,)
+    projected = (x - mean) @ direction
+    edges = projected.quantile(torch.linspace(0, 1, k + 1, dtype=x.dtype)[1:-1].to(x.device))  # (k - 1,)
+    index = torch.bucketize(projected, edges)
+    sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, index, x)
+    counts = torch.bincount(index, minlength=k).to(x.dtype)[:, None]
+    # an empty bin (ties in the projection) decodes to the point on the axis at its lower edge
+    fallback = mean + torch.cat([edges[:1], edges])[:, None] * direction
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), fallback)  # (k, d)
+    n, m = split(bits)
+    return Codec(
+        radices=(m, n),
+        encode=lambda z: index_to_digits(torch.bucketize((z - mean) @ direction, edges), (m, n)),
+        decode=lambda digits: means[digits_to_index(digits, (m, n))],
+        parameters=means.numel() + edges.numel() + 2 * x.shape[1],
+    )
+
+
+FIT = {
+    "flat": flat,
+    "tree": tree,
+    "residual": residual,
+    "product": product,
+    "scalar": scalar,
+    "uniform_grid": uniform_grid,
+    "radix": radix,
+}
+
+
+def code_statistics(digits: torch.Tensor, radices: tuple[int, ...]) -> dict[str, float]:
+    """Usage (distinct codes / K) and entropy in bits of the codes' flat-index histogram."""
+    counts = torch.bincount(digits_to_index(digits, radices), minlength=math.prod(radices)).double()
+    p = counts[counts > 0] / counts.sum()
+    return {"usage": (counts > 0).double().mean().item(), "entropy_bits": -(p * p.log2()).sum().item()}
+
+
+def measure(
+    scheme: str,
+    train: torch.Tensor,
+    held_out: torch.Tensor,
+    bits: int,
+    min_points: int = 8,
+    decoded_l1: Callable[[torch.Tensor], float] | None = None,
+) -> dict[str, float | str | int]:
+    """One scheme at one budget: fitted on ``train``, measured on ``held_out``; the metrics of a
+    budget the scheme cannot fit (``TooFewPoints``) are NaN."""
+    row: dict[str, float | str | int] = {"scheme": scheme, "bits": bits}
+    started = time.perf_counter()
+    try:
+        codec = FIT[scheme](train, bits, min_points)
+    except TooFewPoints:
+        return row | {"mse": math.nan, "usage": math.nan, "entropy_bits": math.nan, "parameters": math.nan}
+    fitted = time.perf_counter()
+    digits = codec.encode(held_out)
+    encoded = time.perf_counter()
+    approximation = codec.decode(digits)
+    row |= {"mse": (approximation - held_out).square().mean().item(), **code_statistics(digits, codec.radices)}
+    row |= {"parameters": codec.parameters, "fit_s": fitted - started, "encode_s": encoded - fitted}
+    if decoded_l1 is not None:
+        row["decoded_l1"] = decoded_l1(approximation)
+    return row
+
+
+def synthetic(name: str, count: int, dim: int, seed: int) -> torch.Tensor:
+    """``(count, dim)`` latents of a control: standard Gaussian, uniform on [-1, 1], or a mixture of
+    8 Gaussians (std 0.1) around centres drawn from the standard Gaussian (fixed by ``seed``)."""
+    generator = torch.Generator().manual_seed(seed)
+    if name == "gaussian":
+        return torch.randn(count, dim, generator=generator)
+    if name == "uniform":
+        return torch.rand(count, dim, generator=generator) * 2 - 1
+    if name == "mixture":
+        centres = torch.randn(8, dim, generator=torch.Generator().manual_seed(0))
+        which = torch.randint(8, (count,), generator=generator)
+        return centres[which] + 0.1 * torch.randn(count, dim, generator=generator)
+    raise ValueError(f"unknown synthetic source {name!r}; one of {', '.join(SYNTHETIC)}")
+
+
+def study(
+    train: torch.Tensor,
+    held_out: torch.Tensor,
+    bits: list[int],
+    schemes: tuple[str, ...] = SCHEMES,
+    min_points: int = 8,
+    decoded_l1: Callable[[torch.Tensor], float] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Every scheme at every budget (``measure``), as rows."""
+    from tqdm.auto import tqdm
+
+    pairs = [(scheme, b) for b in bits for scheme in schemes]
+    return [
+        measure(scheme, train, held_out, b, min_points, decoded_l1)
+        for scheme, b in tqdm(pairs, desc="decomposition", disable=not progress)
+    ]
+
+
+# --- latents of a trained run ---------------------------------------------------------------------
+@dataclass
+class RunLatents:
+    train: torch.Tensor  # (M, D) tokens of the training crops, to fit
+    held_out: torch.Tensor  # (M', D) tokens of the validation crops, to measure
+    decoded_l1: Callable[[torch.Tensor], float]  # held-out tokens' approximation -> L1 of the decoded images
+
+
+@torch.no_grad()
+def run_latents(run_dir: str | Path, train_count: int, device: str = "cpu") -> RunLatents:
+    """The pre-quantization latents of a run's newest checkpoint: on its first ``train_count``
+    training crops and on its validation crops, with the decoder that measures an approximation
+    of the validation latents as L1 on [0, 1] images (as ``val/l1``)."""
+    from torch.utils.data import Subset
+
+    from vqlab import data
+    from vqlab.evaluate import trained_model
+    from vqlab.runfolder import RunFolder
+
+    run = RunFolder(Path(run_dir))
+    cfg = run.read_config()
+    model = trained_model(run, cfg, device)[0].eval()
+    splits = data.build_datasets(cfg.data, cfg.train.seed)
+    train_crops = Subset(splits.train, range(min(train_count, len(splits.train))))
+
+    def tokens(dataset) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        images, latents = [], []
+        for batch in data.val_loader(dataset, cfg.data):
+            batch = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
+            z, grid = model.tokens(batch)
+            images.append(batch)
+            latents.append(z.float())
+        return torch.cat(images), torch.cat(latents), grid
+
+    _, train, _ = tokens(train_crops)
+    images, held_out, grid = tokens(splits.val)
+
+    @torch.no_grad()
+    def decoded_l1(approximation: torch.Tensor) -> float:
+        z = approximation.reshape(held_out.shape).to(model.post_quant.weight.dtype)
+        errors = [
+            (model.detokenize(chunk, grid).clamp(-1, 1) - target).abs().mean((1, 2, 3)) / 2
+            for chunk, target in zip(z.split(256), images.split(256), strict=True)
+        ]
+        return torch.cat(errors).mean().item()
+
+    return RunLatents(train.flatten(0, 1), held_out.flatten(0, 1), decoded_l1)
+
+
+# --- figures, MLflow and the command line ---------------------------------------------------------
+def figure(rows: list[dict], title: str):
+    """MSE against bits (log scale) per scheme, and decoded L1 against bits when measured."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    table = pd.DataFrame(rows)
+    panels = ["mse"] + (["decoded_l1"] if "decoded_l1" in table and table["decoded_l1"].notna().any() else [])
+    made = Figure(figsize=(5.5 * len(panels), 4), layout="constrained")
+    for ax, column in zip(made.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
+        for scheme, points in table.dropna(subset=[column]).groupby("scheme", sort=False):
+            ax.plot(
+                points["bits"], points[column], marker="o", label=scheme, linestyle="--" if scheme == "radix" else "-"
+            )
+        ax.set(xlabel="bits per latent (log2 K)", ylabel=column, yscale="log", title=f"held-out {column}")
+        ax.legend(fontsize="small")
+    made.suptitle(title)
+    return made
+
+
+def log_to_mlflow(rows: list[dict], params: dict, files: list[Path], root: Path, source: str) -> str:
+    """One MLflow run of experiment ``decomposition`` per source: ``<metric>/<scheme>`` at step = bits."""
+    from vqlab.config import TrackingConfig
+    from vqlab.tracking import MlflowRun, client, experiment_id
+
+    cfg = TrackingConfig(root=str(root), experiment="decomposition")
+    mlflow_client = client(cfg)
+    created = mlflow_client.create_run(
+        experiment_id(mlflow_client, cfg), run_name=source, tags={"study": "decomposition"}
+    )
+    run = MlflowRun(mlflow_client, created.info.run_id)
+    run.log_params(params)
+    numeric = ("mse", "usage", "entropy_bits", "parameters", "fit_s", "encode_s", "decoded_l1")
+    run.log([{"step": row["bits"], **{f"{k}/{row['scheme']}": row[k] for k in numeric if k in row}} for row in rows])
+    for path in files:
+        run.artifact(path)
+    run.end("FINISHED")
+    return created.info.run_id
+
+
+def markdown(rows: list[dict]) -> str:
+    """Held-out MSE per scheme (rows) and budget (columns); ``—`` where a budget was not fitted."""
+    bits = sorted({row["bits"] for row in rows})
+    schemes = list(dict.fromkeys(row["scheme"] for row in rows))
+    value = {(row["scheme"], row["bits"]): row["mse"] for row in rows}
+    lines = ["| scheme | " + " | ".join(f"{b} bits" for b in bits) + " |", "|---|" + "---|" * len(bits)]
+    for scheme in schemes:
+        cells = [value.get((scheme, b), math.nan) for b in bits]
+        lines.append(f"| {scheme} | " + " | ".join("—" if math.isnan(c) else f"{c:.4g}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def run_source(source: str, args: argparse.Namespace) -> tuple[list[dict], list[Path]]:
+    if source.startswith("run:"):
+        latents = run_latents(source.removeprefix("run:"), args.train_count, args.device)
+        train, held_out, decoded = latents.train, latents.held_out, latents.decoded_l1
+    else:
+        train = synthetic(source, args.train_count, args.dim, seed=1).to(args.device)
+        held_out = synthetic(source, args.held_out_count, args.dim, seed=2).to(args.device)
+        decoded = None
+    rows = study(train, held_out, args.bits, tuple(args.schemes), args.min_points, decoded)
+    slug = Path(source.removeprefix("run:")).name if source.startswith("run:") else source
+    out = args.out / slug
+    out.mkdir(parents=True, exist_ok=True)
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out / "table.csv", index=False)
+    (out / "table.md").write_text(markdown(rows) + "\n")
+    title = f"{source}: {train.shape[0]} fitted, {held_out.shape[0]} held-out latents of dim {train.shape[1]}"
+    figure(rows, title).savefig(out / "distortion.png", dpi=120)
+    return rows, [out / "table.csv", out / "table.md", out / "distortion.png"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.decomposition",
+        description="Hierarchical k-means versus radix decomposition at matched code budgets.",
+    )
+    parser.add_argument("--sources", nargs="+", default=list(SYNTHETIC), help=f"{', '.join(SYNTHETIC)} or run:<folder>")
+    parser.add_argument("--bits", nargs="+", type=int, default=[4, 6, 8, 10, 12, 14, 16])
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
+    parser.add_argument("--dim", type=int, default=4, help="dimension of the synthetic latents")
+    parser.add_argument("--train-count", type=int, default=65536, help="latents fitted (synthetic), crops (runs)")
+    parser.add_argument("--held-out-count", type=int, default=16384, help="held-out synthetic latents")
+    parser.add_argument("--min-points", type=int, default=8, help="training latents per centroid, at least")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--root", type=Path, default=Path("runs"), help="runs root: MLflow store and outputs")
+    parser.add_argument("--out", type=Path, help="default: <root>/decomposition")
+    parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="2 budgets, few latents: seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.bits, args.train_count, args.held_out_count = [4, 6], 1024, 512
+    if any(b < 2 for b in args.bits) or args.dim < 1 or args.train_count < 1 or args.held_out_count < 1:
+        parser.error("--bits must be >= 2; --dim, --train-count and --held-out-count >= 1")
+    unknown = [s for s in args.sources if s not in SYNTHETIC and not s.startswith("run:")]
+    if unknown:
+        parser.error(f"unknown sources {unknown}: use {', '.join(SYNTHETIC)} or run:<folder>")
+    missing = [s for s in args.sources if s.startswith("run:") and not (Path(s[4:]) / "config.yaml").is_file()]
+    if missing:
+        parser.error(f"no run folder (config.yaml) at {', '.join(s[4:] for s in missing)}")
+    args.out = args.out or args.root / "decomposition"
+    for source in args.sources:
+        rows, files = run_source(source, args)
+        print(f"## {source}: held-out MSE\n{markdown(rows)}")
+        if not args.no_mlflow:
+            params = {
+                "source": source,
+                "bits": args.bits,
+                "min_points": args.min_points,
+                "train_count": args.train_count,
+            }
+            run_id = log_to_mlflow(rows, params, files, args.root, source)
+            print(f"MLflow run {run_id} (experiment decomposition)")
+        print(f"wrote {', '.join(str(p) for p in files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""analysis.decomposition: each scheme against a case whose answer is known."""
+
+import math
+
+import pytest
+import torch
+
+from analysis import decomposition
+from vqlab.cluster import inertia
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def exact_grid(levels: list[int], count: int, seed: int = 0) -> torch.Tensor:
+    """Latents whose every dimension takes only the values 0 .. L-1 (scaled by 0.5)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randint(level, (count,), generator=generator) * 0.5 for level in levels], -1).float()
+
+
+def test_latents_on_an_exact_grid_cost_the_grid_schemes_nothing():
+    train, held_out = exact_grid([4, 4, 4], 4096), exact_grid([4, 4, 4], 1024, seed=1)
+    for scheme in ("uniform_grid", "scalar"):
+        row = decomposition.measure(scheme, train, held_out, bits=6)
+        assert row["mse"] == 0.0, scheme
+        assert row["usage"] == 1.0 and row["entropy_bits"] == pytest.approx(6, abs=0.1)  # 1024 samples of 64 codes
+
+
+def test_an_uneven_share_of_bits_goes_to_the_widest_dimensions():
+    x = torch.randn(1000, 3) * torch.tensor([1.0, 5.0, 2.0])
+    assert decomposition.levels_per_dim(x, 5) == [2, 4, 4]
+    assert decomposition.levels_per_dim(x, 2) == [1, 2, 2]
+
+
+def test_a_dimension_without_bits_decodes_to_its_mean_and_is_no_digit():
+    x = torch.randn(4096, 3) * torch.tensor([0.1, 3.0, 2.0]) + 1.0
+    codec = decomposition.uniform_grid(x, bits=2, min_points=8)
+    assert codec.radices == (2, 2)
+    assert torch.allclose(codec.decode(codec.encode(x))[:, 0], x[:, 0].mean().expand(4096))
+
+
+def test_two_level_schemes_store_what_the_note_says():
+    x = torch.randn(8192, 4)
+    n, m = decomposition.split(6)
+    assert (n, m) == (8, 8)
+    assert decomposition.tree(x, 6, 8).parameters == (n + n * m) * 4
+    assert decomposition.residual(x, 6, 8).parameters == (n + m) * 4
+    assert decomposition.flat(x, 6, 8).parameters == n * m * 4
+
+
+@pytest.mark.parametrize("scheme", decomposition.SCHEMES)
+def test_codes_are_digits_within_their_radices_and_decode_to_the_codebook(scheme):
+    x = torch.randn(4096, 4)
+    codec = decomposition.FIT[scheme](x, 6, 8)
+    digits = codec.encode(x[:500])
+    assert digits.dtype == torch.int64 and digits.shape == (500, len(codec.radices))
+    assert math.prod(codec.radices) == 2**6
+    assert ((digits >= 0) & (digits < torch.tensor(codec.radices))).all()
+    decoded = codec.decode(digits)
+    assert decoded.shape == (500, 4)
+    if scheme not in ("tree", "residual"):  # their greedy encoders may pick another parent for a child
+        assert torch.equal(codec.encode(decoded), digits)  # a decoded code is its own nearest code
+
+
+def test_flat_kmeans_is_never_worse_than_the_structured_schemes_on_clusters():
+    """With as many well-separated clusters as codes, flat k-means finds them and scalar grids cannot."""
+    centres = torch.randn(16, 4, generator=torch.Generator().manual_seed(3)) * 4
+    x = centres[torch.randint(16, (8192,))] + 0.01 * torch.randn(8192, 4)
+    rows = {r["scheme"]: r for r in decomposition.study(x[:6144], x[6144:], [4], progress=False)}
+    assert rows["flat"]["mse"] < 0.01
+    assert all(rows["flat"]["mse"] <= rows[s]["mse"] for s in ("scalar", "uniform_grid", "radix", "product"))
+
+
+def test_radix_loses_exactly_the_variance_off_its_axis():
+    """Isotropic Gaussian latents: one number along the first principal axis keeps that axis and
+    nothing of the others, so the MSE tends to (d - 1) / d of the variance."""
+    train = torch.randn(65536, 4, generator=torch.Generator().manual_seed(1))
+    held_out = torch.randn(8192, 4, generator=torch.Generator().manual_seed(2))
+    row = decomposition.measure("radix", train, held_out, bits=8)
+    assert row["mse"] == pytest.approx(0.75, abs=0.03)
+    assert row["usage"] == 1.0 and row["entropy_bits"] == pytest.approx(8, abs=0.1)
+
+
+def test_radix_on_latents_on_a_line_is_as_good_as_a_scalar_grid_of_the_same_budget():
+    t = torch.rand(16384, 1)
+    line = torch.cat([t, 2 * t, -t], dim=-1)
+    row = decomposition.measure("radix", line[:12288], line[12288:], bits=6)
+    assert row["mse"] < 1e-3  # bins of width 1/64 along the line: variance (1/64)^2 / 12 x 6
+
+
+def test_a_budget_with_too_few_latents_per_centroid_is_missing_not_zero():
+    row = decomposition.measure("flat", torch.randn(100, 4), torch.randn(50, 4), bits=6, min_points=8)
+    assert math.isnan(row["mse"]) and math.isnan(row["usage"])
+
+
+def test_flat_is_vqlab_kmeans_whose_objective_matches_scikit_learn():
+    """The study's k-means is vqlab.cluster.kmeans (tests/test_cluster.py checks it against
+    scikit-learn); here: the flat scheme's held-out MSE is that objective per element."""
+    x = torch.randn(2048, 4)
+    codec = decomposition.flat(x, 5, 8)
+    centroids = codec.decode(torch.arange(32)[:, None])
+    row = decomposition.measure("flat", x, x, bits=5)
+    assert row["mse"] == pytest.approx(inertia(x, centroids).item() / x.numel(), rel=1e-4)
+
+
+def test_synthetic_sources_are_seeded_and_unknown_ones_are_errors():
+    assert torch.equal(decomposition.synthetic("mixture", 64, 4, 1), decomposition.synthetic("mixture", 64, 4, 1))
+    assert not torch.equal(decomposition.synthetic("uniform", 64, 4, 1), decomposition.synthetic("uniform", 64, 4, 2))
+    with pytest.raises(ValueError, match="unknown synthetic source"):
+        decomposition.synthetic("laplace", 64, 4, 1)
+
+
+def test_cli_smoke_writes_the_table_and_figure_and_logs_to_mlflow(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    code = decomposition.main(["--smoke", "--sources", "uniform", "--root", str(tmp_path)])
+    assert code == 0
+    out = tmp_path / "decomposition" / "uniform"
+    assert {p.name for p in out.iterdir()} == {"table.csv", "table.md", "distortion.png"}
+    printed = capsys.readouterr().out
+    assert "| flat |" in printed and "MLflow run" in printed
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("decomposition").experiment_id])
+    assert [r.info.run_name for r in runs] == ["uniform"]
+    history = client.get_metric_history(runs[0].info.run_id, "mse/flat")
+    assert sorted(m.step for m in history) == [4, 6]
+    assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"table.csv", "table.md", "distortion.png"}
+
+
+def test_a_runs_latents_decode_to_its_own_validation_l1(tmp_path):
+    """The identity (continuous) model's exact held-out latents, decoded, are its reconstructions."""
+    import vqlab
+    from vqlab.evaluate import evaluate_run
+
+    overrides = {"tracking.root": str(tmp_path), "tracking.mlflow": False, "quantizer.name": "identity"}
+    result = vqlab.fit(vqlab.config.load("smoke", overrides))
+    latents = decomposition.run_latents(result.run_dir, train_count=64)
+    cfg = vqlab.RunFolder(result.run_dir).read_config()
+    assert latents.train.shape == (64 * 16, cfg.quantizer.dim)
+    assert latents.held_out.shape[0] == cfg.data.val_count * 16
+    l1 = evaluate_run(result.run_dir, metrics=["reconstruction"]).metrics["eval/l1"]
+    assert latents.decoded_l1(latents.held_out) == pytest.approx(l1, rel=1e-5)
+    assert latents.decoded_l1(torch.zeros_like(latents.held_out)) > l1
+
+
+def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        decomposition.main(["--sources", f"run:{tmp_path / 'nothing'}", "--root", str(tmp_path)])
+    assert "no run folder" in capsys.readouterr().err
+    assert not (tmp_path / "decomposition").exists()
