@@ -49,6 +49,8 @@ from vqlab.codes import digits_to_index, index_to_digits
 SCHEMES = ("flat", "tree", "residual", "product", "scalar", "uniform_grid", "radix")
 SYNTHETIC = ("gaussian", "uniform", "mixture")
 KMEANS_ITERS = 20
+SMOKE = {"bits": [4, 6], "train_count": 1024, "held_out_count": 512}  # seconds: --smoke and the notebook's smoke
+SETTINGS = ("bits", "dim", "train_count", "held_out_count", "min_points")  # logged as MLflow params
 RANGE_STEPS = torch.linspace(1.0, 0.05, 20).tolist()  # the uniform grid's candidate ranges, as shares of min..max
 
 
@@ -415,25 +417,37 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_source(source: str, args: argparse.Namespace) -> tuple[list[dict], list[Path]]:
-    if source.startswith("run:"):
-        latents = run_latents(source.removeprefix("run:"), args.train_count, args.device)
-        train, held_out, decoded = latents.train, latents.held_out, latents.decoded_l1
-    else:
-        train = synthetic(source, args.train_count, args.dim, seed=1).to(args.device)
-        held_out = synthetic(source, args.held_out_count, args.dim, seed=2).to(args.device)
-        decoded = None
-    rows = study(train, held_out, args.bits, tuple(args.schemes), args.min_points, decoded)
-    slug = Path(source.removeprefix("run:")).name if source.startswith("run:") else source
-    out = args.out / slug
-    out.mkdir(parents=True, exist_ok=True)
+def analyse(
+    source: str,
+    out: Path,
+    bits: list[int],
+    schemes: tuple[str, ...] = SCHEMES,
+    dim: int = 4,
+    train_count: int = 65536,
+    held_out_count: int = 16384,
+    min_points: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[list[dict], list[Path]]:
+    """The study on one source: rows, and ``table.csv``, ``table.md`` and ``distortion.png`` written
+    to ``out/<source>`` (a run source by its folder's name). For a run, ``train_count`` counts crops."""
     import pandas as pd
 
-    pd.DataFrame(rows).to_csv(out / "table.csv", index=False)
-    (out / "table.md").write_text(markdown(rows) + "\n")
+    if source.startswith("run:"):
+        latents = run_latents(source.removeprefix("run:"), train_count, device)
+        train, held_out, decoded = latents.train, latents.held_out, latents.decoded_l1
+    else:
+        train = synthetic(source, train_count, dim, seed=1).to(device)
+        held_out = synthetic(source, held_out_count, dim, seed=2).to(device)
+        decoded = None
+    rows = study(train, held_out, bits, schemes, min_points, decoded, progress)
+    folder = out / (Path(source.removeprefix("run:")).name if source.startswith("run:") else source)
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / "table.csv", index=False)
+    (folder / "table.md").write_text(markdown(rows) + "\n")
     title = f"{source}: {train.shape[0]} fitted, {held_out.shape[0]} held-out latents of dim {train.shape[1]}"
-    figure(rows, title).savefig(out / "distortion.png", dpi=120)
-    return rows, [out / "table.csv", out / "table.md", out / "distortion.png"]
+    figure(rows, title).savefig(folder / "distortion.png", dpi=120)
+    return rows, [folder / "table.csv", folder / "table.md", folder / "distortion.png"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="2 budgets, few latents: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.bits, args.train_count, args.held_out_count = [4, 6], 1024, 512
+        vars(args).update(SMOKE)
     if any(b < 2 for b in args.bits) or args.dim < 1 or args.train_count < 1 or args.held_out_count < 1:
         parser.error("--bits must be >= 2; --dim, --train-count and --held-out-count >= 1")
     unknown = [s for s in args.sources if s not in SYNTHETIC and not s.startswith("run:")]
@@ -466,15 +480,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no run folder (config.yaml) at {', '.join(s[4:] for s in missing)}")
     args.out = args.out or args.root / "decomposition"
     for source in args.sources:
-        rows, files = run_source(source, args)
+        rows, files = analyse(
+            source,
+            args.out,
+            args.bits,
+            tuple(args.schemes),
+            args.dim,
+            args.train_count,
+            args.held_out_count,
+            args.min_points,
+            args.device,
+        )
         print(f"## {source}: held-out MSE\n{markdown(rows)}")
         if not args.no_mlflow:
-            params = {
-                "source": source,
-                "bits": args.bits,
-                "min_points": args.min_points,
-                "train_count": args.train_count,
-            }
+            params = {"source": source, **{key: getattr(args, key) for key in SETTINGS}}
             run_id = log_to_mlflow(rows, params, files, args.root, source)
             print(f"MLflow run {run_id} (experiment decomposition)")
         print(f"wrote {', '.join(str(p) for p in files)}")

@@ -1,6 +1,7 @@
 """analysis.decomposition: each scheme against a case whose answer is known."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,22 @@ def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):
         decomposition.main(["--sources", f"run:{tmp_path / 'nothing'}", "--root", str(tmp_path)])
     assert "no run folder" in capsys.readouterr().err
     assert not (tmp_path / "decomposition").exists()
+
+
+def test_the_notebook_executes_headless_and_logs_to_mlflow(tmp_path, monkeypatch):
+    import nbformat
+    from mlflow import MlflowClient
+
+    from vqlab.notebook import execute
+
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "decomposition.ipynb"
+    executed = tmp_path / "decomposition.ipynb"
+    execute({"sources": "mixture", "root": str(tmp_path), "smoke": True}, executed, notebook=notebook)
+    outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
+    assert any("| flat |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("decomposition").experiment_id])
+    assert run.data.params["source"] == "mixture" and run.data.params["bits"] == "[4, 6]"
