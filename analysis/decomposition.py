@@ -329,29 +329,13 @@ def run_latents(run_dir: str | Path, train_count: int, device: str = "cpu") -> R
     """The pre-quantization latents of a run's newest checkpoint: on its first ``train_count``
     training crops and on its validation crops, with the decoder that measures an approximation
     of the validation latents as L1 on [0, 1] images (as ``val/l1``)."""
-    from torch.utils.data import Subset
+    from analysis.runs import crops, trained
 
-    from vqlab import data
-    from vqlab.evaluate import trained_model
-    from vqlab.runfolder import RunFolder
-
-    run = RunFolder(Path(run_dir))
-    cfg = run.read_config()
-    model = trained_model(run, cfg, device)[0].eval()
-    splits = data.build_datasets(cfg.data, cfg.train.seed)
-    train_crops = Subset(splits.train, range(min(train_count, len(splits.train))))
-
-    def tokens(dataset) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
-        images, latents = [], []
-        for batch in data.val_loader(dataset, cfg.data):
-            batch = (batch[0] if isinstance(batch, (list, tuple)) else batch).to(device)
-            z, grid = model.tokens(batch)
-            images.append(batch)
-            latents.append(z.float())
-        return torch.cat(images), torch.cat(latents), grid
-
-    _, train, _ = tokens(train_crops)
-    images, held_out, grid = tokens(splits.val)
+    cfg, model = trained(run_dir, device)
+    train = torch.cat([model.tokens(batch)[0].float() for batch in crops(cfg, "train", train_count, device).split(256)])
+    images = crops(cfg, "val", device=device)
+    tokens = [model.tokens(batch) for batch in images.split(256)]
+    held_out, grid = torch.cat([z.float() for z, _ in tokens]), tokens[0][1]
 
     @torch.no_grad()
     def decoded_l1(approximation: torch.Tensor) -> float:

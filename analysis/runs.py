@@ -33,3 +33,32 @@ def table(root: str | Path = "runs", experiment: str | None = None):
     import pandas as pd
 
     return pd.DataFrame(collect(root, experiment))
+
+
+def trained(run_dir: str | Path, device: str = "cpu"):
+    """``(config, model)`` of a run folder's newest valid checkpoint, in eval mode."""
+    from vqlab.evaluate import trained_model
+
+    run = RunFolder(Path(run_dir))
+    cfg = run.read_config()
+    return cfg, trained_model(run, cfg, device)[0].eval()
+
+
+def crops(cfg, split: str, count: int | None = None, device: str = "cpu"):
+    """``(N, C, H, W)`` images in [-1, 1] of a run's data: its validation crops (``split="val"``) or
+    its first ``count`` training crops (``"train"``), as ``vqlab.evaluate --split`` reads them."""
+    import torch
+    from torch.utils.data import Subset
+
+    from vqlab import data
+
+    splits = data.build_datasets(cfg.data, cfg.train.seed)
+    dataset = (
+        splits.val
+        if split == "val"
+        else Subset(splits.train, range(min(count or cfg.data.val_count, len(splits.train))))
+    )
+    if split == "val" and count is not None:
+        dataset = Subset(dataset, range(min(count, len(dataset))))
+    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in data.val_loader(dataset, cfg.data)]
+    return torch.cat(batches).to(device)
