@@ -170,7 +170,10 @@ def test_a_failing_variant_is_a_failed_run_the_others_finish_and_a_rerun_retries
     source = write_sweep(tmp_path, variants={"a": {}, "bad": {"optim.lr": 1e30}, "c": {"quantizer.levels": [8, 8]}})
     args = [source, "--smoke", f"tracking.root={tmp_path / 'runs'}"]
     assert sweep.main(args) == 1
-    assert "failed: bad:" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "failed: bad:" in printed.err
+    executed = [line.strip() for line in printed.out.splitlines() if line.startswith("  ")]
+    assert executed == [f"{v}: {tmp_path / 'runs' / 'tiny' / v / 'run.ipynb'}" for v in ("a", "c")]
     loaded = sweep.load(source, extra=root_override(tmp_path), smoke=True)
     mlflow_client = client(loaded.variants[0].cfg.tracking)
     runs, parents = runs_by_variant(mlflow_client, "tiny")

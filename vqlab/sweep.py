@@ -478,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
     tracker.client.set_terminated(parent, status="FAILED" if failures else "FINISHED")
     done = len(outcomes) - len(failures)
     print(f"sweep {sweep.name}: {done} finished, {len(failures)} failed; mlflow {mlflow_uri(tracker.tracking)}")
+    failed = {failure.variant for failure in failures}
+    for variant in chosen:
+        if variant.name not in failed:
+            print(f"  {variant.name}: {variant.run.notebook}")
     for failure in failures:
         print(f"failed: {failure.variant}: {failure.error}", file=sys.stderr)
     return 1 if failures else 0
