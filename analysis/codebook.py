@@ -199,22 +199,12 @@ def analyse(runs: list[CodebookRun], out: Path) -> tuple[pd.DataFrame, list[Path
 def log_to_mlflow(summary: pd.DataFrame, files: list[Path], root: Path, experiment: str, uri: str = "") -> str:
     """One run of the MLflow experiment ``codebook`` named after the studied experiment, in the
     store ``uri`` (default: ``$MLFLOW_TRACKING_URI``, else ``<root>/mlflow.db``)."""
-    from vqlab.config import TrackingConfig
-    from vqlab.tracking import MlflowRun, client, experiment_id
+    from analysis.runs import log_study
 
-    cfg = TrackingConfig(root=str(root), experiment="codebook", mlflow_uri=uri)
-    mlflow_client = client(cfg)
-    created = mlflow_client.create_run(
-        experiment_id(mlflow_client, cfg), run_name=experiment, tags={"study": "codebook"}
-    )
-    run = MlflowRun(mlflow_client, created.info.run_id)
-    run.log_params({"experiment": experiment, "runs": len(summary)})
     keys = ("usage", "effective_bits", "perplexity", "dead_codes", "zipf_exponent")
-    run.log([{"step": 0, **{f"{k}/{row['name']}": row[k] for k in keys}} for _, row in summary.iterrows()])
-    for path in files:
-        run.artifact(path)
-    run.end("FINISHED")
-    return created.info.run_id
+    metrics = [{"step": 0, **{f"{k}/{row['name']}": row[k] for k in keys}} for _, row in summary.iterrows()]
+    params = {"experiment": experiment, "runs": len(summary)}
+    return log_study("codebook", experiment, params, metrics, files, root, uri)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -393,23 +393,12 @@ def write(result: dict, out: Path) -> list[Path]:
 
 def log_to_mlflow(result: dict, files: list[Path], root: Path, settings: dict) -> str:
     """One run of the MLflow experiment ``codes`` per tokenizer: its numbers as metrics."""
-    from vqlab.config import TrackingConfig
-    from vqlab.tracking import MlflowRun, client, experiment_id
+    from analysis.runs import log_study
 
-    cfg = TrackingConfig(root=str(root), experiment="codes")
-    mlflow_client = client(cfg)
-    created = mlflow_client.create_run(
-        experiment_id(mlflow_client, cfg), run_name=result["name"], tags={"study": "codes"}
-    )
-    run = MlflowRun(mlflow_client, created.info.run_id)
-    run.log_params({"quantizer": result["quantizer"], **settings})
     numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     numbers |= {f"sensitivity_digit{i}": v for i, v in enumerate(result["sensitivity"])}
-    run.log([{"step": 0, **numbers}])
-    for path in files:
-        run.artifact(path)
-    run.end("FINISHED")
-    return created.info.run_id
+    params = {"quantizer": result["quantizer"], **settings}
+    return log_study("codes", result["name"], params, [{"step": 0, **numbers}], files, root)
 
 
 def main(argv: list[str] | None = None) -> int:

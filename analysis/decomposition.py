@@ -371,22 +371,11 @@ def figure(rows: list[dict], title: str):
 
 def log_to_mlflow(rows: list[dict], params: dict, files: list[Path], root: Path, source: str) -> str:
     """One MLflow run of experiment ``decomposition`` per source: ``<metric>/<scheme>`` at step = bits."""
-    from vqlab.config import TrackingConfig
-    from vqlab.tracking import MlflowRun, client, experiment_id
+    from analysis.runs import log_study
 
-    cfg = TrackingConfig(root=str(root), experiment="decomposition")
-    mlflow_client = client(cfg)
-    created = mlflow_client.create_run(
-        experiment_id(mlflow_client, cfg), run_name=source, tags={"study": "decomposition"}
-    )
-    run = MlflowRun(mlflow_client, created.info.run_id)
-    run.log_params(params)
     numeric = ("mse", "usage", "entropy_bits", "parameters", "fit_s", "encode_s", "decoded_l1")
-    run.log([{"step": row["bits"], **{f"{k}/{row['scheme']}": row[k] for k in numeric if k in row}} for row in rows])
-    for path in files:
-        run.artifact(path)
-    run.end("FINISHED")
-    return created.info.run_id
+    metrics = [{"step": row["bits"], **{f"{k}/{row['scheme']}": row[k] for k in numeric if k in row}} for row in rows]
+    return log_study("decomposition", source, params, metrics, files, root)
 
 
 def markdown(rows: list[dict]) -> str:

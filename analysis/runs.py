@@ -62,3 +62,24 @@ def crops(cfg, split: str, count: int | None = None, device: str = "cpu"):
         dataset = Subset(dataset, range(min(count, len(dataset))))
     batches = [b[0] if isinstance(b, (list, tuple)) else b for b in data.val_loader(dataset, cfg.data)]
     return torch.cat(batches).to(device)
+
+
+def log_study(
+    study: str, name: str, params: dict, rows: list[dict], files: list[Path], root: Path, uri: str = ""
+) -> str:
+    """One FINISHED run named ``name`` of the MLflow experiment ``study`` (tag ``study``) in the store
+    ``uri`` (default: ``$MLFLOW_TRACKING_URI``, else ``<root>/mlflow.db``): ``params``, metric
+    ``rows`` (``{"step": s, key: value}``) and ``files`` as artifacts; returns its id."""
+    from vqlab.config import TrackingConfig
+    from vqlab.tracking import MlflowRun, client, experiment_id
+
+    cfg = TrackingConfig(root=str(root), experiment=study, mlflow_uri=uri)
+    mlflow_client = client(cfg)
+    created = mlflow_client.create_run(experiment_id(mlflow_client, cfg), run_name=name, tags={"study": study})
+    run = MlflowRun(mlflow_client, created.info.run_id)
+    run.log_params(params)
+    run.log(rows)
+    for path in files:
+        run.artifact(path)
+    run.end("FINISHED")
+    return created.info.run_id

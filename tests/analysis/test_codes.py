@@ -12,14 +12,6 @@ from analysis import codes
 from vqlab.models import build_autoencoder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def uniform_digits(count: int, radices: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randint(r, (count,), generator=generator) for r in radices], dim=-1)

@@ -10,14 +10,6 @@ from analysis import decomposition
 from vqlab.cluster import inertia
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def exact_grid(levels: list[int], count: int, seed: int = 0) -> torch.Tensor:
     """Latents whose every dimension takes only the values 0 .. L-1 (scaled by 0.5)."""
     generator = torch.Generator().manual_seed(seed)
