@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from vqlab.codes import perplexity
 from vqlab.runfolder import RunFolder
 
 OVER_STEPS = ("val/codebook_usage", "val/perplexity", "train/perplexity", "train/distinct_codes")
@@ -54,9 +56,8 @@ def zipf_exponent(counts: np.ndarray) -> float:
 
 def utilization(counts: np.ndarray, size: int) -> dict[str, float]:
     """The usage statistics of one code histogram over a codebook of ``size`` codes."""
-    seen = counts[counts > 0].astype(np.float64)
-    p = seen / seen.sum()
-    entropy = float(-(p * np.log2(p)).sum())
+    seen = counts[counts > 0]
+    entropy = math.log2(perplexity(torch.from_numpy(seen)).item())
     return {
         "codebook_size": size,
         "log2_size": math.log2(size),

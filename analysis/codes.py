@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqlab.codes import digits_to_index
+from vqlab.codes import digits_to_index, perplexity
 
 NOISE = 2 / 255 * 2  # two grey levels of an 8-bit image, on [-1, 1]
 PAIRS = 4096  # random token pairs for the locality correlations
@@ -45,8 +45,7 @@ PRIORS = ("flat", "factorised", "regression")
 
 # --- statistics of the digits ----------------------------------------------------------------------
 def entropy_bits(counts: torch.Tensor) -> float:
-    p = counts[counts > 0].double() / counts.sum()
-    return float(-(p * p.log2()).sum())
+    return math.log2(perplexity(counts).item())
 
 
 def digit_entropies(codes: torch.Tensor, radices: tuple[int, ...]) -> list[float]:

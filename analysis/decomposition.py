@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from vqlab.cluster import kmeans, nearest
-from vqlab.codes import digits_to_index, index_to_digits
+from vqlab.codes import digits_to_index, index_to_digits, perplexity
 
 SCHEMES = ("flat", "tree", "residual", "product", "scalar", "uniform_grid", "radix")
 SYNTHETIC = ("gaussian", "uniform", "mixture")
@@ -250,9 +250,8 @@ FIT = {
 
 def code_statistics(digits: torch.Tensor, radices: tuple[int, ...]) -> dict[str, float]:
     """Usage (distinct codes / K) and entropy in bits of the codes' flat-index histogram."""
-    counts = torch.bincount(digits_to_index(digits, radices), minlength=math.prod(radices)).double()
-    p = counts[counts > 0] / counts.sum()
-    return {"usage": (counts > 0).double().mean().item(), "entropy_bits": -(p * p.log2()).sum().item()}
+    counts = torch.bincount(digits_to_index(digits, radices), minlength=math.prod(radices))
+    return {"usage": (counts > 0).double().mean().item(), "entropy_bits": math.log2(perplexity(counts).item())}
 
 
 def measure(

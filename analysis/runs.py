@@ -48,19 +48,13 @@ def crops(cfg, split: str, count: int | None = None, device: str = "cpu"):
     """``(N, C, H, W)`` images in [-1, 1] of a run's data: its validation crops (``split="val"``) or
     its first ``count`` training crops (``"train"``), as ``vqlab.evaluate --split`` reads them."""
     import torch
-    from torch.utils.data import Subset
 
     from vqlab import data
+    from vqlab.evaluate import split_dataset
 
-    splits = data.build_datasets(cfg.data, cfg.train.seed)
-    dataset = (
-        splits.val
-        if split == "val"
-        else Subset(splits.train, range(min(count or cfg.data.val_count, len(splits.train))))
-    )
-    if split == "val" and count is not None:
-        dataset = Subset(dataset, range(min(count, len(dataset))))
-    batches = [b[0] if isinstance(b, (list, tuple)) else b for b in data.val_loader(dataset, cfg.data)]
+    batches = [
+        b[0] if isinstance(b, (list, tuple)) else b for b in data.val_loader(split_dataset(cfg, split, count), cfg.data)
+    ]
     return torch.cat(batches).to(device)
 
 

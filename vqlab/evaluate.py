@@ -81,6 +81,16 @@ def trained_model(
     return model, state, Path(checkpoint_path)
 
 
+def split_dataset(cfg: RunConfig, split: str, count: int | None = None):
+    """The run's ``val`` crops, or its first ``data.val_count`` ``train`` crops (what ``--split
+    train`` measures); ``count`` takes that many instead."""
+    splits = data.build_datasets(cfg.data, cfg.train.seed)
+    dataset = splits.val if split == "val" else splits.train
+    if count is None and split == "train":
+        count = cfg.data.val_count
+    return dataset if count is None else Subset(dataset, range(min(count, len(dataset))))
+
+
 def evaluate_run(
     run_dir: Path,
     checkpoint_path: Path | None = None,
@@ -103,11 +113,7 @@ def evaluate_run(
     try:
         model, state, checkpoint_path = trained_model(run, cfg, ctx.device, checkpoint_path)
         quantizer = model.quantizer
-        splits = data.build_datasets(cfg.data, cfg.train.seed)
-        dataset = (
-            splits.val if split == "val" else Subset(splits.train, range(min(cfg.data.val_count, len(splits.train))))
-        )
-        loader = data.val_loader(dataset, cfg.data, ctx.rank, ctx.world_size)
+        loader = data.val_loader(split_dataset(cfg, split), cfg.data, ctx.rank, ctx.world_size)
         suite = evaluators.build(cfg.eval.metrics, quantizer.radices, ctx.device, cfg.eval)
 
         results = evaluate(model, loader, suite, ctx.device, cfg.train.dtype, prefix)
