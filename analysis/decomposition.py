@@ -17,13 +17,18 @@ measures them on held-out latents of the same source:
   that fits the training latents best;
 - ``radix``: the radix scheme of the note: project onto the first principal direction, cut the
   scalar into K equal-mass bins (one number in [0, K-1]), decode a bin as the mean of its training
-  latents, and write the number as digits.
+  latents, and write the number as digits;
+- ``radix_learned``: the same with a learned projection: a small MLP maps a latent to one bounded
+  scalar, rounded to K levels (straight through), trained with an MLP decoder to reconstruct the
+  latent; a level then decodes as the mean of its training latents. Where the principal direction
+  is a line through the latents, this is a curve, so it can follow latents a line cannot.
 
 Two-level codes have radices ``(m, n)`` (digit 0 the child or second stage), per the index spec.
 Each scheme reports distortion (MSE per element), usage and entropy of its held-out codes, stored
 parameters, fit and encode seconds, and, for a trained run's latents, the L1 of the run's decoder
 applied to the reconstructed latents. k-means is ``vqlab.cluster.kmeans`` (torch; GPU when the
-latents are there). A budget where a k-means stage would get fewer than ``min_points`` training
+latents are there): ``LLOYD_ITERS`` Lloyd steps, or, above ``MINIBATCH_ABOVE`` training latents,
+``MINIBATCH_EPOCHS`` mini-batch passes. A budget where a k-means stage would get fewer than ``min_points`` training
 latents per centroid is left out (missing, never 0): those centroids would memorise their points.
 
 Sources: ``gaussian``, ``uniform`` and ``mixture`` (8 Gaussian clusters) synthetic controls, and
@@ -46,11 +51,19 @@ import torch
 from vqlab.cluster import kmeans, nearest
 from vqlab.codes import digits_to_index, index_to_digits, perplexity
 
-SCHEMES = ("flat", "tree", "residual", "product", "scalar", "uniform_grid", "radix")
+SCHEMES = ("flat", "tree", "residual", "product", "scalar", "uniform_grid", "radix", "radix_learned")
 SYNTHETIC = ("gaussian", "uniform", "mixture")
-KMEANS_ITERS = 20
-SMOKE = {"bits": [4, 6], "train_count": 1024, "held_out_count": 512}  # seconds: --smoke and the notebook's smoke
-SETTINGS = ("bits", "dim", "train_count", "held_out_count", "min_points")  # logged as MLflow params
+LLOYD_ITERS = 20
+MINIBATCH_ABOVE = 2**16  # training latents above which k-means takes mini-batch passes: a Lloyd step is M x K
+MINIBATCH_EPOCHS, MINIBATCH_SIZE = 5, 2**13
+LEARNED_STEPS, LEARNED_BATCH, LEARNED_HIDDEN, LEARNED_LR = 2000, 4096, 64, 3e-3  # radix_learned's fit
+SMOKE = {
+    "bits": [4, 6],
+    "train_count": 1024,
+    "held_out_count": 512,
+    "learned_steps": 50,
+}  # seconds: --smoke and the notebook's smoke
+SETTINGS = ("bits", "dim", "train_count", "held_out_count", "min_points", "learned_steps")  # logged as MLflow params
 RANGE_STEPS = torch.linspace(1.0, 0.05, 20).tolist()  # the uniform grid's candidate ranges, as shares of min..max
 
 
@@ -64,6 +77,15 @@ class Codec:
     parameters: int  # floats stored to decode
 
 
+@dataclass(frozen=True)
+class FitSettings:
+    """How every scheme is fitted: ``min_points`` training latents per centroid (or bin) at least,
+    and the optimizer steps of ``radix_learned``'s projection."""
+
+    min_points: int = 8
+    learned_steps: int = LEARNED_STEPS
+
+
 class TooFewPoints(ValueError):
     """A k-means stage would get fewer than ``min_points`` training latents per centroid."""
 
@@ -73,14 +95,20 @@ def split(bits: int) -> tuple[int, int]:
     return 2 ** math.ceil(bits / 2), 2 ** (bits // 2)
 
 
+def cluster(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    if x.shape[0] > MINIBATCH_ABOVE:
+        return kmeans(x, k, iters=MINIBATCH_EPOCHS, seed=seed, batch_size=MINIBATCH_SIZE)
+    return kmeans(x, k, iters=LLOYD_ITERS, seed=seed)
+
+
 def fit_kmeans(x: torch.Tensor, k: int, min_points: int, seed: int = 0) -> torch.Tensor:
     if x.shape[0] < k * min_points:
         raise TooFewPoints(f"{k} centroids need {k * min_points} latents, got {x.shape[0]}")
-    return kmeans(x, k, iters=KMEANS_ITERS, seed=seed)
+    return cluster(x, k, seed)
 
 
-def flat(x: torch.Tensor, bits: int, min_points: int) -> Codec:
-    centroids = fit_kmeans(x, 2**bits, min_points)
+def flat(x: torch.Tensor, bits: int, fit: FitSettings) -> Codec:
+    centroids = fit_kmeans(x, 2**bits, fit.min_points)
     return Codec(
         radices=(2**bits,),
         encode=lambda z: nearest(z, centroids)[:, None],
@@ -89,18 +117,16 @@ def flat(x: torch.Tensor, bits: int, min_points: int) -> Codec:
     )
 
 
-def tree(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+def tree(x: torch.Tensor, bits: int, fit: FitSettings) -> Codec:
     n, m = split(bits)
-    if x.shape[0] < n * m * min_points:
-        raise TooFewPoints(f"{n} x {m} children need {n * m * min_points} latents, got {x.shape[0]}")
-    parents = fit_kmeans(x, n, min_points)  # (n, d)
+    if x.shape[0] < n * m * fit.min_points:
+        raise TooFewPoints(f"{n} x {m} children need {n * m * fit.min_points} latents, got {x.shape[0]}")
+    parents = fit_kmeans(x, n, fit.min_points)  # (n, d)
     assignment = nearest(x, parents)
     # a parent holding fewer than m latents keeps copies of its centroid: its children cannot be told apart
     children = torch.stack(
         [
-            kmeans(x[assignment == p], m, iters=KMEANS_ITERS, seed=p)
-            if (assignment == p).sum() >= m
-            else parents[p].repeat(m, 1)
+            cluster(x[assignment == p], m, seed=p) if (assignment == p).sum() >= m else parents[p].repeat(m, 1)
             for p in range(n)
         ]
     )  # (n, m, d)
@@ -121,10 +147,10 @@ def tree(x: torch.Tensor, bits: int, min_points: int) -> Codec:
     )
 
 
-def residual(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+def residual(x: torch.Tensor, bits: int, fit: FitSettings) -> Codec:
     n, m = split(bits)
-    first = fit_kmeans(x, n, min_points)
-    second = fit_kmeans(x - first[nearest(x, first)], m, min_points)
+    first = fit_kmeans(x, n, fit.min_points)
+    second = fit_kmeans(x - first[nearest(x, first)], m, fit.min_points)
 
     def encode(z: torch.Tensor) -> torch.Tensor:
         a = nearest(z, first)
@@ -138,12 +164,12 @@ def residual(x: torch.Tensor, bits: int, min_points: int) -> Codec:
     )
 
 
-def product(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+def product(x: torch.Tensor, bits: int, fit: FitSettings) -> Codec:
     if x.shape[1] < 2:
         raise TooFewPoints("product quantization needs at least 2 dimensions")
     n, m = split(bits)
     half = x.shape[1] // 2
-    left, right = fit_kmeans(x[:, :half], n, min_points), fit_kmeans(x[:, half:], m, min_points)
+    left, right = fit_kmeans(x[:, :half], n, fit.min_points), fit_kmeans(x[:, half:], m, fit.min_points)
     return Codec(
         radices=(n, m),
         encode=lambda z: torch.stack([nearest(z[:, :half], left), nearest(z[:, half:], right)], dim=-1),
@@ -186,15 +212,15 @@ def grid_codec(values: list[torch.Tensor]) -> Codec:
     )
 
 
-def scalar(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+def scalar(x: torch.Tensor, bits: int, fit: FitSettings) -> Codec:
     values = []
     for i, count in enumerate(levels_per_dim(x, bits)):
         column = x[:, i : i + 1]
-        values.append(column.mean(0) if count == 1 else fit_kmeans(column, count, min_points)[:, 0].sort().values)
+        values.append(column.mean(0) if count == 1 else fit_kmeans(column, count, fit.min_points)[:, 0].sort().values)
     return grid_codec(values)
 
 
-def uniform_grid(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+def uniform_grid(x: torch.Tensor, bits: int, fit: FitSettings) -> Codec:
     """FSQ's grid: ``L`` evenly spaced values per dimension. FSQ's encoder learns where its bounded
     range sits; here each dimension's range is the best of ``RANGE_STEPS`` shrinkings of its training
     range (about its centre) on the training MSE, from the full range (min and max are levels) down."""
@@ -213,11 +239,11 @@ def uniform_grid(x: torch.Tensor, bits: int, min_points: int) -> Codec:
     return codec
 
 
-def radix(x: torch.Tensor, bits: int, min_points: int) -> Codec:
+def radix(x: torch.Tensor, bits: int, fit: FitSettings) -> Codec:
     """One number per latent: the first principal coordinate cut into ``K`` equal-mass bins."""
     k = 2**bits
-    if x.shape[0] < k * min_points:
-        raise TooFewPoints(f"{k} bins need {k * min_points} latents, got {x.shape[0]}")
+    if x.shape[0] < k * fit.min_points:
+        raise TooFewPoints(f"{k} bins need {k * fit.min_points} latents, got {x.shape[0]}")
     mean = x.mean(0)
     direction = torch.linalg.svd(x - mean, full_matrices=False).Vh[0]  # (d,)
     projected = (x - mean) @ direction
@@ -237,6 +263,59 @@ def radix(x: torch.Tensor, bits: int, min_points: int) -> Codec:
     )
 
 
+def mlp(inputs: int, outputs: int) -> torch.nn.Sequential:
+    hidden = LEARNED_HIDDEN
+    layers = [torch.nn.Linear(inputs, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden), torch.nn.GELU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(hidden, outputs))
+
+
+def radix_learned(x: torch.Tensor, bits: int, fit: FitSettings) -> Codec:
+    """One number per latent from a learned projection: ``round(tanh(f(x))·h) + h`` with
+    ``h = (K − 1)/2`` and ``f`` an MLP, trained on the standardised training latents together with
+    an MLP decoder of the rounded level (straight-through rounding, MSE, Adam, ``fit.learned_steps``
+    steps). A level decodes as the mean of its training latents, or as the decoder's output where
+    no training latent fell."""
+    k = 2**bits
+    if x.shape[0] < k * fit.min_points:
+        raise TooFewPoints(f"{k} levels need {k * fit.min_points} latents, got {x.shape[0]}")
+    d, half = x.shape[1], (k - 1) / 2
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-8)
+    standard = (x - mean) / std
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every call, global RNG untouched
+        torch.manual_seed(0)
+        encoder, decoder = mlp(d, 1).to(x.device), mlp(1, d).to(x.device)
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=LEARNED_LR)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, fit.learned_steps)
+    for _ in range(fit.learned_steps):
+        batch = standard[torch.randint(x.shape[0], (LEARNED_BATCH,), generator=generator, device=x.device)]  # (b, d)
+        level = torch.tanh(encoder(batch)) * half  # (b, 1) in [-h, h]
+        rounded = level + (level.round() - level).detach()
+        loss = (decoder(rounded / half) - batch).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+
+    @torch.no_grad()
+    def index(z: torch.Tensor) -> torch.Tensor:
+        return (torch.tanh(encoder((z - mean) / std)) * half).round().add(half).long()[:, 0]  # (M,) in [0, K-1]
+
+    with torch.no_grad():
+        assigned = index(x)
+        sums = torch.zeros(k, d, dtype=x.dtype, device=x.device).index_add_(0, assigned, x)
+        counts = torch.bincount(assigned, minlength=k).to(x.dtype)[:, None]
+        levels = (torch.arange(k, device=x.device, dtype=x.dtype)[:, None] - half) / half  # (k, 1)
+        table = torch.where(counts > 0, sums / counts.clamp_min(1), decoder(levels) * std + mean)  # (k, d)
+    n, m = split(bits)
+    return Codec(
+        radices=(m, n),
+        encode=lambda z: index_to_digits(index(z), (m, n)),
+        decode=lambda digits: table[digits_to_index(digits, (m, n))],
+        parameters=table.numel() + sum(p.numel() for p in encoder.parameters()) + 2 * d,
+    )
+
+
 FIT = {
     "flat": flat,
     "tree": tree,
@@ -245,6 +324,7 @@ FIT = {
     "scalar": scalar,
     "uniform_grid": uniform_grid,
     "radix": radix,
+    "radix_learned": radix_learned,
 }
 
 
@@ -259,7 +339,7 @@ def measure(
     train: torch.Tensor,
     held_out: torch.Tensor,
     bits: int,
-    min_points: int = 8,
+    fit: FitSettings = FitSettings(),
     decoded_l1: Callable[[torch.Tensor], float] | None = None,
 ) -> dict[str, float | str | int]:
     """One scheme at one budget: fitted on ``train``, measured on ``held_out``; the metrics of a
@@ -267,7 +347,7 @@ def measure(
     row: dict[str, float | str | int] = {"scheme": scheme, "bits": bits}
     started = time.perf_counter()
     try:
-        codec = FIT[scheme](train, bits, min_points)
+        codec = FIT[scheme](train, bits, fit)
     except TooFewPoints:
         return row | {"mse": math.nan, "usage": math.nan, "entropy_bits": math.nan, "parameters": math.nan}
     fitted = time.perf_counter()
@@ -301,7 +381,7 @@ def study(
     held_out: torch.Tensor,
     bits: list[int],
     schemes: tuple[str, ...] = SCHEMES,
-    min_points: int = 8,
+    fit: FitSettings = FitSettings(),
     decoded_l1: Callable[[torch.Tensor], float] | None = None,
     progress: bool = True,
 ) -> list[dict]:
@@ -310,7 +390,7 @@ def study(
 
     pairs = [(scheme, b) for b in bits for scheme in schemes]
     return [
-        measure(scheme, train, held_out, b, min_points, decoded_l1)
+        measure(scheme, train, held_out, b, fit, decoded_l1)
         for scheme, b in tqdm(pairs, desc="decomposition", disable=not progress)
     ]
 
@@ -398,6 +478,7 @@ def analyse(
     train_count: int = 65536,
     held_out_count: int = 16384,
     min_points: int = 8,
+    learned_steps: int = LEARNED_STEPS,
     device: str = "cpu",
     progress: bool = True,
 ) -> tuple[list[dict], list[Path]]:
@@ -412,7 +493,7 @@ def analyse(
         train = synthetic(source, train_count, dim, seed=1).to(device)
         held_out = synthetic(source, held_out_count, dim, seed=2).to(device)
         decoded = None
-    rows = study(train, held_out, bits, schemes, min_points, decoded, progress)
+    rows = study(train, held_out, bits, schemes, FitSettings(min_points, learned_steps), decoded, progress)
     folder = out / (Path(source.removeprefix("run:")).name if source.startswith("run:") else source)
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(folder / "table.csv", index=False)
@@ -434,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-count", type=int, default=65536, help="latents fitted (synthetic), crops (runs)")
     parser.add_argument("--held-out-count", type=int, default=16384, help="held-out synthetic latents")
     parser.add_argument("--min-points", type=int, default=8, help="training latents per centroid, at least")
+    parser.add_argument("--learned-steps", type=int, default=LEARNED_STEPS, help="radix_learned's training steps")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--root", type=Path, default=Path("runs"), help="runs root: MLflow store and outputs")
     parser.add_argument("--out", type=Path, help="default: <root>/decomposition")
@@ -442,8 +524,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
-    if any(b < 2 for b in args.bits) or args.dim < 1 or args.train_count < 1 or args.held_out_count < 1:
-        parser.error("--bits must be >= 2; --dim, --train-count and --held-out-count >= 1")
+    counts = (args.dim, args.train_count, args.held_out_count, args.min_points, args.learned_steps)
+    if any(b < 2 for b in args.bits) or min(counts) < 1:
+        parser.error("--bits must be >= 2; --dim, --train-count, --held-out-count, --min-points, --learned-steps >= 1")
     unknown = [s for s in args.sources if s not in SYNTHETIC and not s.startswith("run:")]
     if unknown:
         parser.error(f"unknown sources {unknown}: use {', '.join(SYNTHETIC)} or run:<folder>")
@@ -461,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             args.train_count,
             args.held_out_count,
             args.min_points,
+            args.learned_steps,
             args.device,
         )
         print(f"## {source}: held-out MSE\n{markdown(rows)}")

@@ -9,6 +9,8 @@ import torch
 from analysis import decomposition
 from vqlab.cluster import inertia
 
+LEARNED_TEST_STEPS = 600
+
 
 def exact_grid(levels: list[int], count: int, seed: int = 0) -> torch.Tensor:
     """Latents whose every dimension takes only the values 0 .. L-1 (scaled by 0.5)."""
@@ -32,7 +34,7 @@ def test_an_uneven_share_of_bits_goes_to_the_widest_dimensions():
 
 def test_a_dimension_without_bits_decodes_to_its_mean_and_is_no_digit():
     x = torch.randn(4096, 3) * torch.tensor([0.1, 3.0, 2.0]) + 1.0
-    codec = decomposition.uniform_grid(x, bits=2, min_points=8)
+    codec = decomposition.uniform_grid(x, bits=2, fit=decomposition.FitSettings())
     assert codec.radices == (2, 2)
     assert torch.allclose(codec.decode(codec.encode(x))[:, 0], x[:, 0].mean().expand(4096))
 
@@ -41,22 +43,25 @@ def test_two_level_schemes_store_what_the_note_says():
     x = torch.randn(8192, 4)
     n, m = decomposition.split(6)
     assert (n, m) == (8, 8)
-    assert decomposition.tree(x, 6, 8).parameters == (n + n * m) * 4
-    assert decomposition.residual(x, 6, 8).parameters == (n + m) * 4
-    assert decomposition.flat(x, 6, 8).parameters == n * m * 4
+    fit = decomposition.FitSettings(min_points=8)
+    assert decomposition.tree(x, 6, fit).parameters == (n + n * m) * 4
+    assert decomposition.residual(x, 6, fit).parameters == (n + m) * 4
+    assert decomposition.flat(x, 6, fit).parameters == n * m * 4
 
 
 @pytest.mark.parametrize("scheme", decomposition.SCHEMES)
 def test_codes_are_digits_within_their_radices_and_decode_to_the_codebook(scheme):
     x = torch.randn(4096, 4)
-    codec = decomposition.FIT[scheme](x, 6, 8)
+    codec = decomposition.FIT[scheme](x, 6, decomposition.FitSettings(min_points=8, learned_steps=20))
     digits = codec.encode(x[:500])
     assert digits.dtype == torch.int64 and digits.shape == (500, len(codec.radices))
     assert math.prod(codec.radices) == 2**6
     assert ((digits >= 0) & (digits < torch.tensor(codec.radices))).all()
     decoded = codec.decode(digits)
     assert decoded.shape == (500, 4)
-    if scheme not in ("tree", "residual"):  # their greedy encoders may pick another parent for a child
+    # greedy tree and residual encoders may pick another parent for a child; a curve's bin mean may
+    # project outside its bin
+    if scheme not in ("tree", "residual", "radix_learned"):
         assert torch.equal(codec.encode(decoded), digits)  # a decoded code is its own nearest code
 
 
@@ -64,7 +69,8 @@ def test_flat_kmeans_is_never_worse_than_the_structured_schemes_on_clusters():
     """With as many well-separated clusters as codes, flat k-means finds them and scalar grids cannot."""
     centres = torch.randn(16, 4, generator=torch.Generator().manual_seed(3)) * 4
     x = centres[torch.randint(16, (8192,))] + 0.01 * torch.randn(8192, 4)
-    rows = {r["scheme"]: r for r in decomposition.study(x[:6144], x[6144:], [4], progress=False)}
+    fit = decomposition.FitSettings(learned_steps=50)
+    rows = {r["scheme"]: r for r in decomposition.study(x[:6144], x[6144:], [4], fit=fit, progress=False)}
     assert rows["flat"]["mse"] < 0.01
     assert all(rows["flat"]["mse"] <= rows[s]["mse"] for s in ("scalar", "uniform_grid", "radix", "product"))
 
@@ -86,8 +92,25 @@ def test_radix_on_latents_on_a_line_is_as_good_as_a_scalar_grid_of_the_same_budg
     assert row["mse"] < 1e-3  # bins of width 1/64 along the line: variance (1/64)^2 / 12 x 6
 
 
+def test_a_learned_projection_follows_latents_on_a_circle_that_the_principal_axis_folds():
+    """On the unit circle, the principal axis maps x and its mirror image to one number (MSE near
+    a quarter of the variance); a learned 1-D map can unroll the circle."""
+    generator = torch.Generator().manual_seed(5)
+    angle = torch.rand(20480, generator=generator) * 2 * math.pi
+    circle = torch.stack([angle.cos(), angle.sin()], dim=-1)
+    fit = decomposition.FitSettings(learned_steps=LEARNED_TEST_STEPS)
+    before = torch.random.get_rng_state()
+    learned = decomposition.measure("radix_learned", circle[:16384], circle[16384:], bits=6, fit=fit)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    principal = decomposition.measure("radix", circle[:16384], circle[16384:], bits=6, fit=fit)
+    assert principal["mse"] > 0.2
+    assert learned["mse"] < 0.1 * principal["mse"]
+    again = decomposition.measure("radix_learned", circle[:16384], circle[16384:], bits=6, fit=fit)
+    assert again["mse"] == learned["mse"]
+
+
 def test_a_budget_with_too_few_latents_per_centroid_is_missing_not_zero():
-    row = decomposition.measure("flat", torch.randn(100, 4), torch.randn(50, 4), bits=6, min_points=8)
+    row = decomposition.measure("flat", torch.randn(100, 4), torch.randn(50, 4), bits=6)
     assert math.isnan(row["mse"]) and math.isnan(row["usage"])
 
 
@@ -95,7 +118,7 @@ def test_flat_is_vqlab_kmeans_whose_objective_matches_scikit_learn():
     """The study's k-means is vqlab.cluster.kmeans (tests/test_cluster.py checks it against
     scikit-learn); here: the flat scheme's held-out MSE is that objective per element."""
     x = torch.randn(2048, 4)
-    codec = decomposition.flat(x, 5, 8)
+    codec = decomposition.flat(x, 5, decomposition.FitSettings())
     centroids = codec.decode(torch.arange(32)[:, None])
     row = decomposition.measure("flat", x, x, bits=5)
     assert row["mse"] == pytest.approx(inertia(x, centroids).item() / x.numel(), rel=1e-4)
