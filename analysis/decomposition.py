@@ -428,6 +428,86 @@ def run_latents(run_dir: str | Path, train_count: int, device: str = "cpu") -> R
     return RunLatents(train.flatten(0, 1), held_out.flatten(0, 1), decoded_l1)
 
 
+# --- the end-to-end counterpart: the schemes trained with the model ---------------------------------
+TRAINED_SCHEME = {
+    "vq": "flat",
+    "vq_ema": "flat",
+    "fsq": "uniform_grid",
+    "rvq": "residual",
+    "product": "product",
+    "radix": "radix",
+}  # quantizer -> the scheme above it trains end to end (the ``studies`` sweep holds each at 2^6, 2^10, 2^14)
+
+
+def trained_rows(runs: list) -> list[dict]:
+    """One row per run (``analysis.codebook.CodebookRun``) whose quantizer is one of the schemes
+    trained end to end (``TRAINED_SCHEME``): the scheme, the run, its budget in bits (log2 of the
+    codebook size of its code histogram), its last ``val/l1`` and its validation codes' usage and
+    entropy. Runs of other quantizers, and runs without codes, have no row."""
+    from analysis.codebook import histogram, utilization
+
+    rows = []
+    for run in runs:
+        if run.method not in TRAINED_SCHEME or not run.folder.histogram().is_file():
+            continue
+        counts, size, _ = histogram(run.folder)
+        used = utilization(counts, size)
+        rows.append(
+            {
+                "scheme": TRAINED_SCHEME[run.method],
+                "run": run.name,
+                "bits": math.log2(size),
+                "l1": run.folder.last_metrics().get("val/l1", math.nan),
+                "usage": used["usage"],
+                "entropy_bits": used["effective_bits"],
+            }
+        )
+    return rows
+
+
+def trained_markdown(rows: list[dict]) -> str:
+    """Validation L1 per trained scheme (rows) and budget rounded to whole bits (columns)."""
+    budgets = sorted({round(row["bits"]) for row in rows})
+    value = {(row["scheme"], round(row["bits"])): row["l1"] for row in rows}
+    lines = ["| trained | " + " | ".join(f"~{b} bits" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for scheme in dict.fromkeys(row["scheme"] for row in rows):
+        cells = [value.get((scheme, b), math.nan) for b in budgets]
+        lines.append(f"| {scheme} | " + " | ".join("—" if math.isnan(c) else f"{c:.4f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def trained_figure(rows: list[dict], title: str):
+    """Validation L1 against bits per scheme trained end to end (radix dashed, as in ``figure``)."""
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    made = Figure(figsize=(5.5, 4), layout="constrained")
+    ax = made.subplots()
+    for scheme, points in pd.DataFrame(rows).sort_values("bits").groupby("scheme", sort=False):
+        ax.plot(points["bits"], points["l1"], marker="o", label=scheme, linestyle="--" if scheme == "radix" else "-")
+    ax.set(xlabel="bits per token (log2 K)", ylabel="validation L1", yscale="log", title=title)
+    ax.legend(fontsize="small")
+    return made
+
+
+def analyse_trained(experiment: str, out: Path, tracking_uri: str) -> tuple[list[dict], list[Path]]:
+    """The end-to-end counterpart of the study over the MLflow experiment ``experiment`` (a sweep's
+    variants): rows, and ``table.csv``, ``table.md`` and ``end_to_end.png`` in ``out/<experiment>``."""
+    import pandas as pd
+
+    from analysis.codebook import tracked_runs
+
+    rows = trained_rows(tracked_runs(experiment, tracking_uri))
+    if not rows:
+        raise ValueError(f"no run of {experiment} trains one of {', '.join(sorted(TRAINED_SCHEME))} with codes")
+    folder = out / experiment
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / "table.csv", index=False)
+    (folder / "table.md").write_text(trained_markdown(rows) + "\n")
+    trained_figure(rows, f"{experiment}: trained end to end").savefig(folder / "end_to_end.png", dpi=120)
+    return rows, [folder / "table.csv", folder / "table.md", folder / "end_to_end.png"]
+
+
 # --- figures, MLflow and the command line ---------------------------------------------------------
 def figure(rows: list[dict], title: str):
     """MSE against bits (log scale) per scheme, and decoded L1 against bits when measured."""
@@ -508,7 +588,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m analysis.decomposition",
         description="Hierarchical k-means versus radix decomposition at matched code budgets.",
     )
-    parser.add_argument("--sources", nargs="+", default=list(SYNTHETIC), help=f"{', '.join(SYNTHETIC)} or run:<folder>")
+    parser.add_argument(
+        "--sources", nargs="+", help=f"{', '.join(SYNTHETIC)} or run:<folder> (default: the three synthetic ones)"
+    )
+    parser.add_argument(
+        "--trained", nargs="+", default=[], help="MLflow experiments (sweeps) whose tokenizers train the schemes"
+    )
+    parser.add_argument("--tracking-uri", help="of --trained: default $MLFLOW_TRACKING_URI, else <root>/mlflow.db")
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 6, 8, 10, 12, 14, 16])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--dim", type=int, default=4, help="dimension of the synthetic latents")
@@ -522,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="2 budgets, few latents: seconds")
     args = parser.parse_args(argv)
+    if args.sources is None:
+        args.sources = [] if args.trained else list(SYNTHETIC)
     if args.smoke:
         vars(args).update(SMOKE)
     counts = (args.dim, args.train_count, args.held_out_count, args.min_points, args.learned_steps)
@@ -553,6 +641,29 @@ def main(argv: list[str] | None = None) -> int:
             run_id = log_to_mlflow(rows, params, files, args.root, source)
             print(f"MLflow run {run_id} (experiment decomposition)")
         print(f"wrote {', '.join(str(p) for p in files)}")
+    for experiment in args.trained:
+        if main_trained(experiment, args) != 0:
+            return 2
+    return 0
+
+
+def main_trained(experiment: str, args: argparse.Namespace) -> int:
+    from analysis.runs import log_study
+    from vqlab.errors import UserError
+    from vqlab.report import store
+
+    try:
+        rows, files = analyse_trained(experiment, args.out, store(args.tracking_uri, args.root))
+    except (UserError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"## {experiment}: validation L1, trained end to end\n{trained_markdown(rows)}")
+    if not args.no_mlflow:
+        metrics = [{"step": round(row["bits"]), f"l1/{row['scheme']}": row["l1"]} for row in rows]
+        params = {"experiment": experiment, "runs": len(rows)}
+        run_id = log_study("decomposition", f"trained:{experiment}", params, metrics, files, args.root)
+        print(f"MLflow run {run_id} (experiment decomposition)")
+    print(f"wrote {', '.join(str(p) for p in files)}")
     return 0
 
 

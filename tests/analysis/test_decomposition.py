@@ -188,3 +188,55 @@ def test_the_notebook_executes_headless_and_logs_to_mlflow(tmp_path, monkeypatch
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("decomposition").experiment_id])
     assert run.data.params["source"] == "mixture" and run.data.params["bits"] == "[4, 6]"
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """Two smoke tokenizers of the study's schemes (FSQ's grid, a 64-code flat VQ) in one MLflow
+    experiment, and a continuous one, which has no codes."""
+    import vqlab
+
+    root = tmp_path_factory.mktemp("runs")
+    uri = f"sqlite:///{root}/mlflow.db"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    variants = {"fsq": {}, "vq": {"quantizer.name": "vq", "quantizer.codebook_size": 64}}
+    variants["identity"] = {"quantizer.name": "identity"}
+    for name, overrides in variants.items():
+        base = {"tracking.root": str(root), "tracking.mlflow": True, "tracking.mlflow_uri": uri}
+        base |= {"tracking.experiment": "E", "tracking.run_name": name, "train.steps": 4, "optim.warmup_steps": 0}
+        vqlab.fit(vqlab.config.load("smoke", base | overrides))
+    torch.set_num_threads(threads)
+    return root, uri
+
+
+def test_trained_rows_give_each_tokenizer_its_scheme_budget_and_validation_l1(tracked):
+    from analysis.codebook import tracked_runs
+
+    _, uri = tracked
+    runs = tracked_runs("E", uri)
+    rows = {row["run"]: row for row in decomposition.trained_rows(runs)}
+    assert set(rows) == {"fsq", "vq"}  # the continuous run has no codes, so no row
+    assert rows["fsq"]["scheme"] == "uniform_grid" and rows["fsq"]["bits"] == pytest.approx(math.log2(1000))
+    assert rows["vq"]["scheme"] == "flat" and rows["vq"]["bits"] == 6
+    for run in runs[:2]:
+        assert rows[run.name]["l1"] == run.folder.last_metrics()["val/l1"]
+    table = decomposition.trained_markdown(list(rows.values()))
+    assert "| trained | ~6 bits | ~10 bits |" in table
+    assert f"| flat | {rows['vq']['l1']:.4f} | — |" in table and "| uniform_grid | — | 0." in table
+
+
+def test_cli_trained_writes_the_end_to_end_table_and_figure_and_logs_them(tracked, capsys):
+    from mlflow import MlflowClient
+
+    root, uri = tracked
+    assert decomposition.main(["--trained", "E", "--tracking-uri", uri, "--root", str(root)]) == 0
+    out = root / "decomposition" / "E"
+    assert {p.name for p in out.iterdir()} == {"table.csv", "table.md", "end_to_end.png"}
+    assert sorted(p.name for p in (root / "decomposition").iterdir()) == ["E"]  # no synthetic source ran
+    assert "| uniform_grid |" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("decomposition").experiment_id])
+    assert run.info.run_name == "trained:E" and "l1/flat" in run.data.metrics
+    assert decomposition.main(["--trained", "nothing", "--tracking-uri", uri, "--root", str(root)]) == 2
+    assert "nothing" in capsys.readouterr().err
