@@ -528,13 +528,22 @@ def figure(rows: list[dict], title: str):
     return made
 
 
-def log_to_mlflow(rows: list[dict], params: dict, files: list[Path], root: Path, source: str) -> str:
+def log_to_mlflow(rows: list[dict], params: dict, files: list[Path], root: Path, source: str, uri: str = "") -> str:
     """One MLflow run of experiment ``decomposition`` per source: ``<metric>/<scheme>`` at step = bits."""
     from analysis.runs import log_study
 
     numeric = ("mse", "usage", "entropy_bits", "parameters", "fit_s", "encode_s", "decoded_l1")
     metrics = [{"step": row["bits"], **{f"{k}/{row['scheme']}": row[k] for k in numeric if k in row}} for row in rows]
-    return log_study("decomposition", source, params, metrics, files, root)
+    return log_study("decomposition", source, params, metrics, files, root, uri)
+
+
+def log_trained_to_mlflow(rows: list[dict], files: list[Path], root: Path, experiment: str, uri: str = "") -> str:
+    """One MLflow run ``trained:<experiment>`` of experiment ``decomposition``: ``l1/<scheme>`` at step = bits."""
+    from analysis.runs import log_study
+
+    metrics = [{"step": round(row["bits"]), f"l1/{row['scheme']}": row["l1"]} for row in rows]
+    params = {"experiment": experiment, "runs": len(rows)}
+    return log_study("decomposition", f"trained:{experiment}", params, metrics, files, root, uri)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -594,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trained", nargs="+", default=[], help="MLflow experiments (sweeps) whose tokenizers train the schemes"
     )
-    parser.add_argument("--tracking-uri", help="of --trained: default $MLFLOW_TRACKING_URI, else <root>/mlflow.db")
+    parser.add_argument("--tracking-uri", help="MLflow store: default $MLFLOW_TRACKING_URI, else <root>/mlflow.db")
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 6, 8, 10, 12, 14, 16])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--dim", type=int, default=4, help="dimension of the synthetic latents")
@@ -638,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"## {source}: held-out MSE\n{markdown(rows)}")
         if not args.no_mlflow:
             params = {"source": source, **{key: getattr(args, key) for key in SETTINGS}}
-            run_id = log_to_mlflow(rows, params, files, args.root, source)
+            run_id = log_to_mlflow(rows, params, files, args.root, source, args.tracking_uri or "")
             print(f"MLflow run {run_id} (experiment decomposition)")
         print(f"wrote {', '.join(str(p) for p in files)}")
     for experiment in args.trained:
@@ -648,20 +657,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def main_trained(experiment: str, args: argparse.Namespace) -> int:
-    from analysis.runs import log_study
     from vqlab.errors import UserError
     from vqlab.report import store
 
+    uri = store(args.tracking_uri, args.root)
     try:
-        rows, files = analyse_trained(experiment, args.out, store(args.tracking_uri, args.root))
+        rows, files = analyse_trained(experiment, args.out, uri)
     except (UserError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"## {experiment}: validation L1, trained end to end\n{trained_markdown(rows)}")
     if not args.no_mlflow:
-        metrics = [{"step": round(row["bits"]), f"l1/{row['scheme']}": row["l1"]} for row in rows]
-        params = {"experiment": experiment, "runs": len(rows)}
-        run_id = log_study("decomposition", f"trained:{experiment}", params, metrics, files, args.root)
+        run_id = log_trained_to_mlflow(rows, files, args.root, experiment, uri)
         print(f"MLflow run {run_id} (experiment decomposition)")
     print(f"wrote {', '.join(str(p) for p in files)}")
     return 0

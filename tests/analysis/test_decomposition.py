@@ -240,3 +240,20 @@ def test_cli_trained_writes_the_end_to_end_table_and_figure_and_logs_them(tracke
     assert run.info.run_name == "trained:E" and "l1/flat" in run.data.metrics
     assert decomposition.main(["--trained", "nothing", "--tracking-uri", uri, "--root", str(root)]) == 2
     assert "nothing" in capsys.readouterr().err
+
+
+def test_the_notebook_renders_the_end_to_end_counterpart(tracked, tmp_path, monkeypatch):
+    import nbformat
+
+    from vqlab.notebook import execute
+
+    root, uri = tracked
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "decomposition.ipynb"
+    executed = tmp_path / "decomposition.ipynb"
+    parameters = {"sources": "", "trained": "E", "tracking_uri": uri, "root": str(root), "mlflow": False}
+    execute(parameters, executed, notebook=notebook)
+    outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
+    assert any("| uniform_grid |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
