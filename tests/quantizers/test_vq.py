@@ -40,6 +40,30 @@ def test_losses_and_nearest_code_by_hand():
     torch.testing.assert_close(z.grad[0], 0.5 * 2 * torch.tensor([[0.5, 0.25], [-0.5, 0.0], [0.0, 1.0]]) / 6)
 
 
+@pytest.mark.parametrize("name", ["vq", "vq_ema"])
+def test_codes_are_the_exact_nearest_far_from_the_origin_without_the_dense_distances(name, monkeypatch):
+    """Forward and encode find each token's nearest code in blocks (vqlab.cluster.nearest): exact
+    where ‖z‖² − 2z·e + ‖e‖² in fp32 is not, and without the (tokens, K) distance matrix."""
+    import vqlab.cluster
+    import vqlab.quantizers.vq
+
+    generator = torch.Generator().manual_seed(0)
+    codebook = 3000.0 + torch.randn(512, 8, generator=generator)
+    z = 3000.0 + torch.randn(4, 256, 8, generator=generator)
+    q = vqlab.quantizers.build(name, codebook_size=512, dim=8, **HAND_SET)
+    with torch.no_grad():
+        q.embedding.copy_(codebook)
+    expected = torch.cdist(z.reshape(-1, 8).double(), codebook.double()).argmin(-1).reshape(4, 256)
+
+    def dense(*args):
+        raise AssertionError("the dense (tokens, K) distances were built")
+
+    monkeypatch.setattr(vqlab.cluster, "squared_distances", dense)
+    monkeypatch.setattr(vqlab.quantizers.vq, "squared_distances", dense)  # only the entropy loss needs them
+    assert torch.equal(q(z).codes[..., 0], expected)
+    assert torch.equal(q.eval().encode(z)[..., 0], expected)
+
+
 def test_straight_through_gradient_is_identity():
     q = vqlab.quantizers.build("vq", codebook_size=8, dim=3)
     z = torch.randn(2, 5, 3, requires_grad=True)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqlab import distributed
-from vqlab.cluster import kmeans, squared_distances
+from vqlab.cluster import kmeans, nearest
 from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, straight_through
 from vqlab.schema import require
 
@@ -230,8 +230,9 @@ class CodebookQuantizer(Quantizer):
 
     # --- subclass interface ----------------------------------------------------------------------
     def codebook_losses(
-        self, latents: torch.Tensor, quantized: torch.Tensor, distances: torch.Tensor
+        self, latents: torch.Tensor, quantized: torch.Tensor, codebook: torch.Tensor
     ) -> dict[str, torch.Tensor]:
+        """The losses of ``(B, N, d)`` latents against their ``quantized`` codes of ``codebook`` ``(K, d)``."""
         raise NotImplementedError
 
     def write_codes_(self, mask: torch.Tensor, vectors: torch.Tensor) -> None:
@@ -260,8 +261,7 @@ class CodebookQuantizer(Quantizer):
         if self.training and not bool(self.initialized):
             self._initialize_(flat.detach())
         codebook = self.codebook()  # (K, d)
-        distances = squared_distances(flat, codebook)  # (B*N, K)
-        index = distances.detach().argmin(-1)  # (B*N,)
+        index = nearest(flat.detach(), codebook.detach())  # (B*N,), never the (B*N, K) distances at once
         quantized = codebook[index].reshape(latents.shape)  # (B, N, d)
         if self.training:
             self._pending = True
@@ -279,14 +279,14 @@ class CodebookQuantizer(Quantizer):
         return QuantizerOutput(
             z_q=z_q,
             codes=index[..., None],
-            losses=self.codebook_losses(latents, quantized, distances),
+            losses=self.codebook_losses(latents, quantized, codebook),
             stats=stats,
         )
 
     def encode_fp32(self, z: torch.Tensor) -> torch.Tensor:
         latents = self.space.latents(z)  # (B, N, d)
-        distances = squared_distances(latents.reshape(-1, latents.shape[-1]), self.codebook())  # (B*N, K)
-        return distances.argmin(-1).reshape(*latents.shape[:-1], 1)
+        index = nearest(latents.reshape(-1, latents.shape[-1]), self.codebook())  # (B*N,)
+        return index.reshape(*latents.shape[:-1], 1)
 
     def decode_fp32(self, codes: torch.Tensor) -> torch.Tensor:
         return self.space.lookup(self.codebook(), codes[..., 0])  # (..., D)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqlab.cluster import squared_distances
 from vqlab.quantizers._codebook import CodebookConfig, CodebookQuantizer, initial_codebook
 from vqlab.quantizers.base import registry
 from vqlab.schema import require
@@ -62,12 +63,14 @@ class VQ(CodebookQuantizer):
         self.embedding = nn.Parameter(initial_codebook(cfg.codebook_size, cfg.lookup_dim, cfg.init))
 
     def codebook_losses(
-        self, latents: torch.Tensor, quantized: torch.Tensor, distances: torch.Tensor
+        self, latents: torch.Tensor, quantized: torch.Tensor, codebook: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         losses = {
             "codebook": F.mse_loss(quantized, latents.detach()),
             "commitment": self.cfg.beta * F.mse_loss(latents, quantized.detach()),
         }
         if self.cfg.entropy_weight > 0:
+            # the soft assignments need every token's distance to every code: (B*N, K) floats
+            distances = squared_distances(latents.reshape(-1, latents.shape[-1]), codebook)
             losses["entropy"] = self.cfg.entropy_weight * entropy_loss(distances, self.cfg.entropy_temperature)
         return losses

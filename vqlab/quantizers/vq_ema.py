@@ -56,7 +56,7 @@ class VQEMA(CodebookQuantizer):
         self.register_buffer("window_sum", torch.zeros_like(embedding), persistent=False)  # Σz this step
 
     def codebook_losses(
-        self, latents: torch.Tensor, quantized: torch.Tensor, distances: torch.Tensor
+        self, latents: torch.Tensor, quantized: torch.Tensor, codebook: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         return {"commitment": self.cfg.beta * F.mse_loss(latents, quantized.detach())}
 
