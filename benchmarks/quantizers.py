@@ -118,6 +118,14 @@ def measure(case: str, library: str, dtype: str, args: argparse.Namespace) -> di
     return row | json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def cell(row: dict, key: str) -> str:
+    return f"{row[key]:.1f}" if key in row else ("error" if "error" in row else "—")
+
+
+def ratio(ours: dict, peer: dict, key: str) -> str:
+    return f"{ours[key] / peer[key]:.2f}" if key in ours and key in peer and peer[key] > 0 else "—"
+
+
 def table(rows: list[dict]) -> str:
     """One line per (case, dtype): each library's time and memory, and vqlab / peer."""
     lines = [
@@ -129,16 +137,9 @@ def table(rows: list[dict]) -> str:
         pairs.setdefault((row["case"], row["dtype"]), {})[row["library"]] = row
     for (case, dtype), by in pairs.items():
         ours, peer = by.get("vqlab", {}), by.get("peer", {})
-
-        def cell(row: dict, key: str) -> str:
-            return f"{row[key]:.1f}" if key in row else ("error" if "error" in row else "—")
-
-        def ratio(key: str) -> str:
-            return f"{ours[key] / peer[key]:.2f}" if key in ours and key in peer and peer[key] > 0 else "—"
-
         lines.append(
-            f"| {case} | {dtype} | {cell(ours, 'ms')} | {cell(peer, 'ms')} | {ratio('ms')} "
-            f"| {cell(ours, 'peak_mib')} | {cell(peer, 'peak_mib')} | {ratio('peak_mib')} |"
+            f"| {case} | {dtype} | {cell(ours, 'ms')} | {cell(peer, 'ms')} | {ratio(ours, peer, 'ms')} "
+            f"| {cell(ours, 'peak_mib')} | {cell(peer, 'peak_mib')} | {ratio(ours, peer, 'peak_mib')} |"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,48 @@
+"""The benchmarks run end to end at toy sizes (their numbers are measured, never asserted)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(name: str, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCHMARKS.parent)}
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{name}.py"), *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_the_quantizer_table_gives_vqlab_over_peer_per_row_and_names_failures():
+    quantizers = load("quantizers")
+    rows = [
+        {"case": "a", "dtype": "fp32", "library": "vqlab", "ms": 2.0, "peak_mib": 10.0},
+        {"case": "a", "dtype": "fp32", "library": "peer", "ms": 4.0, "peak_mib": 5.0},
+        {"case": "b", "dtype": "bf16", "library": "vqlab", "ms": 1.0, "peak_mib": 1.0},
+        {"case": "b", "dtype": "bf16", "library": "peer", "error": "ModuleNotFoundError: vector_quantize_pytorch"},
+    ]
+    lines = quantizers.table(rows).splitlines()
+    assert lines[2] == "| a | fp32 | 2.0 | 4.0 | 0.50 | 10.0 | 5.0 | 2.00 |"
+    assert lines[3] == "| b | bf16 | 1.0 | error | — | 1.0 | error | — |"
+
+
+def test_the_quantizer_benchmark_measures_both_libraries_and_writes_json(tmp_path):
+    out = tmp_path / "quantizers.json"
+    cases = ["vq_ema K=1024", "fsq 8-8-8-5-5-5"]
+    done = run("quantizers", "--tokens", "64", "--warmup", "0", "--repeats", "1", "--cases", *cases, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["case"], r["library"]) for r in rows} == {(c, lib) for c in cases for lib in ("vqlab", "peer")}
+    assert all("error" not in r and r["ms"] > 0 and r["tokens"] == 64 for r in rows), rows
+    assert "| vq_ema K=1024 | fp32 |" in done.stdout and "64 tokens per step" in done.stdout
