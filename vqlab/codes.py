@@ -69,10 +69,9 @@ def index_to_digits(index: torch.Tensor, radices: Sequence[int]) -> torch.Tensor
 
 
 def perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of a histogram of code counts, in float64; zero counts are ignored and an
-    empty histogram has no perplexity (NaN)."""
-    counts = counts[counts > 0].double()
+    """exp(entropy) of a histogram of code counts, in float64; zero counts add nothing (0 log 0 =
+    0) and an empty or all-zero histogram has no perplexity (NaN). No value is read on the host."""
     if counts.numel() == 0:
         return torch.tensor(math.nan, dtype=torch.float64, device=counts.device)
-    p = counts / counts.sum()
-    return (-(p * p.log()).sum()).exp()
+    counts = counts.double()
+    return torch.special.entr(counts / counts.sum()).sum().exp()

@@ -188,6 +188,35 @@ class IntervalMeans:
         return values
 
 
+class FiniteGuard:
+    """The loss and gradient norm of every step, watched on the device and read on the host only
+    at ``check`` (log lines, evaluations, checkpoints), so that a step never waits for the device.
+    A non-finite step's gradients are zeroed on the device, so the weights stay finite until the
+    check, which runs before any checkpoint is written: the last good checkpoint stays the newest.
+    Every rank raises for the earliest non-finite step of any rank."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.zeros(3, dtype=torch.float64, device=device)  # (step, loss, grad norm); step 0: none
+
+    def watch(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, parameters) -> None:
+        """Record ``step`` if it is the first non-finite one, and zero its gradients."""
+        values = torch.stack([torch.full_like(loss, step, dtype=torch.float64), loss.double(), grad_norm.double()])
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.first = torch.where(bad & (self.first[0] == 0), values, self.first)
+        for parameter in parameters:
+            if parameter.grad is not None:
+                parameter.grad.masked_fill_(bad, 0.0)
+
+    def check(self, checkpoints: Path) -> None:
+        bad = [row for row in distributed.all_gather_cat(self.first[None]).tolist() if row[0] > 0]
+        if not bad:
+            return
+        step, loss, grad_norm = min(bad)
+        kept = checkpoint.step_files(checkpoints)
+        where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"non-finite loss {loss}, grad norm {grad_norm} at step {int(step)}; {where}")
+
+
 @torch.no_grad()
 def save_reconstruction_grid(model: VQAutoencoder, images: torch.Tensor, path: Path, dtype: str) -> None:
     """Originals on the top row, reconstructions below."""
@@ -293,6 +322,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
     model.train()
     val_metrics: dict[str, float] = {}
     interval = IntervalMeans()
+    guard = FiniteGuard(device)
     status = "FAILED"
     state.restore_rng()
     try:
@@ -317,11 +347,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                     pairs.append((images, out.reconstruction.detach()))
                 seen += len(images)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if not (torch.isfinite(window["loss"]) and torch.isfinite(grad_norm)):
-                kept = checkpoint.step_files(run.checkpoints)
-                where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
-                values = f"loss {window['loss'].item()}, grad norm {grad_norm.item()}"
-                raise NonFiniteLossError(f"non-finite {values} at step {step + 1}; {where}")
+            guard.watch(step + 1, window["loss"], grad_norm, model.parameters())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             quantizer.on_optimizer_step()
@@ -340,8 +366,14 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
             interval.add({**window, "grad_norm": grad_norm})
             state.step = step = step + 1
             logger.advance()
+            last = step == cfg.train.steps
+            log_now = last or step % cfg.train.log_every == 0
+            eval_now = last or bool(cfg.eval.every and step % cfg.eval.every == 0)
+            save_now = last or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
+            if log_now or eval_now or save_now:
+                guard.check(run.checkpoints)
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if log_now:
                 logged = {f"train/{k}": v for k, v in interval.read().items()}
                 logged["train/lr"] = schedule.get_last_lr()[0]
                 logged["train/images_per_s"] = seen * ctx.world_size / (time.perf_counter() - tick)
@@ -351,7 +383,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                 tick, seen = time.perf_counter(), 0
 
             # --- eval --------------------------------------------------------------------------
-            if step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0):
+            if eval_now:
                 val_metrics = evaluate(model, val_loader, metrics, device, cfg.train.dtype, "val")
                 if step == cfg.train.steps:  # the final code histogram, for the analysis studies
                     for path in metrics.save(run.path):
@@ -365,7 +397,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                 logger.print(validation_line(step, val_metrics))
 
             # --- checkpoint --------------------------------------------------------------------
-            if step == cfg.train.steps or (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            if save_now:
                 save_checkpoint()
 
         if ctx.main:

@@ -166,9 +166,19 @@ class CodeUsage(nn.Module):
         self.register_buffer("steps_unused", torch.zeros(size, dtype=torch.int64))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("replaced", torch.zeros((), dtype=torch.int64))
+        self._host_steps: int | None = None  # ``steps`` counted on the host once read (no sync per step)
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_steps", None))
 
     def accumulate(self, index: torch.Tensor) -> None:
-        self.window += torch.bincount(index, minlength=self.window.numel()).to(self.window.dtype)
+        # index_add_, not bincount: bincount sizes its output from the largest index, a device read
+        self.window.index_add_(0, index, torch.ones_like(index, dtype=self.window.dtype))
+
+    def step_count(self) -> int:
+        """``steps`` as a Python int: read from the device once after construction or loading,
+        then counted on the host, so that a step needs no host-device sync for it."""
+        if self._host_steps is None:
+            self._host_steps = int(self.steps)
+        return self._host_steps
 
     def restart_(self) -> None:
         """Forget the usage history: every code as if new (a codebook replaced as a whole)."""
@@ -180,6 +190,8 @@ class CodeUsage(nn.Module):
         self.ema.mul_(self.decay).add_(self.window, alpha=1 - self.decay)
         self.steps_unused.copy_(torch.where(self.window > 0, 0, self.steps_unused + 1))
         self.steps += 1
+        if self._host_steps is not None:
+            self._host_steps += 1
 
     def dead(self, max_unused_steps: int, threshold: float) -> torch.Tensor:
         """``(K,)`` bool: unused for ``max_unused_steps`` steps, or usage EMA below ``threshold`` (0: off)."""
@@ -220,8 +232,11 @@ class CodebookQuantizer(Quantizer):
         self.space = LatentSpace(cfg.dim, cfg.codebook_dim, cfg.cosine)
         self.usage = CodeUsage(cfg.codebook_size, usage_decay)
         self.register_buffer("initialized", torch.tensor(False))
+        self._known_initialized = False  # ``initialized`` seen True on the host: never read again
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_known_initialized", False))
         self._latest: torch.Tensor | None = None  # this rank's last training latents: re-seeding candidates
         self._pending = False  # a training forward filled the window since the last on_optimizer_step
+        self._window_filled = False  # the window holds statistics (init empties it mid-step)
         if cfg.init == "kmeans":
             # Every rank's latents gathered for k-means so far: buffers, so that a run resumed while
             # it is still gathering initialises as the uninterrupted run does (K x d floats).
@@ -258,13 +273,16 @@ class CodebookQuantizer(Quantizer):
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
         latents = self.space.latents(z)  # (B, N, d)
         flat = latents.reshape(-1, latents.shape[-1])  # (B*N, d)
-        if self.training and not bool(self.initialized):
-            self._initialize_(flat.detach())
+        if self.training and not self._known_initialized:
+            if bool(self.initialized):  # one device read per construction or load, not per step
+                self._known_initialized = True
+            else:
+                self._initialize_(flat.detach())
         codebook = self.codebook()  # (K, d)
         index = nearest(flat.detach(), codebook.detach())  # (B*N,), never the (B*N, K) distances at once
         quantized = codebook[index].reshape(latents.shape)  # (B, N, d)
         if self.training:
-            self._pending = True
+            self._pending = self._window_filled = True
             self.usage.accumulate(index)
             self.accumulate(flat.detach(), index)
             if self.cfg.replaces_dead_codes:
@@ -305,6 +323,7 @@ class CodebookQuantizer(Quantizer):
             self.write_codes_(everything, distributed.broadcast_(self.embedding.detach().clone()))
         if self.cfg.init != "kmeans":
             self.initialized.fill_(True)
+            self._known_initialized = True
             return
         rows = int(self.kmeans_pool_rows)
         pool = torch.cat([self.kmeans_pool[:rows], distributed.all_gather_cat(latents)])  # identical on every rank
@@ -316,10 +335,12 @@ class CodebookQuantizer(Quantizer):
         self.usage.restart_()
         for buffer in self.window_buffers():
             buffer.zero_()
+        self._window_filled = False
         self.write_codes_(everything, distributed.broadcast_(vectors))
         self.kmeans_pool.zero_()
         self.kmeans_pool_rows.zero_()
         self.initialized.fill_(True)
+        self._known_initialized = True
 
     def has_pending_updates(self) -> bool:
         return self._pending
@@ -329,8 +350,9 @@ class CodebookQuantizer(Quantizer):
         windows = self.window_buffers()
         for buffer in windows:
             distributed.all_reduce_sum_(buffer)
-        # The window is global now: every rank takes the same branches below.
-        if self.usage.window.sum() > 0:
+        # Every rank forwarded the same number of times and initialised at the same forward (the
+        # k-means pool is gathered), so every rank takes the same branches below.
+        if self._window_filled:
             self.usage.update_()
             self.update_codebook_()
             if self.cfg.replaces_dead_codes:
@@ -338,13 +360,13 @@ class CodebookQuantizer(Quantizer):
         for buffer in windows:
             buffer.zero_()
         self._latest = None
-        self._pending = False
+        self._pending = self._window_filled = False
 
     def _replace_dead_codes_(self) -> None:
         """Re-seed dead codes from the latest latents, gathered from every rank and drawn with a
         step-seeded generator, so that every rank writes the same rows."""
         size = self.cfg.codebook_size
-        step = int(self.usage.steps)
+        step = self.usage.step_count()
         latest = self._latest
         if latest is None:
             latest = torch.empty(0, self.cfg.lookup_dim, device=self.usage.window.device)

@@ -48,10 +48,21 @@ def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return q.detach() + (x - x.detach())
 
 
+HISTOGRAM_MAX = 2**20  # codebooks up to this size count codes in a dense histogram, without a host read
+
+
 def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Perplexity and number of distinct codes among the batch's tokens (detached)."""
+    """Perplexity and number of distinct codes among the batch's tokens (detached). Up to
+    ``HISTOGRAM_MAX`` codes the histogram is dense (no host-device sync); beyond, ``torch.unique``
+    counts the codes seen, which waits for the device."""
     if not radices:
         return {}
+    if codes_lib.codebook_size(radices) <= HISTOGRAM_MAX:
+        flat = codes_lib.digits_to_index(codes.detach(), radices).reshape(-1)
+        counts = torch.zeros(codes_lib.codebook_size(radices), device=codes.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.float32)
+        )
+        return {"perplexity": codes_lib.perplexity(counts).float(), "distinct_codes": (counts > 0).sum().float()}
     if codes_lib.fits_int64(radices):
         flat = codes_lib.digits_to_index(codes.detach(), radices).reshape(-1)
     else:
