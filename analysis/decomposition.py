@@ -398,23 +398,38 @@ def study(
 # --- latents of a trained run ---------------------------------------------------------------------
 @dataclass
 class RunLatents:
-    train: torch.Tensor  # (M, D) tokens of the training crops, to fit
-    held_out: torch.Tensor  # (M', D) tokens of the validation crops, to measure
+    train: torch.Tensor  # (M, D) relaxed tokens of the training crops, to fit
+    held_out: torch.Tensor  # (M', D) relaxed tokens of the validation crops, to measure
     decoded_l1: Callable[[torch.Tensor], float]  # held-out tokens' approximation -> L1 of the decoded images
+    trained: torch.Tensor | None = None  # (M', D) the run's own z_q of the held-out tokens (a discrete run)
+    trained_bits: float = math.nan  # log2 of the run's codebook size
 
 
 @torch.no_grad()
 def run_latents(run_dir: str | Path, train_count: int, device: str = "cpu") -> RunLatents:
-    """The pre-quantization latents of a run's newest checkpoint: on its first ``train_count``
-    training crops and on its validation crops, with the decoder that measures an approximation
-    of the validation latents as L1 on [0, 1] images (as ``val/l1``)."""
+    """The latents of a run's newest checkpoint on its first ``train_count`` training crops and on
+    its validation crops: its quantizer's relaxed values (``Quantizer.relaxed``: for FSQ the
+    bounded values before rounding, for VQ the latents as compared with the codes, for the
+    continuous model the tokens), which its decoder reads as it reads ``z_q``. With the decoder
+    that measures an approximation of the validation latents as L1 on [0, 1] images (as
+    ``val/l1``), and, for a discrete run, its own ``z_q`` of the validation latents."""
     from analysis.runs import crops, trained
 
     cfg, model = trained(run_dir, device)
-    train = torch.cat([model.tokens(batch)[0].float() for batch in crops(cfg, "train", train_count, device).split(256)])
+    quantizer = model.quantizer
+
+    def relaxed(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        tokens, grid = model.tokens(images)
+        return quantizer.relaxed(tokens), tokens, grid
+
+    train = torch.cat([relaxed(batch)[0] for batch in crops(cfg, "train", train_count, device).split(256)])
     images = crops(cfg, "val", device=device)
-    tokens = [model.tokens(batch) for batch in images.split(256)]
-    held_out, grid = torch.cat([z.float() for z, _ in tokens]), tokens[0][1]
+    parts = [relaxed(batch) for batch in images.split(256)]
+    held_out, grid = torch.cat([r for r, _, _ in parts]), parts[0][2]
+    own, bits = None, math.nan
+    if quantizer.discrete:
+        own = torch.cat([quantizer(tokens).z_q.float() for _, tokens, _ in parts]).flatten(0, 1)
+        bits = sum(math.log2(r) for r in quantizer.radices)
 
     @torch.no_grad()
     def decoded_l1(approximation: torch.Tensor) -> float:
@@ -425,7 +440,18 @@ def run_latents(run_dir: str | Path, train_count: int, device: str = "cpu") -> R
         ]
         return torch.cat(errors).mean().item()
 
-    return RunLatents(train.flatten(0, 1), held_out.flatten(0, 1), decoded_l1)
+    return RunLatents(train.flatten(0, 1), held_out.flatten(0, 1), decoded_l1, own, bits)
+
+
+def trained_row(latents: RunLatents) -> dict:
+    """The run's own quantizer on its held-out latents, as a row beside the schemes (``trained``)."""
+    own = latents.trained
+    return {
+        "scheme": "trained",
+        "bits": latents.trained_bits,
+        "mse": (own - latents.held_out).square().mean().item(),
+        "decoded_l1": latents.decoded_l1(own),
+    }
 
 
 # --- the end-to-end counterpart: the schemes trained with the model ---------------------------------
@@ -519,9 +545,8 @@ def figure(rows: list[dict], title: str):
     made = Figure(figsize=(5.5 * len(panels), 4), layout="constrained")
     for ax, column in zip(made.subplots(1, len(panels), squeeze=False)[0], panels, strict=True):
         for scheme, points in table.dropna(subset=[column]).groupby("scheme", sort=False):
-            ax.plot(
-                points["bits"], points[column], marker="o", label=scheme, linestyle="--" if scheme == "radix" else "-"
-            )
+            style = {"trained": {"marker": "*", "markersize": 14, "linestyle": "none"}, "radix": {"linestyle": "--"}}
+            ax.plot(points["bits"], points[column], **({"marker": "o"} | style.get(scheme, {})), label=scheme)
         ax.set(xlabel="bits per latent (log2 K)", ylabel=column, yscale="log", title=f"held-out {column}")
         ax.legend(fontsize="small")
     made.suptitle(title)
@@ -533,7 +558,9 @@ def log_to_mlflow(rows: list[dict], params: dict, files: list[Path], root: Path,
     from analysis.runs import log_study
 
     numeric = ("mse", "usage", "entropy_bits", "parameters", "fit_s", "encode_s", "decoded_l1")
-    metrics = [{"step": row["bits"], **{f"{k}/{row['scheme']}": row[k] for k in numeric if k in row}} for row in rows]
+    metrics = [
+        {"step": round(row["bits"]), **{f"{k}/{row['scheme']}": row[k] for k in numeric if k in row}} for row in rows
+    ]
     return log_study("decomposition", source, params, metrics, files, root, uri)
 
 
@@ -547,10 +574,11 @@ def log_trained_to_mlflow(rows: list[dict], files: list[Path], root: Path, exper
 
 
 def markdown(rows: list[dict]) -> str:
-    """Held-out MSE per scheme (rows) and budget (columns); ``—`` where a budget was not fitted."""
-    bits = sorted({row["bits"] for row in rows})
+    """Held-out MSE per scheme (rows) and budget (columns, the run's own quantizer under the nearest
+    whole number of bits); ``—`` where a budget was not fitted."""
+    bits = sorted({round(row["bits"]) for row in rows})
     schemes = list(dict.fromkeys(row["scheme"] for row in rows))
-    value = {(row["scheme"], row["bits"]): row["mse"] for row in rows}
+    value = {(row["scheme"], round(row["bits"])): row["mse"] for row in rows}
     lines = ["| scheme | " + " | ".join(f"{b} bits" for b in bits) + " |", "|---|" + "---|" * len(bits)]
     for scheme in schemes:
         cells = [value.get((scheme, b), math.nan) for b in bits]
@@ -575,6 +603,7 @@ def analyse(
     to ``out/<source>`` (a run source by its folder's name). For a run, ``train_count`` counts crops."""
     import pandas as pd
 
+    latents = None
     if source.startswith("run:"):
         latents = run_latents(source.removeprefix("run:"), train_count, device)
         train, held_out, decoded = latents.train, latents.held_out, latents.decoded_l1
@@ -583,6 +612,8 @@ def analyse(
         held_out = synthetic(source, held_out_count, dim, seed=2).to(device)
         decoded = None
     rows = study(train, held_out, bits, schemes, FitSettings(min_points, learned_steps), decoded, progress)
+    if latents is not None and latents.trained is not None:
+        rows.append(trained_row(latents))
     folder = out / (Path(source.removeprefix("run:")).name if source.startswith("run:") else source)
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(folder / "table.csv", index=False)

@@ -164,6 +164,26 @@ def test_a_runs_latents_decode_to_its_own_validation_l1(tmp_path):
     assert latents.decoded_l1(torch.zeros_like(latents.held_out)) > l1
 
 
+def test_an_fsq_runs_relaxed_latents_round_to_its_codes_and_decode_to_its_validation_l1(tmp_path):
+    """FSQ's relaxed latents are its bounded values before rounding: rounding them on its grid is
+    its own z_q (the ``trained`` row), which decodes to the run's validation L1."""
+    import vqlab
+    from vqlab.evaluate import evaluate_run
+
+    overrides = {"tracking.root": str(tmp_path), "tracking.mlflow": False, "quantizer.name": "fsq"}
+    result = vqlab.fit(vqlab.config.load("smoke", overrides))
+    latents = decomposition.run_latents(result.run_dir, train_count=64)
+    cfg = vqlab.RunFolder(result.run_dir).read_config()
+    width = torch.tensor([level // 2 for level in cfg.quantizer.levels], dtype=torch.float32)
+    assert latents.held_out.abs().max() <= 1.0
+    torch.testing.assert_close(latents.trained, (latents.held_out * width).round() / width)
+    assert latents.trained_bits == pytest.approx(math.log2(math.prod(cfg.quantizer.levels)))
+    l1 = evaluate_run(result.run_dir, metrics=["reconstruction"]).metrics["eval/l1"]
+    row = decomposition.trained_row(latents)
+    assert row["scheme"] == "trained" and row["decoded_l1"] == pytest.approx(l1, rel=1e-5)
+    assert row["mse"] > 0
+
+
 def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit):
         decomposition.main(["--sources", f"run:{tmp_path / 'nothing'}", "--root", str(tmp_path)])

@@ -301,6 +301,11 @@ class CodebookQuantizer(Quantizer):
             stats=stats,
         )
 
+    def relaxed(self, z: torch.Tensor) -> torch.Tensor:
+        """The latents as the codes are compared with them, mapped to the output space as a code is."""
+        latents = self.space.latents(z.float())  # (B, N, d)
+        return self.space.project_out(latents) if self.space.project_out is not None else latents
+
     def encode_fp32(self, z: torch.Tensor) -> torch.Tensor:
         latents = self.space.latents(z)  # (B, N, d)
         index = nearest(latents.reshape(-1, latents.shape[-1]), self.codebook())  # (B*N,)

@@ -158,6 +158,12 @@ class Quantizer(nn.Module):
         with fp32_island(codes.device):
             return self.decode_fp32(codes.long())
 
+    def relaxed(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, N, D)`` tokens -> ``(B, N, D)`` the continuous values that quantization snaps to
+        ``z_q`` (in ``z_q``'s space, so the decoder reads them as it reads ``z_q``); the analysis
+        studies quantize them other ways. For the quantizers where it is defined."""
+        raise NotImplementedError(f"{type(self).__name__} does not define its relaxed (pre-rounding) values")
+
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
         raise NotImplementedError
 

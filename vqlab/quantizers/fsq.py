@@ -56,6 +56,9 @@ class FSQ(Quantizer):
     def bound(self, z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(z + self.shift) * self.half_l - self.offset
 
+    def relaxed(self, z: torch.Tensor) -> torch.Tensor:
+        return self.bound(z.float()) / self.half_width  # z_q before rounding: z_q = round(relaxed · w) / w
+
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
         bounded = self.bound(z)  # (B, N, D) in (-L/2, L/2)
         rounded = straight_through(bounded, bounded.round())  # (B, N, D) integers

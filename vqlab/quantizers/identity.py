@@ -34,6 +34,9 @@ class Identity(Quantizer):
         self.dim = cfg.dim
         self.radices = ()
 
+    def relaxed(self, z: torch.Tensor) -> torch.Tensor:
+        return z.float()
+
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
         return QuantizerOutput(z_q=z, codes=self.encode_fp32(z))
 
