@@ -46,3 +46,26 @@ def test_the_quantizer_benchmark_measures_both_libraries_and_writes_json(tmp_pat
     assert {(r["case"], r["library"]) for r in rows} == {(c, lib) for c in cases for lib in ("vqlab", "peer")}
     assert all("error" not in r and r["ms"] > 0 and r["tokens"] == 64 for r in rows), rows
     assert "| vq_ema K=1024 | fp32 |" in done.stdout and "64 tokens per step" in done.stdout
+
+
+def test_the_loader_benchmark_times_each_worker_count_against_the_step_rate(tmp_path):
+    out = tmp_path / "data.json"
+    args = ["--count", "64", "--workers", "0", "1", "--batches", "2", "--batch", "16", "--step-rate", "1e9"]
+    done = run("data", *args, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["workers"] for r in rows] == [0, 1]
+    assert all(r["images_per_s"] > 0 and r["bottleneck"] for r in rows)  # no loader keeps up with 1e9 images/s
+
+
+def test_the_validation_benchmark_writes_stand_ins_elsewhere_than_the_real_cache(tmp_path):
+    out, cache = tmp_path / "evaluate.json", tmp_path / "cache"
+    args = ["--config", "smoke", "--images", "8", "--batch", "8", "--metrics", "reconstruction", "lpips"]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCHMARKS.parent), "TORCH_HOME": str(cache)}
+    command = [sys.executable, str(BENCHMARKS / "evaluate.py"), *args, "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["stand_ins"] == ["alexnet"] and not cache.exists()
+    assert [r["metrics"] for r in result["rows"]] == ["reconstruction", "lpips", "reconstruction+lpips"]
+    assert all(r["images_per_s"] > 0 for r in result["rows"])

@@ -8,7 +8,6 @@ import math
 import re
 import shutil
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -338,23 +337,7 @@ SMALL_INCEPTION_INPUT = 75  # the smallest input Inception takes; 299 costs seco
 
 
 def write_stand_in_inception(path, seed: int = 0):
-    """Random Inception weights at ``path``. He-initialised convolutions keep the activations O(1)
-    (PyTorch's default init shrinks them into slow float denormals), and a scaled classifier
-    spreads the logits so the Inception Score is not trivially 1."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    torch.manual_seed(seed)
-    with (
-        mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
-        mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}),
-    ):
-        net = FeatureExtractorInceptionV3("stand-in", ["2048", "logits_unbiased"], feature_extractor_weights_path="-")
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    net.fc.weight.data *= 1000
-    torch.save(net.state_dict(), path)
-    return path
+    return weights.write_stand_in("inception", path, seed)
 
 
 @pytest.fixture

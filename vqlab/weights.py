@@ -107,3 +107,36 @@ def check(path: Path) -> str | None:
 def status() -> list[tuple[Weights, Path, str | None]]:
     """Every registered weight with its expected path and what is wrong with it (``check``)."""
     return [(w, expected_path(w.name), check(expected_path(w.name))) for w in REGISTRY.values()]
+
+
+def write_stand_in(name: str, path: Path, seed: int = 0) -> Path:
+    """Random weights with ``name``'s real architecture (so they cost what the real ones cost, and
+    load where they load) at ``path``: for tests and benchmarks on machines without the real files.
+    Inception's convolutions are He-initialised, which keeps its activations O(1) (PyTorch's
+    default init shrinks them into slow float denormals), and its classifier is scaled up so that
+    its logits spread (an Inception Score that is not trivially 1)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    if name == "inception":
+        from unittest import mock
+
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        # the constructor loads a weights file; a stand-in is made without one
+        with (
+            mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict"),
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.torch.load", return_value={}),
+        ):
+            net = FeatureExtractorInceptionV3(
+                "stand-in", ["2048", "logits_unbiased"], feature_extractor_weights_path="-"
+            )
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        net.fc.weight.data *= 1000
+        torch.save(net.state_dict(), path)
+        return path
+    import torchvision
+
+    torch.save(getattr(torchvision.models, REGISTRY[name].name)().state_dict(), path)
+    return path
