@@ -31,26 +31,6 @@ METRICS = ("reconstruction", "codebook", "swd", "lpips", "fid")
 TRUNKS = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
 
 
-def weights_home(tmp: Path, names: list[str]) -> list[str]:
-    """When the hub cache lacks any of ``names``' weights: a torch hub cache under ``tmp`` holding
-    links to the files there are and stand-ins for the others, made ``TORCH_HOME`` (the real cache
-    is never written to); returns the names given stand-ins."""
-    from vqlab import weights
-
-    missing = [name for name in names if weights.check(weights.expected_path(name)) == "missing"]
-    if not missing:
-        return []
-    folder = tmp / "hub" / "checkpoints"
-    folder.mkdir(parents=True)
-    for name in names:
-        if name not in missing:
-            (folder / weights.REGISTRY[name].filename).symlink_to(weights.expected_path(name))
-    os.environ["TORCH_HOME"] = str(tmp)
-    for name in missing:
-        weights.write_stand_in(name, folder / weights.REGISTRY[name].filename)
-    return missing
-
-
 def images_per_second(cfg, metrics: list[str], device: torch.device) -> float:
     from dataclasses import replace
 
@@ -84,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1 or args.batch < 1:
         parser.error("--images and --batch must be >= 1")
-    from vqlab import config
+    from vqlab import config, weights
 
     overrides = {
         "data.name": "synthetic",
@@ -98,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     sets = [*([m] for m in args.metrics), list(args.metrics)]
     needed = [TRUNKS[cfg.eval.lpips_net]] * ("lpips" in args.metrics) + ["inception"] * ("fid" in args.metrics)
     with tempfile.TemporaryDirectory() as home:
-        written = weights_home(Path(home), needed)
+        written = weights.stand_in_cache(Path(home), needed)
         rows = [{"metrics": "+".join(s), "images_per_s": images_per_second(cfg, s, device)} for s in sets]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"{args.config} at {cfg.data.image_size} px, {args.images} images, batch {args.batch}, {args.dtype}, {where}")

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -69,3 +71,18 @@ def test_the_validation_benchmark_writes_stand_ins_elsewhere_than_the_real_cache
     assert result["stand_ins"] == ["alexnet"] and not cache.exists()
     assert [r["metrics"] for r in result["rows"]] == ["reconstruction", "lpips", "reconstruction+lpips"]
     assert all(r["images_per_s"] > 0 for r in result["rows"])
+
+
+def test_the_training_step_benchmark_gives_mfu_from_counted_flops_and_lpips_rows(tmp_path):
+    out = tmp_path / "train_step.json"
+    variants = ["fp32", "fp32 + lpips"]
+    args = ["--steps", "4", "--image-size", "32", "--batch", "2", "--peak-tflops", "1", "--variants", *variants]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCHMARKS.parent), "TORCH_HOME": str(tmp_path / "c")}
+    command = [sys.executable, str(BENCHMARKS / "train_step.py"), *args, "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [r["variant"] for r in result["results"]] == variants
+    assert result["flops_per_image"] > 0 and result["stand_ins"] == ["alexnet"]
+    for row in result["results"]:
+        assert row["mfu"] == pytest.approx(row["images_per_s"] * result["flops_per_image"] / 1e12)
