@@ -42,3 +42,19 @@ def model_output(
 ) -> AutoencoderOutput:
     """A model output holding only what the evaluator under test reads."""
     return AutoencoderOutput(reconstruction, QuantizerOutput(z_q=latents, codes=codes), latents)
+
+
+def tracked_smoke_runs(root: Path, variants: dict[str, dict]) -> str:
+    """4 steps of the smoke preset per variant (run name -> overrides), one thread, in the MLflow
+    experiment ``E`` of a store under ``root``; returns the store's URI."""
+    import vqlab
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name, overrides in variants.items():
+        base = {"tracking.root": str(root), "tracking.mlflow": True, "tracking.mlflow_uri": uri}
+        base |= {"tracking.experiment": "E", "tracking.run_name": name, "train.steps": 4, "optim.warmup_steps": 0}
+        vqlab.fit(vqlab.config.load("smoke", base | overrides))
+    torch.set_num_threads(threads)
+    return uri

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-import vqlab
 from analysis import codebook
 from vqlab.runfolder import RunFolder
+
+from ..helpers import tracked_smoke_runs
 
 
 def test_a_uniformly_used_codebook_has_log2_k_effective_bits_and_zipf_exponent_zero():
@@ -61,15 +61,7 @@ def test_the_table_reads_each_runs_histogram_and_per_digit_usage(tmp_path):
 def tracked(tmp_path_factory):
     """Two smoke runs (FSQ and a 64-code VQ) in one MLflow experiment."""
     root = tmp_path_factory.mktemp("runs")
-    uri = f"sqlite:///{root}/mlflow.db"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    for name, overrides in {"fsq": {}, "vq": {"quantizer.name": "vq", "quantizer.codebook_size": 64}}.items():
-        base = {"tracking.root": str(root), "tracking.mlflow": True, "tracking.mlflow_uri": uri}
-        base |= {"tracking.experiment": "E", "tracking.run_name": name, "train.steps": 4, "optim.warmup_steps": 0}
-        vqlab.fit(vqlab.config.load("smoke", base | overrides))
-    torch.set_num_threads(threads)
-    return root, uri
+    return root, tracked_smoke_runs(root, {"fsq": {}, "vq": {"quantizer.name": "vq", "quantizer.codebook_size": 64}})
 
 
 def test_tracked_runs_are_found_in_mlflow_and_read_from_their_folders(tracked):
@@ -103,16 +95,7 @@ def test_cli_names_an_unknown_experiment_in_one_line(tracked, capsys):
     assert "nothing" in capsys.readouterr().err
 
 
-def test_the_notebook_executes_headless(tracked, tmp_path, monkeypatch):
-    import nbformat
-
-    from vqlab.notebook import execute
-
+def test_the_notebook_executes_headless(tracked, run_notebook):
     root, uri = tracked
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "codebook.ipynb"
-    executed = tmp_path / "codebook.ipynb"
-    execute({"experiment": "E", "tracking_uri": uri, "root": str(root), "mlflow": False}, executed, notebook=notebook)
-    outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
+    outputs = run_notebook("codebook", {"experiment": "E", "tracking_uri": uri, "root": str(root), "mlflow": False})
     assert sum("image/png" in o.get("data", {}) for o in outputs) == len(codebook.FIGURES)

@@ -124,18 +124,7 @@ def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):
     assert "no run folder" in capsys.readouterr().err
 
 
-def test_the_notebook_executes_headless(trained_run, tmp_path, monkeypatch):
-    import nbformat
-
-    from vqlab.notebook import execute
-
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "codes.ipynb"
-    executed = tmp_path / "codes.ipynb"
-    execute(
-        {"runs": str(trained_run), "root": str(tmp_path), "mlflow": False, "smoke": True}, executed, notebook=notebook
-    )
-    outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
+def test_the_notebook_executes_headless(trained_run, tmp_path, run_notebook):
+    outputs = run_notebook("codes", {"runs": str(trained_run), "root": str(tmp_path), "mlflow": False, "smoke": True})
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
     assert any("| flat bits |" in o.get("data", {}).get("text/markdown", "") for o in outputs)

@@ -1,13 +1,14 @@
 """analysis.decomposition: each scheme against a case whose answer is known."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from analysis import decomposition
 from vqlab.cluster import inertia
+
+from ..helpers import tracked_smoke_runs
 
 LEARNED_TEST_STEPS = 600
 
@@ -191,18 +192,10 @@ def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "decomposition").exists()
 
 
-def test_the_notebook_executes_headless_and_logs_to_mlflow(tmp_path, monkeypatch):
-    import nbformat
+def test_the_notebook_executes_headless_and_logs_to_mlflow(tmp_path, run_notebook):
     from mlflow import MlflowClient
 
-    from vqlab.notebook import execute
-
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "decomposition.ipynb"
-    executed = tmp_path / "decomposition.ipynb"
-    execute({"sources": "mixture", "root": str(tmp_path), "smoke": True}, executed, notebook=notebook)
-    outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
+    outputs = run_notebook("decomposition", {"sources": "mixture", "root": str(tmp_path), "smoke": True})
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
     assert any("| flat |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -214,20 +207,9 @@ def test_the_notebook_executes_headless_and_logs_to_mlflow(tmp_path, monkeypatch
 def tracked(tmp_path_factory):
     """Two smoke tokenizers of the study's schemes (FSQ's grid, a 64-code flat VQ) in one MLflow
     experiment, and a continuous one, which has no codes."""
-    import vqlab
-
     root = tmp_path_factory.mktemp("runs")
-    uri = f"sqlite:///{root}/mlflow.db"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     variants = {"fsq": {}, "vq": {"quantizer.name": "vq", "quantizer.codebook_size": 64}}
-    variants["identity"] = {"quantizer.name": "identity"}
-    for name, overrides in variants.items():
-        base = {"tracking.root": str(root), "tracking.mlflow": True, "tracking.mlflow_uri": uri}
-        base |= {"tracking.experiment": "E", "tracking.run_name": name, "train.steps": 4, "optim.warmup_steps": 0}
-        vqlab.fit(vqlab.config.load("smoke", base | overrides))
-    torch.set_num_threads(threads)
-    return root, uri
+    return root, tracked_smoke_runs(root, variants | {"identity": {"quantizer.name": "identity"}})
 
 
 def test_trained_rows_give_each_tokenizer_its_scheme_budget_and_validation_l1(tracked):
@@ -262,18 +244,9 @@ def test_cli_trained_writes_the_end_to_end_table_and_figure_and_logs_them(tracke
     assert "nothing" in capsys.readouterr().err
 
 
-def test_the_notebook_renders_the_end_to_end_counterpart(tracked, tmp_path, monkeypatch):
-    import nbformat
-
-    from vqlab.notebook import execute
-
+def test_the_notebook_renders_the_end_to_end_counterpart(tracked, run_notebook):
     root, uri = tracked
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    notebook = Path(__file__).resolve().parents[2] / "notebooks" / "decomposition.ipynb"
-    executed = tmp_path / "decomposition.ipynb"
     parameters = {"sources": "", "trained": "E", "tracking_uri": uri, "root": str(root), "mlflow": False}
-    execute(parameters, executed, notebook=notebook)
-    outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
+    outputs = run_notebook("decomposition", parameters)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 1
     assert any("| uniform_grid |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
