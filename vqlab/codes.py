@@ -16,7 +16,10 @@ INT64_MAX = 2**63 - 1
 
 def codebook_size(radices: Sequence[int]) -> int:
     """Number of distinct codes, ``prod(radices)`` (a Python int, never overflowing)."""
-    return math.prod(int(r) for r in radices)
+    size = 1
+    for radix in radices:  # a loop, not a generator inside math.prod: torch.compile traces it without a break
+        size *= int(radix)
+    return size
 
 
 def fits_int64(radices: Sequence[int]) -> bool:

@@ -130,3 +130,17 @@ def test_a_training_step_reads_nothing_on_the_host_once_initialised(quantizer, n
     out = quantizer(z)
     (out.z_q.sum() + sum(out.losses.values())).backward()
     quantizer.on_optimizer_step()
+
+
+def test_a_training_forward_compiles_into_one_graph_once_initialised(quantizer):
+    """torch.compile traces the forward without a graph break (each break splits the compiled
+    step and returns to Python)."""
+    quantizer.train()
+    z = tokens(quantizer, batch=4, n=300)
+    for _ in range(2):
+        quantizer(z)
+        quantizer.on_optimizer_step()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(quantizer)(z)
+    assert explained.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explained.break_reasons]
+    assert explained.graph_count == 1
