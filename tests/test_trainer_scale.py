@@ -85,7 +85,11 @@ GAN = ["loss.adversarial.weight=0.1", "loss.adversarial.width=8", "loss.adversar
 GAN += ["loss.adversarial.start_step=5", "loss.adversarial.lecam=0.1", "train.grad_accum=2"]
 
 
-@pytest.mark.parametrize("extra", [[], GAN], ids=["plain", "gan-accum"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], GAN, ["quantizer.name=bsq"], ["quantizer.name=learned_grid"]],
+    ids=["plain", "gan-accum", "bsq", "learned_grid"],
+)
 def test_ddp_ranks_stay_identical(tmp_path, extra):
     args = ["--config", "smoke", f"tracking.root={tmp_path / 'runs'}", "train.steps=20", "train.checkpoint_every=5"]
     run = launch([*args, "tracking.run_name=ddp", *extra], tmp_path, nproc=2)

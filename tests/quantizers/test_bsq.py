@@ -1,0 +1,62 @@
+"""BSQ against its formulas: the sign on the unit sphere, and the entropy terms by brute force over
+every code of a small codebook."""
+
+import math
+
+import pytest
+import torch
+
+import vqlab
+
+
+def all_codes(d: int) -> torch.Tensor:
+    """``(2^d, d)`` every corner ±1/√d, in the flat-index order of the bits (bit 0 least significant)."""
+    bits = (torch.arange(2**d)[:, None] >> torch.arange(d)) & 1  # (2^d, d)
+    return torch.where(bits == 1, 1.0, -1.0) / math.sqrt(d)
+
+
+def test_tokens_go_to_the_sign_of_their_direction_on_the_unit_sphere():
+    q = vqlab.quantizers.build("bsq", dim=4)
+    z = torch.tensor([[[3.0, -0.5, 0.1, -2.0], [-1e-3, 2e-3, -5.0, 7.0]]])
+    out = q(z)
+    assert out.codes[0].tolist() == [[1, 0, 1, 0], [0, 1, 0, 1]]
+    torch.testing.assert_close(out.z_q, torch.where(z > 0, 0.5, -0.5))  # 1/√4
+    torch.testing.assert_close(out.z_q.norm(dim=-1), torch.ones(1, 2))
+    torch.testing.assert_close(q.relaxed(z), z / z.norm(dim=-1, keepdim=True))
+
+
+def test_the_entropies_are_the_papers_by_brute_force_over_every_code():
+    """Per-sample: E[H(softmax(−‖u − c‖²/τ))] over all 2^d codes, exactly. Codebook: the sum over
+    bits of the batch-mean bit's entropy, which bounds the joint entropy of the batch mean."""
+    d, tau = 4, 0.3
+    q = vqlab.quantizers.build("bsq", dim=d, entropy_temperature=tau)
+    u = torch.nn.functional.normalize(torch.randn(64, d, generator=torch.Generator().manual_seed(0)), dim=-1)
+    sample, codebook = q.entropies(u)
+    p = torch.softmax(-torch.cdist(u, all_codes(d)).square() / tau, dim=-1)  # (T, 2^d)
+    per_token = torch.special.entr(p).sum(-1).mean()
+    torch.testing.assert_close(sample, per_token)
+    bit_one = torch.stack([p[:, (torch.arange(2**d) >> i) & 1 == 1].sum(-1) for i in range(d)], -1)  # (T, d)
+    mean_bit = bit_one.mean(0)
+    torch.testing.assert_close(codebook, (torch.special.entr(mean_bit) + torch.special.entr(1 - mean_bit)).sum())
+    joint = torch.special.entr(p.mean(0)).sum()
+    assert codebook >= joint - 1e-6
+
+
+def test_the_entropy_loss_pushes_tokens_apart_and_commits_them():
+    """Identical tokens: the codebook term rewards spreading them, so its gradient is not zero;
+    the loss has exactly the configured parts."""
+    q = vqlab.quantizers.build("bsq", dim=6, entropy_weight=0.5, commitment_weight=0.25)
+    z = (torch.ones(1, 8, 6) + 0.01 * torch.randn(1, 8, 6, generator=torch.Generator().manual_seed(1))).requires_grad_()
+    out = q(z)
+    assert set(out.losses) == {"entropy", "commitment"}
+    out.losses["entropy"].backward()
+    assert z.grad.abs().sum() > 0
+    assert set(vqlab.quantizers.build("bsq", dim=6, entropy_weight=0, commitment_weight=0)(z).losses) == set()
+
+
+@pytest.mark.parametrize(("key", "value"), [("dim", 1), ("entropy_temperature", 0.0), ("entropy_weight", -1.0)])
+def test_bad_options_are_config_errors_naming_the_key(key, value):
+    from vqlab.schema import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        vqlab.quantizers.build("bsq", **{key: value})
