@@ -227,3 +227,16 @@ def test_compare_notebook_executes_and_shows_the_table(store, tmp_path, monkeypa
     shown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert shown == [report.render(SWEEP, uri).markdown]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == len(report.FIGURES)
+
+
+@pytest.mark.parametrize(
+    ("params", "shape"),
+    [
+        ({"quantizer.name": "learned_grid", "quantizer.levels": "[8, 5, 5, 5]"}, "8-5-5-5"),
+        ({"quantizer.name": "simvq", "quantizer.codebook_size": "16384"}, "K=16384"),
+        ({"quantizer.name": "bsq", "quantizer.dim": "14"}, "14 bits"),
+        ({"quantizer.name": "something_new"}, report.MISSING),
+    ],
+)
+def test_each_quantizer_family_names_its_codebook_shape(params, shape):
+    assert report.describe(params) == shape

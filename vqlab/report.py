@@ -155,11 +155,11 @@ def describe(params: dict[str, str], prefix: str = "quantizer.") -> str:
     ``10 bits``, RVQ ``2 x fsq 8-4``, product ``2 groups x fsq 8-4``; ``—`` when unknown."""
     q = {key.removeprefix(prefix): value for key, value in params.items() if key.startswith(prefix)}
     name = q.get("name")
-    if name in ("fsq", "sfsq", "radix") and (q.get("levels") or q.get("radices")):
+    if name in ("fsq", "sfsq", "learned_grid", "radix") and (q.get("levels") or q.get("radices")):
         return "-".join(str(level) for level in json.loads(q.get("levels") or q["radices"]))
-    if name in ("vq", "vq_ema", "gumbel") and "codebook_size" in q:
+    if name in ("vq", "vq_ema", "gumbel", "simvq") and "codebook_size" in q:
         return f"K={q['codebook_size']}"
-    if name == "lfq" and "dim" in q:
+    if name in ("lfq", "bsq") and "dim" in q:
         return f"{q['dim']} bits"
     if name == "identity":
         return f"continuous, dim {q.get('dim')}"
