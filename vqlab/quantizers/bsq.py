@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, registry, straight_through
+from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, registry
+from vqlab.quantizers.lfq import sign_output
 from vqlab.schema import require
 
 MAX_BITS = 62  # keeps every flat index inside int64 with room to spare
@@ -75,20 +76,7 @@ class BSQ(Quantizer):
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
         u = F.normalize(z, dim=-1)  # (B, N, D) on the unit sphere
         q = torch.where(u > 0, 1.0, -1.0) / self.dim**0.5  # (B, N, D), also on the sphere
-        codes = (u > 0).long()  # (B, N, D)
-        sample_entropy, codebook_entropy = self.entropies(u.reshape(-1, self.dim))
-        commitment = (u - q).square().mean()
-        losses = {}
-        if self.cfg.entropy_weight > 0:
-            losses["entropy"] = self.cfg.entropy_weight * (sample_entropy - self.cfg.diversity_gamma * codebook_entropy)
-        if self.cfg.commitment_weight > 0:
-            losses["commitment"] = self.cfg.commitment_weight * commitment
-        stats = {
-            "sample_entropy": sample_entropy.detach(),
-            "codebook_entropy": codebook_entropy.detach(),
-            "commitment_mse": commitment.detach(),
-        }
-        return QuantizerOutput(z_q=straight_through(u, q), codes=codes, losses=losses, stats=stats)
+        return sign_output(u, q, self.entropies(u.reshape(-1, self.dim)), self.cfg)
 
     def entropies(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, D)`` unit tokens -> (E[H(p(c|u))], factorised H(E[p(c|u)])) in nats."""

@@ -24,6 +24,7 @@ tokens (per rank under DDP).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,34 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim=-1)
 
 
+class SignLossWeights(Protocol):
+    entropy_weight: float
+    diversity_gamma: float
+    commitment_weight: float
+
+
+def sign_output(
+    x: torch.Tensor, q: torch.Tensor, entropies: tuple[torch.Tensor, torch.Tensor], cfg: SignLossWeights
+) -> QuantizerOutput:
+    """What a sign quantizer (LFQ, BSQ) returns for tokens ``x`` ``(B, N, D)`` and their scaled signs
+    ``q``: ``z_q = q`` straight through to ``x``, digit 1 where ``x > 0``, the entropy loss
+    ``w (E[H] − γ H(E[p]))`` from ``entropies`` (per-sample, codebook) and the commitment ``w ‖x − q‖²``
+    (mean), under ``cfg``'s weights."""
+    sample_entropy, codebook_entropy = entropies
+    commitment = (x - q).square().mean()
+    losses = {}
+    if cfg.entropy_weight > 0:
+        losses["entropy"] = cfg.entropy_weight * (sample_entropy - cfg.diversity_gamma * codebook_entropy)
+    if cfg.commitment_weight > 0:
+        losses["commitment"] = cfg.commitment_weight * commitment
+    stats = {
+        "sample_entropy": sample_entropy.detach(),
+        "codebook_entropy": codebook_entropy.detach(),
+        "commitment_mse": commitment.detach(),
+    }
+    return QuantizerOutput(z_q=straight_through(x, q), codes=(x > 0).long(), losses=losses, stats=stats)
+
+
 @registry.register("lfq", LFQConfig)
 class LFQ(Quantizer):
     mean_losses = frozenset({"commitment"})
@@ -90,22 +119,7 @@ class LFQ(Quantizer):
 
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
         q = torch.where(z > 0, self.cfg.scale, -self.cfg.scale)  # (B, N, D)
-        z_q = straight_through(z, q)
-        codes = (z > 0).long()  # (B, N, D)
-
-        sample_entropy, codebook_entropy = self.entropies(z.reshape(-1, self.dim))
-        commitment = (z - q).square().mean()
-        losses = {}
-        if self.cfg.entropy_weight > 0:
-            losses["entropy"] = self.cfg.entropy_weight * (sample_entropy - self.cfg.diversity_gamma * codebook_entropy)
-        if self.cfg.commitment_weight > 0:
-            losses["commitment"] = self.cfg.commitment_weight * commitment
-        stats = {
-            "sample_entropy": sample_entropy.detach(),
-            "codebook_entropy": codebook_entropy.detach(),
-            "commitment_mse": commitment.detach(),
-        }
-        return QuantizerOutput(z_q=z_q, codes=codes, losses=losses, stats=stats)
+        return sign_output(z, q, self.entropies(z.reshape(-1, self.dim)), self.cfg)
 
     def entropies(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(T, D)`` tokens -> (E[H(p(q|z))], factorised H(E[p(q|z)])) in nats."""
