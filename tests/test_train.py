@@ -279,3 +279,24 @@ def test_unreadable_data_leaves_no_run_folder(tmp_path, capsys):
     assert trainer_main([*argv, f"tracking.root={root}", "tracking.mlflow=false"]) == 2
     assert str(images) in capsys.readouterr().err
     assert not root.exists()
+
+
+def test_an_experiment_created_by_another_process_meanwhile_is_found_not_an_error(tmp_path, monkeypatch):
+    """Two runs starting at once in a new experiment: the second one's creation fails, and it
+    takes the experiment the first one created."""
+    from vqlab.config import TrackingConfig
+    from vqlab.tracking import client, experiment_id
+
+    cfg = TrackingConfig(root=str(tmp_path), experiment="E", mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow_client = client(cfg)
+    created = mlflow_client.create_experiment("E")
+    real = mlflow_client.get_experiment_by_name
+    calls = []
+
+    def not_there_yet(name):  # the first look happens before the other process's creation
+        calls.append(name)
+        return None if len(calls) == 1 else real(name)
+
+    monkeypatch.setattr(mlflow_client, "get_experiment_by_name", not_there_yet)
+    assert experiment_id(mlflow_client, cfg) == created
+    assert len(calls) == 2

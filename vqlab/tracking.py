@@ -106,12 +106,22 @@ def client(cfg: TrackingConfig):
 
 
 def experiment_id(mlflow_client, cfg: TrackingConfig) -> str:
-    """The experiment named ``cfg.experiment``, created with its artifacts under ``<root>/mlartifacts``."""
+    """The experiment named ``cfg.experiment``, created with its artifacts under ``<root>/mlartifacts``.
+    Two processes starting runs of a new experiment at once may both try to create it: the one
+    whose creation fails finds the other's."""
+    from mlflow.exceptions import MlflowException
+
     experiment = mlflow_client.get_experiment_by_name(cfg.experiment)
     if experiment is not None:
         return experiment.experiment_id
     location = (Path(cfg.root).resolve() / "mlartifacts").as_uri()
-    return mlflow_client.create_experiment(cfg.experiment, artifact_location=location)
+    try:
+        return mlflow_client.create_experiment(cfg.experiment, artifact_location=location)
+    except MlflowException:
+        experiment = mlflow_client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def start_run(cfg: TrackingConfig, run: RunFolder, params: dict[str, Any], history: list[dict[str, Any]]) -> MlflowRun:

@@ -60,3 +60,15 @@ def test_bad_options_are_config_errors_naming_the_key(key, value):
 
     with pytest.raises(ConfigError, match=key):
         vqlab.quantizers.build("bsq", **{key: value})
+
+
+def test_saturated_bits_at_a_low_temperature_keep_a_finite_gradient():
+    """τ = 0.01: every token's first bit is surely +, so its batch-mean probability rounds to 1,
+    where the Bernoulli entropy's derivative is infinite (this was a NaN at the first step)."""
+    q = vqlab.quantizers.build("bsq", dim=10, entropy_temperature=0.01)
+    z = torch.randn(1, 64, 10, generator=torch.Generator().manual_seed(2))
+    z[..., 0] = 5.0
+    z.requires_grad_()
+    loss = q(z).losses["entropy"]
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()

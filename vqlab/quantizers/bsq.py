@@ -56,8 +56,12 @@ def bit_entropy(logit: torch.Tensor) -> torch.Tensor:
 
 
 def probability_entropy(p: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of Bernoulli(p), elementwise (0 log 0 = 0)."""
-    return torch.special.entr(p) + torch.special.entr(1 - p)
+    """Entropy in nats of Bernoulli(p), elementwise. ``p`` is clamped into [eps, 1 − eps] first: at a
+    low temperature a bit's batch-mean probability rounds to exactly 0 or 1, where the entropy's
+    derivative is infinite (a NaN gradient at the first step with τ = 0.01)."""
+    eps = torch.finfo(p.dtype).eps
+    p = p.clamp(eps, 1 - eps)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
 
 
 @registry.register("bsq", BSQConfig)
