@@ -28,9 +28,6 @@ import torch
 METRICS = ("reconstruction", "codebook", "swd", "lpips", "fid")
 
 
-TRUNKS = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
-
-
 def images_per_second(cfg, metrics: list[str], device: torch.device) -> float:
     from dataclasses import replace
 
@@ -65,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1 or args.batch < 1:
         parser.error("--images and --batch must be >= 1")
     from vqlab import config, weights
+    from vqlab.perceptual import TRUNKS
 
     overrides = {
         "data.name": "synthetic",

@@ -145,10 +145,9 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         from vqlab import config, weights
+        from vqlab.perceptual import TRUNKS
 
-        trunk = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}[
-            config.load("reproduction").eval.lpips_net
-        ]
+        trunk = TRUNKS[config.load("reproduction").loss.perceptual.net]  # the training loss's trunk
         stand_ins = weights.stand_in_cache(Path(tmp) / "torch_home", [trunk])
         for name, (launcher, options) in chosen.items():
             row = run_variant(launcher, steps, args.image_size, args.batch, Path(tmp), name, options)

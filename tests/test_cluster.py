@@ -105,12 +105,6 @@ def test_minibatch_passes_reach_scikit_learn_objective_within_a_few_percent(seed
     assert cluster.inertia(x, centroids) < 0.95 * cluster.inertia(x, seeds)
 
 
-def test_a_weighted_lloyd_step_moves_a_centroid_to_the_weighted_mean():
-    x = torch.tensor([[0.0], [1.0], [10.0]])
-    moved = cluster.lloyd_step(x, torch.tensor([[0.4], [10.0]]), spherical=False, weights=torch.tensor([1.0, 3.0, 1.0]))
-    torch.testing.assert_close(moved, torch.tensor([[0.75], [10.0]]))
-
-
 def test_bad_arguments_are_errors():
     with pytest.raises(ValueError, match="non-empty"):
         cluster.kmeans(torch.empty(0, 3), 4)

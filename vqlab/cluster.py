@@ -24,7 +24,6 @@ import torch.nn.functional as F
 CHUNK_ELEMENTS = 2**24  # distances held at once by nearest (64 MiB in fp32), whatever M and K
 GREEDY_SEEDING_MAX = 4096  # greedy k-means++ takes k sequential steps: seconds here, minutes at 2^16
 PARALLEL_ROUNDS = 5  # k-means|| rounds; the paper finds 5 enough (its Section 5)
-REDUCTION_STEPS = 5  # weighted Lloyd steps reducing the k-means|| candidates to k seeds
 
 
 def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -145,15 +144,16 @@ def batched_plusplus(points: torch.Tensor, weights: torch.Tensor, k: int, genera
     return points[chosen]
 
 
-def lloyd_step(
-    x: torch.Tensor, centroids: torch.Tensor, spherical: bool, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """One Lloyd iteration: every centroid moves to the (``weights``-weighted) mean of its points;
-    an empty one stays."""
+def assigned_sums(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(k,)`` how many points of ``x`` are nearest to each centroid, and ``(k, d)`` their sums."""
     assignment = nearest(x, centroids)  # (M,)
-    w = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if weights is None else weights.to(x.dtype)
-    counts = torch.zeros(centroids.shape[0], dtype=x.dtype, device=x.device).index_add_(0, assignment, w)  # (k,)
-    sums = torch.zeros_like(centroids).index_add_(0, assignment, x * w[:, None])  # (k, d)
+    counts = torch.bincount(assignment, minlength=centroids.shape[0]).to(x.dtype)
+    return counts, torch.zeros_like(centroids).index_add_(0, assignment, x)
+
+
+def lloyd_step(x: torch.Tensor, centroids: torch.Tensor, spherical: bool) -> torch.Tensor:
+    """One Lloyd iteration: every centroid moves to the mean of its points (an empty one stays)."""
+    counts, sums = assigned_sums(x, centroids)
     means = sums / counts.clamp_min(1)[:, None]
     if spherical:
         means = F.normalize(means, dim=-1)
@@ -173,9 +173,7 @@ def minibatch_epoch(
     in place), so it is always the running mean of every point ever assigned to it."""
     order = torch.randperm(x.shape[0], generator=generator, device=x.device)
     for batch in x[order].split(batch_size):
-        assignment = nearest(batch, centroids)  # (b,)
-        counts = torch.bincount(assignment, minlength=centroids.shape[0]).to(x.dtype)  # (k,)
-        sums = torch.zeros_like(centroids).index_add_(0, assignment, batch)  # (k, d)
+        counts, sums = assigned_sums(batch, centroids)
         seen += counts
         moved = centroids + (sums - counts[:, None] * centroids) / seen.clamp_min(1)[:, None]
         if spherical:
