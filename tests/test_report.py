@@ -234,6 +234,7 @@ def test_compare_notebook_executes_and_shows_the_table(store, tmp_path, monkeypa
     [
         ({"quantizer.name": "learned_grid", "quantizer.levels": "[8, 5, 5, 5]"}, "8-5-5-5"),
         ({"quantizer.name": "simvq", "quantizer.codebook_size": "16384"}, "K=16384"),
+        ({"quantizer.name": "ibq", "quantizer.codebook_size": "1024"}, "K=1024"),
         ({"quantizer.name": "bsq", "quantizer.dim": "14"}, "14 bits"),
         ({"quantizer.name": "something_new"}, report.MISSING),
     ],

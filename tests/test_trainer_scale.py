@@ -87,8 +87,8 @@ GAN += ["loss.adversarial.start_step=5", "loss.adversarial.lecam=0.1", "train.gr
 
 @pytest.mark.parametrize(
     "extra",
-    [[], GAN, *(["quantizer.name=" + name] for name in ("bsq", "learned_grid", "simvq"))],
-    ids=["plain", "gan-accum", "bsq", "learned_grid", "simvq"],
+    [[], GAN, *(["quantizer.name=" + name] for name in ("bsq", "learned_grid", "simvq", "ibq"))],
+    ids=["plain", "gan-accum", "bsq", "learned_grid", "simvq", "ibq"],
 )
 def test_ddp_ranks_stay_identical(tmp_path, extra):
     args = ["--config", "smoke", f"tracking.root={tmp_path / 'runs'}", "train.steps=20", "train.checkpoint_every=5"]

@@ -157,7 +157,7 @@ def describe(params: dict[str, str], prefix: str = "quantizer.") -> str:
     name = q.get("name")
     if name in ("fsq", "sfsq", "learned_grid", "radix") and (q.get("levels") or q.get("radices")):
         return "-".join(str(level) for level in json.loads(q.get("levels") or q["radices"]))
-    if name in ("vq", "vq_ema", "gumbel", "simvq") and "codebook_size" in q:
+    if name in ("vq", "vq_ema", "gumbel", "simvq", "ibq") and "codebook_size" in q:
         return f"K={q['codebook_size']}"
     if name in ("lfq", "bsq") and "dim" in q:
         return f"{q['dim']} bits"

@@ -26,3 +26,12 @@ def hooks_seen_by_parts(q):
     q.set_step(5, 10)
     q.on_optimizer_step()
     return seen
+
+
+def dense_entropies(z: torch.Tensor, codebook: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-token entropy of softmax(z Cᵀ / τ) and the entropy of its mean, as written, over
+    the full (M, K) matrix: the reference for the blocked functions."""
+    log_p = torch.log_softmax(z @ codebook.T / temperature, dim=-1)
+    p = log_p.exp()
+    mean_p = p.mean(0)
+    return -(p * log_p).sum(-1).mean(), -(mean_p * mean_p.log()).sum()

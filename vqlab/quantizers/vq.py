@@ -8,7 +8,8 @@ from ``β‖z − sg[e]‖²`` plus the straight-through (or rotation-trick) gra
 over tokens and channels of the lookup space. The optional entropy loss is MaskGIT's (Chang et al.,
 2022, https://arxiv.org/abs/2202.04200): over the soft assignments ``softmax(−‖z − e_k‖²/τ)``, the
 mean per-token entropy minus the entropy of their mean over this rank's tokens, which pushes each
-token to commit to one code and the batch to spread over many. Init, low-dimensional and cosine
+token to commit to one code and the batch to spread over many; it is computed one block of codes at
+a time (``_softmax.py``), never as the (tokens, K) matrix. Init, low-dimensional and cosine
 lookup, dead-code re-seeding and the rotation trick live in ``_codebook.py``.
 """
 
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqlab.cluster import squared_distances
 from vqlab.quantizers._codebook import CodebookConfig, CodebookQuantizer, initial_codebook
+from vqlab.quantizers._softmax import distance_softmax_entropies
 from vqlab.quantizers.base import registry
 from vqlab.schema import require
 
@@ -42,17 +43,6 @@ class VQConfig(CodebookConfig):
         require(self.entropy_temperature > 0, "entropy_temperature", f"must be > 0, got {self.entropy_temperature}")
 
 
-def entropy_loss(distances: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``(M, K)`` squared distances -> mean per-token entropy minus codebook entropy of softmax(−d/τ)."""
-    log_p = F.log_softmax(-distances / temperature, dim=-1)  # (M, K)
-    p = log_p.exp()
-    per_token = -(p * log_p).sum(-1).mean()
-    mean_p = p.mean(0)  # (K,)
-    # The clamp keeps the gradient finite for codes whose mean probability underflows to zero.
-    codebook = -(mean_p * mean_p.clamp_min(1e-30).log()).sum()
-    return per_token - codebook
-
-
 @registry.register("vq", VQConfig)
 class VQ(CodebookQuantizer):
     cfg: VQConfig
@@ -70,7 +60,7 @@ class VQ(CodebookQuantizer):
             "commitment": self.cfg.beta * F.mse_loss(latents, quantized.detach()),
         }
         if self.cfg.entropy_weight > 0:
-            # the soft assignments need every token's distance to every code: (B*N, K) floats
-            distances = squared_distances(latents.reshape(-1, latents.shape[-1]), codebook)
-            losses["entropy"] = self.cfg.entropy_weight * entropy_loss(distances, self.cfg.entropy_temperature)
+            flat = latents.reshape(-1, latents.shape[-1])  # (B*N, d)
+            per_token, spread = distance_softmax_entropies(flat, codebook, self.cfg.entropy_temperature)
+            losses["entropy"] = self.cfg.entropy_weight * (per_token - spread)
         return losses
