@@ -10,7 +10,8 @@ runs them (the peer inside forward, vqlab at the next training forward), so both
 timed steps minus what was allocated before them (CUDA: ``max_memory_allocated``; CPU: the growth
 of the process's peak resident set, ``ru_maxrss``). Time: the median of ``--repeats`` steps after
 ``--warmup``. Matching settings: no k-means init and no dead-code re-seeding on either side, EMA
-decay 0.99, commitment weight 0.25, LFQ's entropy weight 0.1. The peer is the ``bench`` extra
+decay 0.99, commitment weight 0.25, LFQ's entropy weight 0.1, SimVQ straight through (the peer's
+rotation trick off). The peer is the ``bench`` extra
 (``pip install -e '.[bench]'``); without it its rows say so. Prints a table with the ratio
 vqlab / peer per row and writes the rows as JSON.
 """
@@ -40,6 +41,8 @@ for size in (1024, 16384, 65536):
         D,
     )
     CASES[f"vq_ema K={size}"] = (("vq_ema", plain), ("VectorQuantize", {"dim": D, "codebook_size": size}), D)
+    simvq = {"codebook_size": size, "dim": D}
+    CASES[f"simvq K={size}"] = (("simvq", simvq), ("SimVQ", {**simvq, "rotation_trick": False}), D)
 for levels in ([8, 8, 8, 5, 5, 5], [8] * 6):
     name = "fsq " + "-".join(map(str, levels))
     CASES[name] = (("fsq", {"levels": levels}), ("FSQ", {"levels": levels}), len(levels))
