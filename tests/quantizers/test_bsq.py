@@ -25,21 +25,40 @@ def test_tokens_go_to_the_sign_of_their_direction_on_the_unit_sphere():
     torch.testing.assert_close(q.relaxed(z), z / z.norm(dim=-1, keepdim=True))
 
 
-def test_the_entropies_are_the_papers_by_brute_force_over_every_code():
+@pytest.mark.parametrize("group_bits", [1, 2, 4])
+def test_the_entropies_are_the_papers_by_brute_force_over_every_code(group_bits):
     """Per-sample: E[H(softmax(−‖u − c‖²/τ))] over all 2^d codes, exactly. Codebook: the sum over
-    bits of the batch-mean bit's entropy, which bounds the joint entropy of the batch mean."""
+    groups of bits of the entropy of the batch-mean distribution of each group's codes, which is
+    the joint entropy when one group holds every bit and bounds it otherwise."""
     d, tau = 4, 0.3
-    q = vqlab.quantizers.build("bsq", dim=d, entropy_temperature=tau)
+    q = vqlab.quantizers.build("bsq", dim=d, entropy_temperature=tau, group_bits=group_bits)
     u = torch.nn.functional.normalize(torch.randn(64, d, generator=torch.Generator().manual_seed(0)), dim=-1)
     sample, codebook = q.entropies(u)
     p = torch.softmax(-torch.cdist(u, all_codes(d)).square() / tau, dim=-1)  # (T, 2^d)
     per_token = torch.special.entr(p).sum(-1).mean()
     torch.testing.assert_close(sample, per_token)
-    bit_one = torch.stack([p[:, (torch.arange(2**d) >> i) & 1 == 1].sum(-1) for i in range(d)], -1)  # (T, d)
-    mean_bit = bit_one.mean(0)
-    torch.testing.assert_close(codebook, (torch.special.entr(mean_bit) + torch.special.entr(1 - mean_bit)).sum())
+    digits = (torch.arange(2**d)[:, None] >> torch.arange(d)) & 1  # (2^d, d)
+    expected = 0.0
+    for start in range(0, d, group_bits):
+        group = digits[:, start : start + group_bits] @ (2 ** torch.arange(group_bits))  # each code's group value
+        marginal = torch.stack([p[:, group == v].sum(-1) for v in range(2**group_bits)], -1)  # (T, 2^g)
+        expected += torch.special.entr(marginal.mean(0)).sum()
+    torch.testing.assert_close(codebook, expected)
     joint = torch.special.entr(p.mean(0)).sum()
     assert codebook >= joint - 1e-6
+    if group_bits == d:
+        torch.testing.assert_close(codebook, joint)
+
+
+def test_the_per_bit_codebook_entropy_misses_bits_that_move_together_and_the_joint_one_sees_them():
+    """Half the tokens have every bit +, half every bit −: each bit is balanced (the per-bit form is
+    at its maximum, d log 2) while only two codes are used (the joint form is log 2)."""
+    d = 6
+    u = torch.nn.functional.normalize(torch.cat([torch.ones(32, d), -torch.ones(32, d)]), dim=-1)
+    per_bit = vqlab.quantizers.build("bsq", dim=d, entropy_temperature=0.01, group_bits=1).entropies(u)[1]
+    joint = vqlab.quantizers.build("bsq", dim=d, entropy_temperature=0.01, group_bits=d).entropies(u)[1]
+    torch.testing.assert_close(per_bit, torch.tensor(d * math.log(2)))
+    torch.testing.assert_close(joint, torch.tensor(math.log(2)))
 
 
 def test_the_entropy_loss_pushes_tokens_apart_and_commits_them():
@@ -54,7 +73,9 @@ def test_the_entropy_loss_pushes_tokens_apart_and_commits_them():
     assert set(vqlab.quantizers.build("bsq", dim=6, entropy_weight=0, commitment_weight=0)(z).losses) == set()
 
 
-@pytest.mark.parametrize(("key", "value"), [("dim", 1), ("entropy_temperature", 0.0), ("entropy_weight", -1.0)])
+@pytest.mark.parametrize(
+    ("key", "value"), [("dim", 1), ("entropy_temperature", 0.0), ("entropy_weight", -1.0), ("group_bits", 0)]
+)
 def test_bad_options_are_config_errors_naming_the_key(key, value):
     from vqlab.schema import ConfigError
 

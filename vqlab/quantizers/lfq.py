@@ -28,6 +28,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, registry, straight_through
 from vqlab.schema import require
@@ -77,6 +78,25 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim=-1)
 
 
+def register_bit_tables(module: nn.Module, dim: int, group_bits: int) -> None:
+    """Buffers ``bits_<g>`` (``bit_table(g)``) for each group size of ``dim`` bits split by ``group_bits``."""
+    for size in {min(group_bits, dim - start) for start in range(0, dim, group_bits)}:
+        module.register_buffer(f"bits_{size}", bit_table(size), persistent=False)
+
+
+def grouped_codebook_entropy(module: nn.Module, logit: torch.Tensor, group_bits: int) -> torch.Tensor:
+    """From ``(T, d)`` bit logits (bit i is 1 with probability ``sigmoid(logit_i)``, independently):
+    the sum over consecutive groups of ``group_bits`` bits of the entropy of the batch-mean
+    distribution over each group's 2^g codes, exact within a group (``module`` holds the tables)."""
+    total = logit.new_zeros(())
+    for group in logit.split(group_bits, dim=-1):
+        bits = getattr(module, f"bits_{group.shape[-1]}")  # (2^g, g)
+        # (T, 2^g): log p of each code of the group, the exact marginal of the group's bits
+        log_p = F.logsigmoid(group) @ bits.T + F.logsigmoid(-group) @ (1 - bits).T
+        total = total + entropy(log_p.exp().mean(dim=0))
+    return total
+
+
 class SignLossWeights(Protocol):
     entropy_weight: float
     diversity_gamma: float
@@ -114,8 +134,7 @@ class LFQ(Quantizer):
         self.cfg = cfg
         self.dim = cfg.dim
         self.radices = (2,) * cfg.dim
-        for size in {min(cfg.group_bits, cfg.dim - start) for start in range(0, cfg.dim, cfg.group_bits)}:
-            self.register_buffer(f"bits_{size}", bit_table(size), persistent=False)
+        register_bit_tables(self, cfg.dim, cfg.group_bits)
 
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
         q = torch.where(z > 0, self.cfg.scale, -self.cfg.scale)  # (B, N, D)
@@ -129,15 +148,7 @@ class LFQ(Quantizer):
         per_bit = -(log_one.exp() * log_one + log_zero.exp() * log_zero)  # (T, D)
         sample_entropy = per_bit.sum(dim=-1).mean()
 
-        codebook_entropy = sum(self.group_entropy(group) for group in logit.split(self.cfg.group_bits, dim=-1))
-        return sample_entropy, codebook_entropy
-
-    def group_entropy(self, logit: torch.Tensor) -> torch.Tensor:
-        """H of the batch-mean distribution over one group's codes, from its ``(T, g)`` bit logits."""
-        bits = getattr(self, f"bits_{logit.shape[-1]}")  # (2^g, g)
-        # (T, 2^g): log p of each code of the group, the exact marginal of the group's bits
-        log_p = F.logsigmoid(logit) @ bits.T + F.logsigmoid(-logit) @ (1 - bits).T
-        return entropy(log_p.exp().mean(dim=0))
+        return sample_entropy, grouped_codebook_entropy(self, logit, self.cfg.group_bits)
 
     def encode_fp32(self, z: torch.Tensor) -> torch.Tensor:
         return (z > 0).long()
