@@ -38,8 +38,12 @@ from vqlab.schema import require
 class IBQConfig(QuantizerConfig):
     """``init``: ``uniform`` U(−1/K, 1/K), the authors' code's (every score starts near 0, so every
     code starts near equally likely), or ``normal`` N(0, 1/dim). ``cosine`` l2-normalises tokens and
-    codes before scoring (an option of the authors' code). ``entropy_weight`` 0 turns the entropy
-    loss off; ``entropy_temperature`` τ divides the scores inside it only."""
+    codes before scoring (an option of the authors' code; the preset's, because on the photos the
+    plain dot product used 5% of 1024 codes at val L1 0.106, cosine 73% at 0.080: README "Recent
+    quantizers").
+    ``entropy_weight`` 0 turns the entropy loss off (there IBQ used one code of 1024 on the photos);
+    0.1 is LFQ's weight here, where the authors' loss class defaults to 1.0. ``entropy_temperature``
+    τ divides the scores inside the entropy loss only (0.01, the authors' code's)."""
 
     name: str = "ibq"
     codebook_size: int = 1024
