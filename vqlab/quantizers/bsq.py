@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from vqlab.quantizers.base import Quantizer, QuantizerConfig, QuantizerOutput, registry
-from vqlab.quantizers.lfq import MAX_GROUP_BITS, grouped_codebook_entropy, register_bit_tables, sign_output
+from vqlab.quantizers.lfq import (
+    MAX_GROUP_BITS,
+    bit_entropy,
+    grouped_codebook_entropy,
+    register_bit_tables,
+    sign_output,
+)
 from vqlab.schema import require
 
 MAX_BITS = 62  # keeps every flat index inside int64 with room to spare
@@ -58,12 +64,6 @@ class BSQConfig(QuantizerConfig):
             "group_bits",
             f"must be between 1 and {MAX_GROUP_BITS} (memory grows as tokens * 2^group_bits), got {self.group_bits}",
         )
-
-
-def bit_entropy(logit: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of Bernoulli(sigmoid(logit)), elementwise, stable for large |logit|."""
-    log_one, log_zero = F.logsigmoid(logit), F.logsigmoid(-logit)
-    return -(log_one.exp() * log_one + log_zero.exp() * log_zero)
 
 
 @registry.register("bsq", BSQConfig)

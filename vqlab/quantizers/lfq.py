@@ -78,6 +78,12 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(dim=-1)
 
 
+def bit_entropy(logit: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of Bernoulli(sigmoid(logit)), elementwise, stable for large |logit|."""
+    log_one, log_zero = F.logsigmoid(logit), F.logsigmoid(-logit)
+    return -(log_one.exp() * log_one + log_zero.exp() * log_zero)
+
+
 def register_bit_tables(module: nn.Module, dim: int, group_bits: int) -> None:
     """Buffers ``bits_<g>`` (``bit_table(g)``) for each group size of ``dim`` bits split by ``group_bits``."""
     for size in {min(group_bits, dim - start) for start in range(0, dim, group_bits)}:
@@ -144,9 +150,7 @@ class LFQ(Quantizer):
         """``(T, D)`` tokens -> (E[H(p(q|z))], factorised H(E[p(q|z)])) in nats."""
         # ||z - s||^2 - ||z + s||^2 = -4 s z: the logit of bit i being +s
         logit = 4 * self.cfg.scale * z / self.cfg.entropy_temperature  # (T, D)
-        log_one, log_zero = F.logsigmoid(logit), F.logsigmoid(-logit)  # (T, D) each
-        per_bit = -(log_one.exp() * log_one + log_zero.exp() * log_zero)  # (T, D)
-        sample_entropy = per_bit.sum(dim=-1).mean()
+        sample_entropy = bit_entropy(logit).sum(dim=-1).mean()
 
         return sample_entropy, grouped_codebook_entropy(self, logit, self.cfg.group_bits)
 
