@@ -50,8 +50,7 @@ def variants(device: str, with_compile: bool) -> dict[str, tuple[list[str], list
         "vqlab.train",
     ]
     table = {"fp32": (single, ["train.dtype=fp32"]), "bf16": (single, ["train.dtype=bf16"])}
-    if device == "cuda":
-        table["bf16 torchrun x1"] = (torchrun, ["train.dtype=bf16"])
+    table["bf16 torchrun x1"] = (torchrun, ["train.dtype=bf16"])
     if with_compile:
         table["bf16 compile"] = (single, ["train.dtype=bf16", "train.compile=true"])
     result = {}
@@ -86,6 +85,8 @@ def run_variant(
         *extra,
     ]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    # torchrun sets OMP_NUM_THREADS=1 where it is unset: give every variant the same threads
+    env.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
     done = subprocess.run([*command, *overrides], cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         return {"variant": name, "error": done.stderr[-2000:]}

@@ -1,5 +1,7 @@
 """vqlab.distributed under 2 gloo processes."""
 
+import socket
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -71,3 +73,20 @@ def test_collectives_and_desync_detection(tmp_path):
         assert out["interval"] == {"loss": (0 + 1 + 2 + 1 + 2 + 3) / 6, "late": (10 + 20) / 2}
         assert out["interval_after_read"] == {}
         assert out["data_check"] == "rank 1: cannot read image number 1"  # raised on both ranks
+
+
+def test_a_job_of_one_process_joins_no_process_group(monkeypatch):
+    """``torchrun --nproc-per-node 1`` sets the variables of a one-process job; a process group
+    there only adds DDP's reducer and collectives to every step, so setup joins none."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        ctx = distributed.setup("cpu")
+        assert not distributed.initialized()
+        assert (ctx.rank, ctx.world_size, ctx.main) == (0, 1, True)
+    finally:
+        distributed.teardown()

@@ -80,8 +80,10 @@ class Context:
 
 
 def setup(device: str) -> Context:
-    """Join the process group when launched by torchrun (``RANK`` set): NCCL on CUDA, gloo on CPU.
-    ``device`` is ``auto``, ``cpu`` or ``cuda``; each rank takes the GPU of its ``LOCAL_RANK``."""
+    """Join the process group when launched by torchrun with more than one process: NCCL on CUDA,
+    gloo on CPU. ``device`` is ``auto``, ``cpu`` or ``cuda``; each rank takes the GPU of its
+    ``LOCAL_RANK``. A job of one process (``torchrun --nproc-per-node 1`` on one node) joins none,
+    so it runs exactly as a plain process: no DDP reducer, no collectives."""
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device == "cuda" and not torch.cuda.is_available():
         raise DeviceError("train.device=cuda but no CUDA device is available")
@@ -89,7 +91,7 @@ def setup(device: str) -> Context:
     target = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(target)
-    if "RANK" in os.environ and not initialized():
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
     return Context(rank=rank(), world_size=world_size(), device=target)
 
