@@ -12,9 +12,11 @@ from vqlab.config import OptimConfig
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer of ``model``'s trainable parameters (the generator's, and the discriminator's
-    with its own ``OptimConfig``); fused kernels on CUDA."""
+    with its own ``OptimConfig``). Fused kernels, on CPU and CUDA: one kernel for every
+    parameter's update, and a ``found_inf`` flag that skips a step on the device
+    (``skip_step_if``)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
+    fused = device.type in ("cpu", "cuda")
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.betas[0], weight_decay=cfg.weight_decay, fused=fused)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
@@ -37,3 +39,13 @@ def build_schedule(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, cfg))
+
+
+def skip_step_if(optimizer: torch.optim.Optimizer, flag: torch.Tensor) -> None:
+    """Make the next ``optimizer.step()`` leave the parameters and the optimizer's state (moments,
+    step counts) exactly as they are where the 0-dim boolean ``flag`` is true, decided on the
+    device: no host-device sync. It is the ``found_inf`` flag that ``torch.amp.GradScaler`` hands
+    the fused optimizers, which every optimizer of ``build_optimizer`` is."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError(f"skip_step_if needs a fused optimizer; {type(optimizer).__name__} is not")
+    optimizer.found_inf = flag.float()

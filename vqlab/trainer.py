@@ -29,7 +29,7 @@ from vqlab.errors import MissingFileError, ResumeError, RunExistsError, UserErro
 from vqlab.evaluators import block_mean_baseline, evaluate
 from vqlab.losses import Objective
 from vqlab.models import VQAutoencoder, build_autoencoder
-from vqlab.optim import build_optimizer, build_schedule
+from vqlab.optim import build_optimizer, build_schedule, skip_step_if
 from vqlab.runfolder import RunFolder
 from vqlab.runtime import ModelEMA, autocast, seed_everything
 from vqlab.schema import flatten, to_dict
@@ -191,21 +191,19 @@ class IntervalMeans:
 class FiniteGuard:
     """The loss and gradient norm of every step, watched on the device and read on the host only
     at ``check`` (log lines, evaluations, checkpoints), so that a step never waits for the device.
-    A non-finite step's gradients are zeroed on the device, so the weights stay finite until the
-    check, which runs before any checkpoint is written: the last good checkpoint stays the newest.
-    Every rank raises for the earliest non-finite step of any rank."""
+    The optimizer skips a non-finite step on the device (``skip_step_if``), so the weights stay
+    finite until the check, which runs before any checkpoint is written: the last good checkpoint
+    stays the newest. Every rank raises for the earliest non-finite step of any rank."""
 
     def __init__(self, device: torch.device):
         self.first = torch.zeros(3, dtype=torch.float64, device=device)  # (step, loss, grad norm); step 0: none
 
-    def watch(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, parameters) -> None:
-        """Record ``step`` if it is the first non-finite one, and zero its gradients."""
+    def watch(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """Record ``step`` if it is the first non-finite one, and have ``optimizer`` skip it."""
         values = torch.stack([torch.full_like(loss, step, dtype=torch.float64), loss.double(), grad_norm.double()])
         bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
         self.first = torch.where(bad & (self.first[0] == 0), values, self.first)
-        for parameter in parameters:
-            if parameter.grad is not None:
-                parameter.grad.masked_fill_(bad, 0.0)
+        skip_step_if(optimizer, bad)
 
     def check(self, checkpoints: Path) -> None:
         bad = [row for row in distributed.all_gather_cat(self.first[None]).tolist() if row[0] > 0]
@@ -347,7 +345,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                     pairs.append((images, out.reconstruction.detach()))
                 seen += len(images)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            guard.watch(step + 1, window["loss"], grad_norm, model.parameters())
+            guard.watch(step + 1, window["loss"], grad_norm, optimizer)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             quantizer.on_optimizer_step()
