@@ -98,25 +98,6 @@ def test_rejects_wrong_token_shape(quantizer):
         quantizer.decode(torch.zeros(2, 3, len(quantizer.radices) + 1, dtype=torch.long))
 
 
-class HostSync(AssertionError):
-    """A tensor was read on the host: on a GPU, a host-device sync."""
-
-
-@pytest.fixture
-def no_host_reads(monkeypatch):
-    """Reading a tensor's value in Python (``bool``, ``int``, ``float``, ``item``, ``tolist``, or an
-    index) raises while active: on a GPU each of them waits for the device."""
-
-    def read(*args, **kwargs):
-        raise HostSync("a tensor value was read on the host")
-
-    def watch():
-        for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
-            monkeypatch.setattr(torch.Tensor, name, read)
-
-    return watch
-
-
 def test_a_training_step_reads_nothing_on_the_host_once_initialised(quantizer, no_host_reads):
     """Forward, backward and the optimizer-step hook, after the first step (k-means init may read
     the pool size while it gathers): nothing in them waits for the device."""

@@ -48,31 +48,48 @@ def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return q.detach() + (x - x.detach())
 
 
-HISTOGRAM_MAX = 2**20  # codebooks up to this size count codes in a dense histogram, without a host read
+# A dense histogram costs O(codebook), sorting the batch's codes O(tokens log tokens): on a CPU
+# core the two cost the same near 4 codes per token (1000 codes: dense 0.16 ms, sorted 0.38 ms;
+# 262,144 codes: 2.6 ms against 0.42 ms, for 8192 tokens).
+DENSE_CODES_PER_TOKEN = 4
 
 
 def batch_stats(codes: torch.Tensor, radices: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """Perplexity and number of distinct codes among the batch's tokens (detached). Up to
-    ``HISTOGRAM_MAX`` codes the histogram is dense (no host-device sync); beyond, ``torch.unique``
-    counts the codes seen, which waits for the device."""
+    """Perplexity and number of distinct codes among the batch's tokens (detached), without a
+    host-device sync and in memory bounded by the batch whatever the codebook: a dense histogram
+    of the codebook where it has at most ``DENSE_CODES_PER_TOKEN`` codes per token, else the
+    lengths of the runs of equal codes once the tokens' codes are sorted."""
     if not radices:
         return {}
-    if codes_lib.codebook_size(radices) <= HISTOGRAM_MAX:
-        flat = codes_lib.digits_to_index(codes.detach(), radices).reshape(-1)
-        counts = torch.zeros(codes_lib.codebook_size(radices), device=codes.device).index_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.float32)
-        )
-        return {"perplexity": codes_lib.perplexity(counts).float(), "distinct_codes": (counts > 0).sum().float()}
-    if codes_lib.fits_int64(radices):
-        flat = codes_lib.digits_to_index(codes.detach(), radices).reshape(-1)
+    rows = codes.detach().reshape(-1, codes.shape[-1])  # (tokens, G)
+    size = codes_lib.codebook_size(radices)
+    if size <= DENSE_CODES_PER_TOKEN * len(rows):
+        flat = codes_lib.digits_to_index(rows, radices)
+        counts = torch.zeros(size, device=codes.device).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
     else:
-        # An index that cannot be packed is still a distinct tuple of digits.
-        flat = torch.unique(codes.detach().reshape(-1, codes.shape[-1]), dim=0, return_inverse=True)[1]
-    _, counts = torch.unique(flat, return_counts=True)
-    return {
-        "perplexity": codes_lib.perplexity(counts).float(),
-        "distinct_codes": torch.tensor(float(counts.numel()), device=codes.device),
-    }
+        counts = run_lengths(sorted_codes(rows, radices))
+    return {"perplexity": codes_lib.perplexity(counts).float(), "distinct_codes": (counts > 0).sum().float()}
+
+
+def sorted_codes(rows: torch.Tensor, radices: tuple[int, ...]) -> torch.Tensor:
+    """``(tokens, G)`` digits -> the same rows in lexicographic order, as ``(tokens, 1)`` flat
+    indices where they fit an int64, else as the digits themselves (one stable sort per column,
+    last column first)."""
+    if codes_lib.fits_int64(radices):
+        return codes_lib.digits_to_index(rows, radices).sort().values[:, None]
+    order = torch.arange(len(rows), device=rows.device)
+    for column in reversed(range(rows.shape[-1])):
+        order = order[rows[order, column].sort(stable=True).indices]
+    return rows[order]
+
+
+def run_lengths(rows: torch.Tensor) -> torch.Tensor:
+    """Sorted ``(tokens, G)`` rows -> ``(tokens,)`` counts: the length of each run of equal rows,
+    then zeros (a histogram of the codes seen, in the shape of the batch)."""
+    starts = torch.ones(len(rows), dtype=torch.bool, device=rows.device)
+    starts[1:] = (rows[1:] != rows[:-1]).any(dim=-1)
+    run = starts.cumsum(0) - 1  # (tokens,) the run each row belongs to
+    return torch.zeros(len(rows), device=rows.device).index_add_(0, run, torch.ones_like(run, dtype=torch.float32))
 
 
 class Quantizer(nn.Module):
