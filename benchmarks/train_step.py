@@ -8,9 +8,11 @@ batch 32) on the dependency-free ``synthetic`` images, tracking off, each varian
 process: fp32 and bf16, eager and (``--compile``) compiled, one plain process and torchrun with one
 process; each without the perceptual loss and with it (LPIPS, its trunk's weights from the hub
 cache, or stand-ins of the real architecture in a temporary ``TORCH_HOME`` where the files are
-missing: the cost is the network's, not the values'). images/s is the median over the logged
-windows after the first two, as the trainer logs it (``train/images_per_s``, loader included:
-``benchmarks/data.py`` says whether the loader could hold a step back). MFU is images/s times the
+missing: the cost is the network's, not the values'). The data is already on the device: every
+variant makes its batches there (``data.on_device``), except ``bf16 loader``, the same step fed by
+the loader's workers (``benchmarks/data.py`` measures the loader alone). images/s is the median
+over the logged windows after the first two, as the trainer logs it (``train/images_per_s``).
+MFU is images/s times the
 model FLOPs of one image's forward and backward, counted by ``torch.utils.flop_counter`` (the
 perceptual network's FLOPs not included), over the card's peak (``--peak-tflops``, or the dense
 bf16 / tf32 peaks of the cards named in ``PEAK_TFLOPS``). The upstream FSQ-pytorch recipe is not in
@@ -49,10 +51,15 @@ def variants(device: str, with_compile: bool) -> dict[str, tuple[list[str], list
         "-m",
         "vqlab.train",
     ]
-    table = {"fp32": (single, ["train.dtype=fp32"]), "bf16": (single, ["train.dtype=bf16"])}
-    table["bf16 torchrun x1"] = (torchrun, ["train.dtype=bf16"])
+    on_device = ["data.on_device=true"]
+    table = {
+        "fp32": (single, ["train.dtype=fp32", *on_device]),
+        "bf16": (single, ["train.dtype=bf16", *on_device]),
+        "bf16 torchrun x1": (torchrun, ["train.dtype=bf16", *on_device]),
+        "bf16 loader": (single, ["train.dtype=bf16", f"data.num_workers={min(8, os.cpu_count() or 1)}"]),
+    }
     if with_compile:
-        table["bf16 compile"] = (single, ["train.dtype=bf16", "train.compile=true"])
+        table["bf16 compile"] = (single, ["train.dtype=bf16", "train.compile=true", *on_device])
     result = {}
     for name, (launcher, options) in table.items():
         result[name] = (launcher, [*options, f"train.device={device}", "loss.perceptual.weight=0"])
@@ -72,7 +79,6 @@ def run_variant(
         f"data.batch_size={batch}",
         "data.val_count=64",
         f"data.train_count={max(steps * batch, 1024)}",
-        f"data.num_workers={min(8, os.cpu_count() or 1)}",
         f"train.steps={steps}",
         f"train.log_every={max(steps // 10, 1)}",
         "optim.warmup_steps=0",

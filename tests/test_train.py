@@ -13,7 +13,7 @@ from vqlab.config import from_yaml
 from vqlab.trainer import fit
 from vqlab.trainer import main as trainer_main
 
-from .helpers import metric_at, read_metrics
+from .helpers import assert_states_equal, final_state, metric_at, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,14 @@ def test_same_seed_same_metrics(smoke_run, smoke_cfg):
 def test_other_seed_other_metrics(smoke_run, smoke_cfg):
     other = fit(smoke_cfg(**{"train.seed": 1, "train.steps": 60}))
     assert other.metrics["val/l1"] != smoke_run.metrics["val/l1"]
+
+
+def test_batches_made_on_the_device_train_the_same_weights(smoke_run, smoke_cfg):
+    """``data.on_device`` changes where the photos' crops are cut, not which: the run is the same bit
+    for bit, checkpoint and metrics."""
+    on_device = fit(smoke_cfg(**{"data.on_device": True, "tracking.run_name": "on_device"}))
+    assert on_device.metrics == smoke_run.metrics
+    assert_states_equal(final_state(on_device.run_dir), final_state(smoke_run.run_dir))
 
 
 def test_bf16_autocast_run(smoke_cfg):

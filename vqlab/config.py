@@ -36,6 +36,7 @@ class DataConfig:
     train_count: int = 20000  # photos/shapes: crops or images per epoch
     num_workers: int = 0
     flip: bool = True
+    on_device: bool = False  # photos / synthetic: training batches made on the training device, no workers
 
     def __post_init__(self):
         require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
@@ -46,6 +47,12 @@ class DataConfig:
         require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         if self.name in ("imagefolder", "cifar10", "cifar100"):
             require(bool(self.root), "root", f"data.name={self.name} needs data.root, the folder holding the files")
+        require(
+            not self.on_device or self.name in ("photos", "synthetic"),
+            "on_device",
+            f"only photos and synthetic make their batches on the device; {self.name} decodes on the CPU "
+            "(raise data.num_workers instead)",
+        )
 
 
 @dataclass(frozen=True)

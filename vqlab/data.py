@@ -5,6 +5,10 @@
   are never used for training.
 - ``shapes``: procedural images from ``skimage.draw.random_shapes`` (for tests).
 - ``synthetic``: smooth random colour fields made with torch alone (for throughput benchmarks).
+
+``photos`` and ``synthetic`` can also make their training batches on the training device
+(``data.on_device``), so that no loader worker or image copy stands between the device and its
+next step: the same samples, from the same keys.
 - ``imagefolder``: any folder tree of images (e.g. ImageNet), resized and center-cropped.
 - ``cifar10`` / ``cifar100``: torchvision's loaders on files already on disk.
 
@@ -101,19 +105,32 @@ class PhotoCrops(Dataset):
         if not photos:
             raise DataError(f"data.image_size={size} is larger than every training photo")
         self.photos, self.size, self.count, self.seed, self.flip = photos, size, count, seed, flip
+        self.on_device: dict[torch.device, list[torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, key: int) -> torch.Tensor:
+    def crop(self, key: int) -> tuple[int, int, int, bool]:
+        """Where sample ``key`` comes from: ``(photo, top, left, flipped)``."""
         rng = sample_rng(self.seed, TRAIN, *split_key(key, self.count))
-        photo = self.photos[rng.integers(len(self.photos))]
-        top = rng.integers(photo.shape[1] - self.size + 1)
-        left = rng.integers(photo.shape[2] - self.size + 1)
-        crop = photo[:, top : top + self.size, left : left + self.size]
-        if self.flip and rng.random() < 0.5:
-            crop = crop.flip(-1)
-        return to_unit_range(crop)
+        photo = int(rng.integers(len(self.photos)))
+        top = int(rng.integers(self.photos[photo].shape[1] - self.size + 1))
+        left = int(rng.integers(self.photos[photo].shape[2] - self.size + 1))
+        return photo, top, left, bool(self.flip and rng.random() < 0.5)
+
+    def cut(self, photos: list[torch.Tensor], key: int) -> torch.Tensor:
+        photo, top, left, flipped = self.crop(key)
+        crop = photos[photo][:, top : top + self.size, left : left + self.size]
+        return crop.flip(-1) if flipped else crop
+
+    def __getitem__(self, key: int) -> torch.Tensor:
+        return to_unit_range(self.cut(self.photos, key))
+
+    def batch(self, keys: list[int], device: torch.device) -> torch.Tensor:
+        """``torch.stack([self[k] for k in keys])``, cut on ``device`` from photos kept there."""
+        if device not in self.on_device:
+            self.on_device[device] = [p.to(device) for p in self.photos]
+        return to_unit_range(torch.stack([self.cut(self.on_device[device], k) for k in keys]))
 
 
 class GridCrops(Dataset):
@@ -177,15 +194,27 @@ class Synthetic(Dataset):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, key: int) -> torch.Tensor:
+    def noise(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``key``'s two octaves of noise, ``(1, 3, 4, 4)`` and ``(1, 3, 16, 16)``."""
         seed = int(sample_rng(self.seed, self.split, *split_key(key, self.count)).integers(2**62))
         generator = torch.Generator().manual_seed(seed)
         coarse = torch.rand(1, 3, 4, 4, generator=generator) * 2 - 1
         fine = torch.rand(1, 3, 16, 16, generator=generator) * 0.5 - 0.25
+        return coarse, fine
+
+    def render(self, coarse: torch.Tensor, fine: torch.Tensor) -> torch.Tensor:
         size = (self.size, self.size)
         image = F.interpolate(coarse, size, mode="bicubic", align_corners=False)
-        image = image + F.interpolate(fine, size, mode="bilinear", align_corners=False)
-        return image[0].clamp(-1, 1)
+        return (image + F.interpolate(fine, size, mode="bilinear", align_corners=False)).clamp(-1, 1)
+
+    def __getitem__(self, key: int) -> torch.Tensor:
+        return self.render(*self.noise(key))[0]
+
+    def batch(self, keys: list[int], device: torch.device) -> torch.Tensor:
+        """``torch.stack([self[k] for k in keys])`` (up to the device's rounding), rendered on
+        ``device`` from the keys' noise: 816 numbers per image cross to it, not the image."""
+        coarse, fine = zip(*(self.noise(k) for k in keys), strict=True)
+        return self.render(torch.cat(coarse).to(device), torch.cat(fine).to(device))
 
 
 class Flipped(Dataset):
@@ -380,6 +409,14 @@ def own_generator(seed: int) -> torch.Generator:
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     """Position ``loader`` at batch ``skip_batches`` of epoch ``epoch``."""
     loader.sampler.set_position(epoch, skip_batches * loader.batch_size)
+
+
+def device_batches(loader: DataLoader, device: torch.device) -> Iterator[torch.Tensor]:
+    """``data.on_device``: the loader's batches, made by its dataset on ``device`` from the keys
+    its sampler yields (the same keys, in the same order, from the same position), without
+    workers or host-to-device copies of images."""
+    for keys in loader.batch_sampler:
+        yield loader.dataset.batch(keys, device)
 
 
 def check_first_batches(*loaders: DataLoader) -> None:

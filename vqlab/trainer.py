@@ -141,12 +141,16 @@ def open_folder(cfg: RunConfig, start: Start) -> RunFolder:
     return run
 
 
-def batches(loader: DataLoader, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
+def batches(
+    loader: DataLoader, epoch: int, skip: int, device: torch.device | None = None
+) -> Iterator[tuple[torch.Tensor, tuple[int, int]]]:
     """Endless training batches from batch ``skip`` of ``epoch`` on, each with the position of
-    the batch that follows it (what a checkpoint must record to resume exactly)."""
+    the batch that follows it (what a checkpoint must record to resume exactly); made on
+    ``device`` by the dataset itself when given (``data.on_device``)."""
     while True:
         data.set_epoch(loader, epoch, skip)
-        for index, images in enumerate(loader, start=skip + 1):
+        source = loader if device is None else data.device_batches(loader, device)
+        for index, images in enumerate(source, start=skip + 1):
             yield images, (epoch, index)
         epoch, skip = epoch + 1, 0
 
@@ -284,7 +288,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
 
     # --- first reads: every rank's first batches and the whole validation set, before anything is written
     data.check_first_batches(train_loader, val_loader)
-    stream = batches(train_loader, *state.position)
+    stream = batches(train_loader, *state.position, device if cfg.data.on_device else None)
     # one code per token: compare with one palette colour per token-sized block
     budget = quantizer.codebook_size if quantizer.discrete else 2**24
     baseline = block_mean_baseline(val_loader, device, model.downsample, budget)
