@@ -6,12 +6,12 @@
 A step is what training does with a quantizer: forward on ``(1, tokens, D)`` latents, then backward
 of ``(z_q · w).sum()`` plus every loss it returns; the EMA and usage updates run where each library
 runs them (the peer inside forward, vqlab at the next training forward), so both are timed. Each
-(case, library, dtype) runs in a fresh process, so that its memory is its own: the peak over the
-timed steps minus what was allocated before them (CUDA: ``max_memory_allocated``; CPU: the growth
-of the process's peak resident set, ``ru_maxrss``). Time: the median of ``--repeats`` steps after
-``--warmup``. Matching settings: no k-means init and no dead-code re-seeding on either side, EMA
-decay 0.99, commitment weight 0.25, LFQ's entropy weight 0.1, SimVQ straight through (the peer's
-rotation trick off). The peer is the ``bench`` extra
+row's memory is its own: the peak over the timed steps minus what was allocated before them
+(CUDA: ``max_memory_allocated``, reset per case, one process per library and dtype; CPU: the
+growth of the process's peak resident set, ``ru_maxrss``, one process per row). Time: the median
+of ``--repeats`` steps after ``--warmup``. Matching settings: no k-means init and no dead-code
+re-seeding on either side, EMA decay 0.99, commitment weight 0.25, LFQ's entropy weight 0.1, SimVQ
+straight through (the peer's rotation trick off). The peer is the ``bench`` extra
 (``pip install -e '.[bench]'``); without it its rows say so. Prints a table with the ratio
 vqlab / peer per row and writes the rows as JSON.
 """
@@ -19,6 +19,7 @@ vqlab / peer per row and writes the rows as JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import resource
@@ -81,7 +82,7 @@ def step(module: torch.nn.Module, library: str, x: torch.Tensor, w: torch.Tensor
     loss.backward()
 
 
-def worker(case: str, library: str, dtype: str, tokens: int, warmup: int, repeats: int, device: str) -> dict:
+def time_case(case: str, library: str, dtype: str, tokens: int, warmup: int, repeats: int, device: str) -> dict:
     """One row: ``ms`` (median step) and ``peak_mib`` (memory of a step beyond its setup)."""
     torch.manual_seed(0)
     dim = CASES[case][2]
@@ -108,17 +109,36 @@ def worker(case: str, library: str, dtype: str, tokens: int, warmup: int, repeat
     return {"ms": 1000 * statistics.median(times), "peak_mib": (peak - before) / 2**20}
 
 
-def measure(case: str, library: str, dtype: str, args: argparse.Namespace) -> dict:
-    """``worker`` in a fresh process; a failure (the peer missing, out of memory) is the row's ``error``."""
-    command = [sys.executable, __file__, "--worker", case, library, dtype]
+def worker(cases: list[str], library: str, dtype: str, args: argparse.Namespace) -> None:
+    """Print one JSON row per case as it ends; a case that fails (out of memory) is its row's
+    ``error`` and the next one starts from freed memory."""
+    for case in cases:
+        try:
+            row = time_case(case, library, dtype, args.tokens, args.warmup, args.repeats, args.device)
+        except (RuntimeError, MemoryError) as err:
+            row = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+        print(json.dumps({"case": case} | row), flush=True)
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def measure(cases: list[str], library: str, dtype: str, args: argparse.Namespace) -> list[dict]:
+    """``worker`` in a fresh process: one row per case; a process that dies (the peer missing, the
+    host out of memory) leaves its error on the cases it had not finished."""
+    command = [sys.executable, __file__, "--worker", library, dtype, "--cases", *cases]
     command += ["--tokens", str(args.tokens), "--warmup", str(args.warmup), "--repeats", str(args.repeats)]
     command += ["--device", args.device]
     done = subprocess.run(command, capture_output=True, text=True)
-    row = {"case": case, "library": library, "dtype": dtype, "tokens": args.tokens}
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        return row | {"error": lines[-1] if lines else f"exit {done.returncode}"}
-    return row | json.loads(done.stdout.strip().splitlines()[-1])
+    finished = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            finished[row.pop("case")] = row
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    died = {"error": lines[-1] if lines else f"exit {done.returncode}"}
+    base = {"library": library, "dtype": dtype, "tokens": args.tokens}
+    return [{"case": case, **base, **finished.get(case, died)} for case in cases]
 
 
 def cell(row: dict, key: str) -> str:
@@ -164,18 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
-    parser.add_argument("--worker", nargs=3, metavar=("CASE", "LIBRARY", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, metavar=("LIBRARY", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tokens < 1 or args.repeats < 1 or args.warmup < 0:
         parser.error("--tokens and --repeats must be >= 1, --warmup >= 0")
     if args.worker:
-        case, library, dtype = args.worker
-        print(json.dumps(worker(case, library, dtype, args.tokens, args.warmup, args.repeats, args.device)))
+        worker(args.cases, *args.worker, args)
         return 0
     from tqdm import tqdm
 
-    jobs = [(case, dtype, library) for case in args.cases for dtype in args.dtypes for library in args.libraries]
-    rows = [measure(case, library, dtype, args) for case, dtype, library in tqdm(jobs, desc="quantizers")]
+    # CPU memory is a process's peak resident set, which only grows: one process per row. CUDA
+    # resets its peak per case, so one process per library and dtype runs every case.
+    groups = [[case] for case in args.cases] if args.device == "cpu" else [args.cases]
+    jobs = [(cases, library, dtype) for cases in groups for dtype in args.dtypes for library in args.libraries]
+    rows = [row for job in tqdm(jobs, desc="quantizers") for row in measure(*job, args)]
+    order = {case: i for i, case in enumerate(args.cases)}
+    rows.sort(key=lambda row: (order[row["case"]], args.dtypes.index(row["dtype"])))
     print(f"{args.tokens} tokens per step on {machine(args.device)}, torch {torch.__version__}")
     print(table(rows))
     for row in rows:

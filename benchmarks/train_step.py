@@ -150,12 +150,15 @@ def main() -> int:
     flops = flops_per_image(args.image_size, min(args.batch, 4))
     peaks = peak_tflops(args.device, args.peak_tflops)
     results = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         from vqlab import config, weights
         from vqlab.perceptual import TRUNKS
 
         trunk = TRUNKS[config.load("reproduction").loss.perceptual.net]  # the training loss's trunk
         stand_ins = weights.stand_in_cache(Path(tmp) / "torch_home", [trunk])
+        report = {"device": card, "torch": torch.__version__, "steps": steps, "batch": args.batch}
+        report |= {"image_size": args.image_size, "flops_per_image": flops, "stand_ins": stand_ins}
         for name, (launcher, options) in chosen.items():
             row = run_variant(launcher, steps, args.image_size, args.batch, Path(tmp), name, options)
             peak = peaks.get("bf16" if "bf16" in name else "fp32")
@@ -163,6 +166,8 @@ def main() -> int:
                 row["mfu"] = row["images_per_s"] * flops / (peak * 1e12)
             results.append(row)
             print(json.dumps(results[-1]), file=sys.stderr)
+            # after every variant, so that a run stopped part-way keeps the rows it finished
+            args.out.write_text(json.dumps({**report, "results": results}, indent=2))
     print(f"\n{card}, torch {torch.__version__}, {steps} steps of batch {args.batch} at {args.image_size}px")
     print(f"model FLOPs per image (forward + backward): {flops / 1e9:.1f} GFLOP")
     if stand_ins:
@@ -175,10 +180,6 @@ def main() -> int:
             mfu = f"{100 * row['mfu']:.1f}%" if "mfu" in row else "—"
             speed, memory, l1 = row["images_per_s"], row["peak_memory_gib"], row["final_train_l1"]
             print(f"| {row['variant']} | {speed:.1f} | {memory:.2f} | {mfu} | {l1:.4f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"device": card, "torch": torch.__version__, "steps": steps, "batch": args.batch}
-    report |= {"image_size": args.image_size, "flops_per_image": flops, "stand_ins": stand_ins}
-    args.out.write_text(json.dumps({**report, "results": results}, indent=2))
     print(f"\nwrote {args.out}")
     return 0 if all("error" not in r for r in results) else 1
 

@@ -1,5 +1,6 @@
 """The benchmarks run end to end at toy sizes (their numbers are measured, never asserted)."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -48,6 +49,28 @@ def test_the_quantizer_benchmark_measures_both_libraries_and_writes_json(tmp_pat
     assert {(r["case"], r["library"]) for r in rows} == {(c, lib) for c in cases for lib in ("vqlab", "peer")}
     assert all("error" not in r and r["ms"] > 0 and r["tokens"] == 64 for r in rows), rows
     assert "| vq_ema K=1024 | fp32 |" in done.stdout and "64 tokens per step" in done.stdout
+
+
+def test_one_worker_process_times_several_cases_and_returns_a_row_for_each():
+    """How CUDA runs: every case of a library and dtype in one process, rows in the cases' order."""
+    quantizers = load("quantizers")
+    args = argparse.Namespace(tokens=32, warmup=0, repeats=1, device="cpu")
+    cases = ["fsq 8-8-8-5-5-5", "vq K=1024", "lfq d=10"]
+    rows = quantizers.measure(cases, "vqlab", "fp32", args)
+    assert [r["case"] for r in rows] == cases
+    assert all(r["library"] == "vqlab" and r["ms"] > 0 and "error" not in r for r in rows), rows
+
+
+def test_the_kmeans_benchmark_scores_every_library_the_same_way(tmp_path):
+    out = tmp_path / "kmeans.json"
+    done = run("kmeans", "--codes", "4", "16", "--points", "256", "--iters", "2", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["codes"], r["library"]) for r in rows] == [
+        (k, lib) for k in (4, 16) for lib in ("vqlab", "peer", "sklearn")
+    ]
+    assert all("error" not in r and r["fit_s"] > 0 and r["inertia"] > 0 for r in rows), rows
+    assert "| 16 | 256 | sklearn |" in done.stdout
 
 
 def test_the_loader_benchmark_times_each_worker_count_against_the_step_rate(tmp_path):

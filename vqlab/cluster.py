@@ -58,7 +58,10 @@ def nearest_with_distances(
         best = torch.full((block.shape[0],), math.inf, dtype=dtype, device=x.device)
         chosen = torch.zeros(block.shape[0], dtype=torch.long, device=x.device)
         for first in range(0, codes.shape[0], width):
-            scores = norms[first : first + width] - 2 * block @ codes[first : first + width].T  # (r, w)
+            # ‖c‖² − 2x·c in the matrix product's own epilogue: no extra pass over the block
+            scores = torch.addmm(
+                norms[first : first + width], block, codes[first : first + width].T, alpha=-2
+            )  # (r, w)
             value, position = scores.min(-1)
             better = value < best  # strict: an earlier block keeps a tie, as argmin does
             best = torch.where(better, value, best)
