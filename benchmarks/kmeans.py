@@ -73,6 +73,7 @@ def fits(library: str, x: torch.Tensor, k: int, iters: int) -> tuple[Callable, C
 def measure(library: str, x: torch.Tensor, k: int, iters: int, device: str) -> dict:
     row = {"library": library, "codes": k, "points": x.shape[0], "dim": x.shape[1], "iters": iters}
     seeding, whole = fits(library, x, k, iters)
+    torch.manual_seed(0)  # the peer draws its seeds from the global generator
     cuda = device.startswith("cuda")
     try:
         _, row["seeding_s"] = timed(seeding, device)

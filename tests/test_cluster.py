@@ -27,7 +27,7 @@ def test_inertia_is_the_sum_of_squared_distances_to_the_nearest_centroid():
     torch.testing.assert_close(cluster.squared_distances(x, centroids).double(), brute, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("elements", [64, 1000, cluster.CHUNK_ELEMENTS])
+@pytest.mark.parametrize("elements", [64, 1000, cluster.CPU_CHUNK_ELEMENTS, cluster.CHUNK_ELEMENTS])
 def test_nearest_in_blocks_of_points_and_codes_is_the_exact_argmin(elements):
     generator = torch.Generator().manual_seed(1)
     x, centroids = torch.randn(1000, 5, generator=generator), torch.randn(37, 5, generator=generator)
@@ -44,6 +44,17 @@ def test_a_block_never_holds_more_than_its_budget_of_distances(m, k, elements):
     rows, codes = cluster.blocks(m, k, elements)
     assert rows >= 1 and 1 <= codes <= k
     assert rows * codes <= elements or (rows == 1 and codes == 1)
+
+
+def test_the_default_block_is_the_devices(monkeypatch):
+    """A CPU walks blocks that stay in cache; a GPU takes the whole budget."""
+    budgets = []
+    real = cluster.blocks
+    monkeypatch.setattr(cluster, "blocks", lambda m, k, elements: budgets.append(elements) or real(m, k, elements))
+    cluster.nearest(torch.randn(10, 3), torch.randn(4, 3))
+    cluster.nearest(torch.randn(10, 3), torch.randn(4, 3), elements=64)
+    assert budgets == [cluster.CPU_CHUNK_ELEMENTS, 64]
+    assert cluster.block_elements(torch.device("cuda", 0)) == cluster.CHUNK_ELEMENTS > cluster.CPU_CHUNK_ELEMENTS
 
 
 def test_nearest_is_exact_far_from_the_origin_where_the_expanded_distance_is_not():
