@@ -156,3 +156,42 @@ def test_keeps_only_the_newest_checkpoints(smoke_cfg):
     result = fit(cfg)
     names = sorted(p.name for p in (result.run_dir / "checkpoints").iterdir())
     assert names == ["last", "step_0000018.pt", "step_0000020.pt"]
+
+
+GAN_FROM_STEP_2 = {"loss.adversarial.weight": 0.1, "loss.adversarial.width": 8, "loss.adversarial.layers": 2}
+GAN_FROM_STEP_2 |= {"loss.adversarial.start_step": 2, "loss.adversarial.lecam": 0.1}
+
+
+@pytest.mark.parametrize("extra", [{}, {"data.on_device": True}, GAN_FROM_STEP_2], ids=["loader", "on_device", "gan"])
+def test_steps_between_log_lines_read_no_tensor_on_the_host(smoke_cfg, monkeypatch, extra):
+    """On a GPU each read of a tensor's value waits for the device. Between the first step (where
+    the quantizer reads whether it is initialised, and k-means initialises a codebook of 256 from
+    the first batch's 256 tokens) and the last (log line, evaluation, checkpoint), a step reads
+    none: the finiteness check, the step count and the logged means stay on the device. Reads are
+    recorded with the step the trainer announced through ``set_step``."""
+    from vqlab.quantizers.base import Quantizer
+
+    step = {"now": None}
+    reads = []
+    real_set_step = Quantizer.set_step
+
+    def set_step(self, current, total):
+        step["now"] = current
+        real_set_step(self, current, total)
+
+    monkeypatch.setattr(Quantizer, "set_step", set_step)
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def recorded(self, *args, real=real, name=name, **kwargs):
+            reads.append((step["now"], name))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, recorded)
+    steps = 8
+    overrides = {"train.steps": steps, "train.log_every": steps, "train.ema_decay": 0.9, "optim.warmup_steps": 2}
+    overrides |= {"quantizer.name": "vq_ema", "quantizer.codebook_size": 256, **extra}
+    fit(smoke_cfg(**overrides))
+    inside = [(s, name) for s, name in reads if s is not None and 0 < s < steps - 1]
+    assert not inside, inside
+    assert any(s == steps - 1 for s, _ in reads)  # the last step's log line does read: the hook sees reads
