@@ -88,6 +88,28 @@ def test_scores_are_held_one_block_at_a_time():
     assert seen and max(seen) <= 2
 
 
+def test_by_default_the_blocks_are_the_devices(monkeypatch):
+    """Scores, entropies and both backwards walk blocks of ``block_elements`` of the device."""
+    from vqlab import cluster
+    from vqlab.quantizers import _softmax, ibq
+
+    budgets = []
+    real = _softmax.code_blocks
+
+    def recording(tokens, codes, elements):
+        budgets.append(elements)
+        return real(tokens, codes, elements)
+
+    monkeypatch.setattr(ibq, "code_blocks", recording)
+    monkeypatch.setattr(_softmax, "code_blocks", recording)
+    q = vqlab.quantizers.build("ibq", codebook_size=16, dim=4)
+    z = torch.randn(2, 8, 4, requires_grad=True)
+    out = q(z)
+    (out.z_q.sum() + sum(out.losses.values())).backward()
+    assert len(budgets) == 4 and set(budgets) == {cluster.block_elements(torch.device("cpu"))}
+    assert cluster.block_elements(torch.device("cpu")) == cluster.CPU_CHUNK_ELEMENTS
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [("init", "kmeans"), ("codebook_size", 1), ("beta", -1.0), ("entropy_weight", -0.1), ("entropy_temperature", 0.0)],

@@ -1,8 +1,9 @@
 """The softmax of scores against every code, held one block of codes at a time.
 
 ``scores = z Cᵀ / τ`` for ``(M, d)`` tokens and ``(K, d)`` codes would be an ``(M, K)`` matrix;
-these functions walk blocks of codes so that no step holds more than ``CHUNK_ELEMENTS`` of them
-(``vqlab.cluster``'s budget), and their backwards recompute each block instead of saving it.
+these functions walk blocks of codes so that no step holds more than a block of them
+(``vqlab.cluster.block_elements`` of the device unless given: a block that stays in a CPU's cache
+is faster there), and their backwards recompute each block instead of saving it.
 Used by IBQ (dot-product scores) and VQ's entropy loss (negative squared distances).
 """
 
@@ -10,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from vqlab.cluster import CHUNK_ELEMENTS
+from vqlab.cluster import block_elements
 
 
-def code_blocks(tokens: int, codes: int, elements: int = CHUNK_ELEMENTS) -> range:
+def code_blocks(tokens: int, codes: int, elements: int) -> range:
     """Starts of blocks of codes such that a block of scores for every token holds at most
     ``elements`` floats (at least one code per block)."""
     return range(0, codes, min(codes, max(1, elements // max(tokens, 1))))
@@ -78,14 +79,14 @@ class SoftmaxEntropies(torch.autograd.Function):
 
 
 def softmax_entropies(
-    z: torch.Tensor, codebook: torch.Tensor, temperature: float, elements: int = CHUNK_ELEMENTS
+    z: torch.Tensor, codebook: torch.Tensor, temperature: float, elements: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean per-token entropy of ``softmax(z Cᵀ / τ)`` and the entropy of its mean over tokens."""
-    return SoftmaxEntropies.apply(z, codebook, temperature, elements)
+    return SoftmaxEntropies.apply(z, codebook, temperature, elements or block_elements(z.device))
 
 
 def distance_softmax_entropies(
-    z: torch.Tensor, codebook: torch.Tensor, temperature: float, elements: int = CHUNK_ELEMENTS
+    z: torch.Tensor, codebook: torch.Tensor, temperature: float, elements: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same two entropies for ``softmax(−‖z − c‖² / τ)``. A token's ``‖z‖²`` shifts all its
     scores equally, which a softmax ignores, so the scores are ``2 z·c − ‖c‖²``: a dot product of
