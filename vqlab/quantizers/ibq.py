@@ -18,7 +18,7 @@ Memory: the forward walks blocks of codes with a running maximum and log-sum-exp
 backwards (``IndexBackprop`` here, the entropies' in ``_softmax.py``) recompute each block's
 probabilities, so no step holds more than one block of scores whatever K is
 (``vqlab.cluster.block_elements``: 2^24 on a GPU; 2^20 on a CPU, where a block that stays in
-cache made a step at K = 16384 about 1.6 times faster).
+cache made a training step of 4096 tokens 1.4 times faster at K = 1024 and 1.7 at K = 16384).
 """
 
 from __future__ import annotations
