@@ -33,7 +33,7 @@ def write_jpegs(folder: Path, count: int, size: int = 256, seed: int = 0) -> Non
     JPEGs under ``folder/photos``."""
     from PIL import Image
 
-    photos = [data.load_photo(*p) for p in data.TRAIN_PHOTOS]  # (3, H, W) in [0, 1]
+    photos = [data.load_photo(*p) for p in data.TRAIN_PHOTOS]  # (3, H, W) uint8
     photos = [p for p in photos if min(p.shape[1:]) >= size]
     rng = np.random.default_rng(seed)
     (folder / "photos").mkdir(parents=True, exist_ok=True)
@@ -41,7 +41,7 @@ def write_jpegs(folder: Path, count: int, size: int = 256, seed: int = 0) -> Non
         photo = photos[i % len(photos)]
         top = rng.integers(0, photo.shape[1] - size + 1)
         left = rng.integers(0, photo.shape[2] - size + 1)
-        crop = (photo[:, top : top + size, left : left + size] * 255).round().byte().permute(1, 2, 0).numpy()
+        crop = photo[:, top : top + size, left : left + size].permute(1, 2, 0).numpy()
         Image.fromarray(crop).save(folder / "photos" / f"{i:06d}.jpg", quality=90)
 
 

@@ -73,6 +73,23 @@ def test_the_kmeans_benchmark_scores_every_library_the_same_way(tmp_path):
     assert "| 16 | 256 | sklearn |" in done.stdout
 
 
+def test_the_loader_benchmark_writes_the_photos_pixels_as_jpegs(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vqlab import data
+
+    load("data").write_jpegs(tmp_path, count=2, size=64)
+    photos = [p for p in (data.load_photo(*name) for name in data.TRAIN_PHOTOS) if min(p.shape[1:]) >= 64]
+    rng = np.random.default_rng(0)  # the writer's draws, replayed
+    for i in range(2):
+        photo = photos[i]
+        top, left = rng.integers(0, photo.shape[1] - 63), rng.integers(0, photo.shape[2] - 63)
+        crop = photo[:, top : top + 64, left : left + 64].permute(1, 2, 0).numpy().astype(float)
+        written = np.asarray(Image.open(tmp_path / "photos" / f"{i:06d}.jpg").convert("RGB")).astype(float)
+        assert np.abs(written - crop).mean() < 8  # JPEG at quality 90, not another image
+
+
 def test_the_loader_benchmark_times_each_worker_count_against_the_step_rate(tmp_path):
     out = tmp_path / "data.json"
     args = ["--count", "64", "--workers", "0", "1", "--batches", "2", "--batch", "16", "--step-rate", "1e9"]
