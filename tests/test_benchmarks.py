@@ -126,3 +126,13 @@ def test_the_training_step_benchmark_gives_mfu_from_counted_flops_and_lpips_rows
     assert result["flops_per_image"] > 0 and result["stand_ins"] == ["alexnet"]
     for row in result["results"]:
         assert row["mfu"] == pytest.approx(row["images_per_s"] * result["flops_per_image"] / 1e12)
+
+
+def test_the_gpu_session_script_parses_and_names_existing_variants():
+    import shlex
+
+    script = BENCHMARKS / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    line = next(line for line in script.read_text().splitlines() if line.startswith("variants=("))
+    named = shlex.split(line[len("variants=(") : line.rindex(")")])
+    assert named and set(named) <= set(load("train_step").variants("cuda", with_compile=True))
