@@ -5,12 +5,12 @@
   are never used for training.
 - ``shapes``: procedural images from ``skimage.draw.random_shapes`` (for tests).
 - ``synthetic``: smooth random colour fields made with torch alone (for throughput benchmarks).
+- ``imagefolder``: any folder tree of images (e.g. ImageNet), resized and center-cropped.
+- ``cifar10`` / ``cifar100``: torchvision's loaders on files already on disk.
 
 ``photos`` and ``synthetic`` can also make their training batches on the training device
 (``data.on_device``), so that no loader worker or image copy stands between the device and its
 next step: the same samples, from the same keys.
-- ``imagefolder``: any folder tree of images (e.g. ImageNet), resized and center-cropped.
-- ``cifar10`` / ``cifar100``: torchvision's loaders on files already on disk.
 
 Randomness is explicit: a training sample depends only on ``(seed, epoch, index)``. The training
 sampler hands datasets the key ``epoch * len(dataset) + index`` (``split_key`` undoes it), so
