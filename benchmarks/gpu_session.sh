@@ -10,8 +10,9 @@
 # and run there (carry .whl) as
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #     .whl/*.whl && export PYTHONPATH=/tmp/site && bash benchmarks/gpu_session.sh
-# Results: ${OUT:-runs}/bench/, five JSON files (each written as its rows finish) and log.txt with
-# every table: six files, within the eight the device returns.
+# Results: ${OUT:-runs}/bench/, five JSON files (quantizers, kmeans and train_step rewritten as
+# each row finishes, so a part cut by its limit keeps its rows) and log.txt with every table: six
+# files, within the eight the device returns.
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-runs}/bench"

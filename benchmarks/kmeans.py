@@ -132,17 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [
         (library, k) for k in args.codes for library in args.libraries if library != "sklearn" or k <= args.sklearn_max
     ]
-    rows = [measure(library, x, k, args.iters, args.device) for library, k in tqdm(jobs, desc="kmeans")]
     where = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     )
+    rows = []
+    for library, k in tqdm(jobs, desc="kmeans"):
+        rows.append(measure(library, x, k, args.iters, args.device))
+        if args.out:  # after every row, so that a run stopped part-way keeps the rows it finished
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            result = {"machine": where, "torch": torch.__version__, "rows": rows}
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(
         f"{args.points} points of dimension {args.dim}, {args.iters} Lloyd steps, on {where}, torch {torch.__version__}"
     )
     print(table(rows))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": where, "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -197,18 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     # resets its peak per case, so one process per library and dtype runs every case.
     groups = [[case] for case in args.cases] if args.device == "cpu" else [args.cases]
     jobs = [(cases, library, dtype) for cases in groups for dtype in args.dtypes for library in args.libraries]
-    rows = [row for job in tqdm(jobs, desc="quantizers") for row in measure(*job, args)]
     order = {case: i for i, case in enumerate(args.cases)}
-    rows.sort(key=lambda row: (order[row["case"]], args.dtypes.index(row["dtype"])))
+    rows = []
+    for job in tqdm(jobs, desc="quantizers"):
+        rows.extend(measure(*job, args))
+        rows.sort(key=lambda row: (order[row["case"]], args.dtypes.index(row["dtype"])))
+        if args.out:  # after every job, so that a run stopped part-way keeps the rows it finished
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            result = {"machine": machine(args.device), "torch": torch.__version__, "rows": rows}
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{args.tokens} tokens per step on {machine(args.device)}, torch {torch.__version__}")
     print(table(rows))
     for row in rows:
         if "error" in row:
             print(f"{row['case']} {row['library']} {row['dtype']}: {row['error']}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"machine": machine(args.device), "torch": torch.__version__, "rows": rows}
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 
