@@ -7,6 +7,9 @@ from vqlab import checkpoint
 from vqlab.models import AutoencoderOutput
 from vqlab.quantizers import QuantizerOutput
 
+# Python-level reads of a tensor's value: on a GPU each waits for the device (a host-device sync).
+HOST_READS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist")
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

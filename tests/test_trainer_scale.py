@@ -14,7 +14,7 @@ import torch
 from vqlab import checkpoint, losses
 from vqlab.trainer import NonFiniteLossError, fit
 
-from .helpers import assert_states_equal, final_state, read_metrics
+from .helpers import HOST_READS, assert_states_equal, final_state, read_metrics
 
 
 def test_accumulating_4_x_8_equals_one_batch_of_32(smoke_cfg):
@@ -180,7 +180,7 @@ def test_steps_between_log_lines_read_no_tensor_on_the_host(smoke_cfg, monkeypat
         real_set_step(self, current, total)
 
     monkeypatch.setattr(Quantizer, "set_step", set_step)
-    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+    for name in HOST_READS:
         real = getattr(torch.Tensor, name)
 
         def recorded(self, *args, real=real, name=name, **kwargs):

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from ..helpers import HOST_READS
+
 
 class HostSync(AssertionError):
     """A tensor was read on the host: on a GPU, a host-device sync."""
@@ -17,7 +19,7 @@ def no_host_reads(monkeypatch):
         raise HostSync("a tensor value was read on the host")
 
     def watch():
-        for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        for name in HOST_READS:
             monkeypatch.setattr(torch.Tensor, name, read)
 
     return watch

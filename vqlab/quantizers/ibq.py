@@ -72,7 +72,8 @@ class IndexBackprop(torch.autograd.Function):
     code's row of C."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, codebook: torch.Tensor, elements: int):
+    def forward(ctx, z: torch.Tensor, codebook: torch.Tensor, elements: int | None):
+        elements = elements or block_elements(z.device)  # scores held at once
         m = z.shape[0]
         best = torch.full((m,), -torch.inf, dtype=z.dtype, device=z.device)
         index = torch.zeros(m, dtype=torch.long, device=z.device)
@@ -138,8 +139,7 @@ class IBQ(Quantizer):
     def quantize(self, z: torch.Tensor) -> QuantizerOutput:
         flat = self.latents(z.reshape(-1, self.dim))  # (B*N, D)
         codebook = self.codebook()  # (K, D)
-        elements = self.elements or block_elements(z.device)  # scores held at once
-        z_q, index = IndexBackprop.apply(flat, codebook, elements)  # (B*N, D), (B*N,)
+        z_q, index = IndexBackprop.apply(flat, codebook, self.elements)  # (B*N, D), (B*N,)
         hard = codebook[index]  # (B*N, D) q, gradient to the chosen codes only
         losses = {
             "index": (z_q - flat).square().mean(),
@@ -147,14 +147,13 @@ class IBQ(Quantizer):
             "codebook": self.cfg.beta * (hard - flat.detach()).square().mean(),
         }
         if self.cfg.entropy_weight > 0:
-            per_token, spread = softmax_entropies(flat, codebook, self.cfg.entropy_temperature, elements)
+            per_token, spread = softmax_entropies(flat, codebook, self.cfg.entropy_temperature, self.elements)
             losses["entropy"] = self.cfg.entropy_weight * (per_token - spread)
         return QuantizerOutput(z_q=z_q.reshape(z.shape), codes=index.reshape(*z.shape[:-1], 1), losses=losses)
 
     def encode_fp32(self, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            elements = self.elements or block_elements(z.device)
-            _, index = IndexBackprop.apply(self.latents(z.reshape(-1, self.dim)), self.codebook(), elements)
+            _, index = IndexBackprop.apply(self.latents(z.reshape(-1, self.dim)), self.codebook(), self.elements)
         return index.reshape(*z.shape[:-1], 1)
 
     def decode_fp32(self, codes: torch.Tensor) -> torch.Tensor:
