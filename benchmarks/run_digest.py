@@ -34,7 +34,7 @@ def weights_digest(checkpoint: Path) -> str:
     sha = hashlib.sha256()
     for name in sorted(state):
         sha.update(name.encode())
-        sha.update(state[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        sha.update(state[name].detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return sha.hexdigest()
 
 
