@@ -11,6 +11,8 @@
     eval_train.json             the same on training crops (``--split train``)
     run.ipynb                   the executed notebook, when a notebook ran the run
     mlflow_run_id               the run's MLflow run id
+    runtime.json                what the numbers depend on beyond the config (threads, torch, device)
+    finished                    the end phase is done (its step); absent while there is work left
 
 A driver (a notebook, a sweep) may make the folder before training starts, so that it knows where
 everything will land; training then uses it as long as it holds no ``config.yaml`` of another run.
@@ -55,9 +57,19 @@ class RunFolder:
                 continue
         raise FileExistsError(f"too many runs named {name} under {base}")
 
+    @classmethod
+    def of_checkpoint(cls, path: Path) -> RunFolder:
+        """The run a checkpoint file ``<run>/checkpoints/step_*.pt`` belongs to."""
+        return cls(Path(path).parent.parent)
+
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def root(self) -> Path:
+        """The ``tracking.root`` this run lives under (``<root>/<experiment>/<run>``)."""
+        return self.path.resolve().parent.parent
 
     @property
     def config_file(self) -> Path:
@@ -91,6 +103,14 @@ class RunFolder:
     def mlflow_id_file(self) -> Path:
         return self.path / "mlflow_run_id"
 
+    @property
+    def runtime_file(self) -> Path:
+        return self.path / "runtime.json"
+
+    @property
+    def finished_file(self) -> Path:
+        return self.path / "finished"
+
     def histogram(self, prefix: str = "") -> Path:
         """The code histogram of a validation pass: ``""`` for the model, ``"ema_"`` for its EMA."""
         return self.path / f"{prefix}codebook_histogram.npz"
@@ -121,6 +141,19 @@ class RunFolder:
         for row in self.read_metrics():
             latest |= {k: v for k, v in row.items() if k != "step" and k.startswith(prefix)}
         return latest
+
+    def is_finished(self) -> bool:
+        """The run's end phase (final validation, histograms, figures, MLflow end) is done."""
+        return self.finished_file.is_file()
+
+    def mark_finished(self, step: int) -> None:
+        self.finished_file.write_text(f"{step}\n")
+
+    def clear_finished(self) -> None:
+        self.finished_file.unlink(missing_ok=True)
+
+    def write_runtime(self, record: dict[str, str]) -> None:
+        self.runtime_file.write_text(json.dumps(record, indent=2) + "\n")
 
     def mlflow_run_id(self) -> str | None:
         return self.mlflow_id_file.read_text().strip() or None if self.mlflow_id_file.is_file() else None

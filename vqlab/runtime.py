@@ -63,3 +63,15 @@ class ModelEMA:
                 average.lerp_(current, 1.0 - self.decay)
             else:
                 average.copy_(current)
+
+
+def runtime_record(device: torch.device, world_size: int) -> dict[str, str]:
+    """What a run's numbers depend on beyond its config: the thread count changes the order of
+    float sums (1 against 2 threads moves a smoke run's L1 in the 4th digit), and so do the torch
+    version and the device. Recorded with every run so a rerun can match it."""
+    return {
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "world_size": str(world_size),
+    }

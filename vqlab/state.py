@@ -13,7 +13,8 @@ from vqlab.runtime import ModelEMA, rng_state, set_rng_state
 
 class TrainState:
     """Model, optimizer, schedule, model EMA, adversary and its optimizer, the step, the data
-    position (``(epoch, batch)`` of the next batch) and every rank's RNG state.
+    position (``(epoch, batch)`` of the next batch), every rank's RNG state, and (written by the
+    run's lifecycle) how many rows of ``metrics.jsonl`` came before the checkpoint.
 
     ``state_dict`` gathers the RNG states of all ranks, so every rank calls it together.
     ``load_state_dict`` restores everything but the RNG, which ``restore_rng`` sets right before
@@ -34,6 +35,7 @@ class TrainState:
         self.ema, self.adversary, self.disc_optimizer = ema, adversary, disc_optimizer
         self.step = 0
         self.position = (0, 0)
+        self.records: int | None = None  # rows of metrics.jsonl written before the checkpoint
         self._rng: dict[str, torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -68,6 +70,7 @@ class TrainState:
             self.adversary.load_state_dict(state["adversary"])
             self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         self.step, self.position = int(state["step"]), tuple(state["position"])
+        self.records = state.get("records")
         self._rng = state["rng"][distributed.rank()]
 
     def restore_rng(self) -> None:

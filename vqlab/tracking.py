@@ -161,17 +161,27 @@ class RunLogger:
         params: dict[str, Any],
         active: bool = True,
         resume_step: int | None = None,
+        resume_rows: int | None = None,
     ):
         """``resume_step``: ``None`` starts the run's records afresh; a step continues them from a
-        checkpoint of that step, dropping what the interrupted process logged after it."""
+        checkpoint of that step, dropping what the interrupted process logged after it: the rows
+        after the first ``resume_rows`` (what the checkpoint recorded), or, for a checkpoint that
+        recorded no count, the rows of later steps."""
         self.active = active
         self.run = run
         self.mlflow: MlflowRun | None = None
+        self.rows = 0  # rows in metrics.jsonl
         self.bar = tqdm(total=total_steps, disable=not (active and cfg.progress), dynamic_ncols=True, desc=run.name)
         if not active:
             return
-        history = [row for row in run.read_metrics() if resume_step is not None and row["step"] <= resume_step]
+        history = []
+        if resume_step is not None:
+            history = run.read_metrics()
+            history = (
+                history[:resume_rows] if resume_rows is not None else [r for r in history if r["step"] <= resume_step]
+            )
         run.metrics_file.write_text("".join(json.dumps(row) + "\n" for row in history))
+        self.rows = len(history)
         self.jsonl = run.metrics_file.open("a")
         if cfg.mlflow:
             self.mlflow = start_run(cfg, run, params, history)
@@ -187,11 +197,21 @@ class RunLogger:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         self.jsonl.write(json.dumps(row) + "\n")
         self.jsonl.flush()
+        self.rows += 1
         if self.mlflow is not None:
             self.mlflow.log([row])
         shown = {label: f"{row[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in row}
         if shown:
             self.bar.set_postfix(shown, refresh=False)
+
+    def record_runtime(self, record: dict[str, str]) -> None:
+        """What the run's numbers depend on beyond its config, in the folder and as MLflow tags."""
+        if not self.active:
+            return
+        self.run.write_runtime(record)
+        if self.mlflow is not None:
+            for key, value in record.items():
+                self.mlflow.set_tag(f"vqlab.{key}", value)
 
     def print(self, text: str) -> None:
         """A line above the progress bar (on the main process only)."""

@@ -27,7 +27,7 @@ from vqlab.evaluators.base import Evaluator, PairEvaluator, Suite, build, image_
 from vqlab.evaluators.baselines import block_mean, block_mean_baseline, palette_levels
 from vqlab.evaluators.codebook import DENSE_HISTOGRAM_LIMIT, CodebookMetrics
 from vqlab.evaluators.fidelity import FidelityMetrics
-from vqlab.evaluators.loop import evaluate
+from vqlab.evaluators.loop import evaluate, evaluate_with_ema
 from vqlab.evaluators.perceptual import PerceptualDistance
 from vqlab.evaluators.reconstruction import ReconstructionMetrics, ssim_per_image
 from vqlab.evaluators.swd import SlicedWasserstein
@@ -46,6 +46,7 @@ __all__ = [
     "block_mean_baseline",
     "build",
     "evaluate",
+    "evaluate_with_ema",
     "image_digests",
     "palette_levels",
     "registry",

@@ -122,6 +122,7 @@ class Quantizer(nn.Module):
     def __init__(self):
         super().__init__()
         self._hooks_driven_by_caller = False
+        self._finiteness_checked_by_caller = False
         self._warned_self_driven = False
 
     @property
@@ -144,17 +145,33 @@ class Quantizer(nn.Module):
         self._hooks_driven_by_caller = True
         return self
 
+    def finiteness_checked_by_caller(self) -> Quantizer:
+        """Declare that the caller stops on a non-finite loss (vqlab's trainer does), so a training
+        forward does not stop on non-finite tokens itself: it quantizes them as zeros (no NaN
+        becomes a code or reaches a codebook statistic) and carries their NaN or inf into ``z_q``,
+        so the loss is non-finite and the caller stops the way it stops for any diverging step.
+        ``encode`` and eval-mode forwards still refuse them; returns self."""
+        self._finiteness_checked_by_caller = True
+        return self
+
     def has_pending_updates(self) -> bool:
         """Whether training forwards gathered statistics that ``on_optimizer_step()`` has not applied;
         a host-side flag, so asking costs no device sync."""
         return False
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        self._check_tokens(z, "forward")
+        watched = self.training and self._finiteness_checked_by_caller
+        self._check_tokens(z, "forward", finite=not watched)
         if self.training and not self._hooks_driven_by_caller and self.has_pending_updates():
             self._drive_own_hook()
-        with fp32_island(z.device):
-            out = self.quantize(z.float())  # (B, N, D) fp32 in, fp32 out
+        if watched:  # non-finite tokens quantized as zeros, their NaN/inf added back (no gradient)
+            clean = torch.where(torch.isfinite(z), z, torch.zeros((), dtype=z.dtype, device=z.device))
+            with fp32_island(z.device):
+                out = self.quantize(clean.float())  # (B, N, D) fp32 in, fp32 out
+                out.z_q = out.z_q + (z.float() - clean.float()).detach()
+        else:
+            with fp32_island(z.device):
+                out = self.quantize(z.float())  # (B, N, D) fp32 in, fp32 out
         out.z_q = out.z_q.to(z.dtype)
         out.stats = {**batch_stats(out.codes, self.radices), **out.stats}
         return out
@@ -206,9 +223,11 @@ class Quantizer(nn.Module):
             )
         self.on_optimizer_step()
 
-    def _check_tokens(self, z: torch.Tensor, method: str) -> None:
+    def _check_tokens(self, z: torch.Tensor, method: str, finite: bool = True) -> None:
         if z.ndim != 3 or z.shape[-1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects tokens (B, N, {self.dim}), got {tuple(z.shape)}")
+        if not finite:
+            return
         # Before any statistic is gathered: a NaN would otherwise become a code, or poison a codebook.
         # Asynchronous, so no host-device sync per step: on a GPU it fails at the next sync.
         torch._assert_async(
