@@ -1,6 +1,9 @@
 """Resuming runs: whatever the folder holds, the run named is the run continued, exactly."""
 
+import os
 import shutil
+import subprocess
+import sys
 import warnings
 from collections import Counter
 
@@ -193,3 +196,66 @@ def test_gumbel_noise_does_not_depend_on_the_passes_made_before_the_loop(smoke_c
     for loader in (vqlab.data.train_loader(loaders.train, cfg.data, 0), vqlab.data.val_loader(loaders.val, cfg.data)):
         next(iter(loader))
     assert torch.equal(torch.rand(3), expected)
+
+
+# What a kill -9 right after the final checkpoint leaves: checkpoint written, final validation
+# logged, no figure, the MLflow run RUNNING, the folder not marked finished.
+KILLED_BEFORE_THE_FIGURE = """
+import os, sys
+from vqlab import lifecycle
+from vqlab.trainer import main
+lifecycle.save_reconstruction_grid = lambda *args: os._exit(9)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_after_its_final_checkpoint_does_its_end_phase_when_resumed(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = ["--config", "smoke", f"tracking.root={tmp_path / 'runs'}", "train.steps=6", "train.checkpoint_every=3"]
+    args += ["train.log_every=1", "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"]
+
+    def train(*extra, script=None):
+        head = ["-c", script] if script else ["-m", "vqlab.train"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, *head, *args, *extra], env=env, capture_output=True, text=True)
+
+    assert train("tracking.run_name=whole").returncode == 0
+    cut = train("tracking.run_name=cut", script=KILLED_BEFORE_THE_FIGURE)
+    assert cut.returncode == 9, cut.stderr[-2000:]
+    run, whole = RunFolder(tmp_path / "runs" / "smoke" / "cut"), RunFolder(tmp_path / "runs" / "smoke" / "whole")
+    client = MlflowClient(tracking_uri=uri)
+    assert checkpoint.step_files(run.checkpoints)[-1].name == "step_0000006.pt"
+    assert not run.figure("reconstructions.png").exists() and not run.is_finished()
+    assert client.get_run(run.mlflow_run_id()).info.status == "RUNNING"
+
+    resumed = train("tracking.run_name=cut", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert run.figure("reconstructions.png").is_file() and run.is_finished()
+    assert run.histogram().is_file()
+    recorded = client.get_run(run.mlflow_run_id())
+    assert recorded.info.status == "FINISHED" and recorded.info.end_time is not None
+    assert "figures" in {a.path for a in client.list_artifacts(run.mlflow_run_id())}
+    wall = ("train/images_per_s",)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in wall} for r in rows]  # noqa: E731
+    assert strip(run.read_metrics()) == strip(whole.read_metrics())  # the final validation logged once
+    # finished now: a further resume reports what the run recorded and does nothing else
+    again = train("tracking.run_name=cut", "--resume", "auto")
+    assert again.returncode == 0 and "complete at step 6" in again.stderr
+    assert strip(run.read_metrics()) == strip(whole.read_metrics())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "--restart needs tracking.run_name"),
+        (["tracking.run_name=new", "--resume", "auto"], "there is no run"),
+    ],
+)
+def test_a_restart_with_nothing_to_restart_is_refused_before_anything_is_written(smoke_cfg, capsys, extra, message):
+    root = smoke_cfg().tracking.root
+    assert main(["--config", "smoke", f"tracking.root={root}", *extra, "--restart"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not os.path.exists(root)

@@ -203,6 +203,25 @@ def test_a_failing_variant_is_a_failed_run_the_others_finish_and_a_rerun_retries
     assert (tmp_path / "runs" / "tiny" / "bad" / "run.ipynb").stat().st_mtime_ns > notebooks["bad"]
 
 
+@pytest.mark.slow
+def test_a_rerun_finishes_a_variant_killed_after_its_final_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    source = write_sweep(tmp_path, variants={"a": {}})
+    args = [source, "--smoke", f"tracking.root={tmp_path / 'runs'}"]
+    assert sweep.main(args) == 0
+    loaded = sweep.load(source, extra=root_override(tmp_path), smoke=True)
+    mlflow_client = client(loaded.variants[0].cfg.tracking)
+    run = loaded.variants[0].run
+    # what a kill -9 between the final checkpoint and the end of the run leaves
+    run.figure("reconstructions.png").unlink()
+    run.finished_file.unlink()
+    mlflow_client.update_run(run.mlflow_run_id(), status="RUNNING")
+    assert sweep.main(args) == 0
+    runs, _ = runs_by_variant(mlflow_client, "tiny")
+    assert runs["a"].info.status == "FINISHED"
+    assert run.figure("reconstructions.png").is_file() and run.is_finished()
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -195,3 +195,33 @@ def test_steps_between_log_lines_read_no_tensor_on_the_host(smoke_cfg, monkeypat
     inside = [(s, name) for s, name in reads if s is not None and 0 < s < steps - 1]
     assert not inside, inside
     assert any(s == steps - 1 for s, _ in reads)  # the last step's log line does read: the hook sees reads
+
+
+def finite_weights(state) -> bool:
+    tensors = [*state["model"].values(), *state.get("ema", {}).values()]
+    return all(torch.isfinite(t).all() for t in tensors if t.is_floating_point())
+
+
+@pytest.mark.parametrize("name", ["fsq", "vq", "identity"])
+def test_a_diverging_run_stops_at_its_step_and_keeps_only_finite_checkpoints(name, tmp_path):
+    """Non-finite tokens reaching the quantizer are a non-finite loss like any other."""
+    from .test_resume import preset_quantizer_cfg
+
+    overrides = {"optim.lr": 1e30, "train.checkpoint_every": 1, "train.ema_decay": 0.9, "tracking.run_name": "d"}
+    cfg = preset_quantizer_cfg(name, tmp_path, **overrides)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+; ") as stopped:
+        fit(cfg)
+    kept = checkpoint.step_files(Path(cfg.tracking.root) / "smoke" / "d" / "checkpoints")
+    assert all(finite_weights(checkpoint.load(path)) for path in kept)
+    newest = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
+    assert str(stopped.value).endswith(newest)
+
+
+def test_the_command_line_stops_a_diverging_run_with_one_line(smoke_cfg, capsys):
+    from vqlab.trainer import main
+
+    root = smoke_cfg().tracking.root
+    code = main(["--config", "smoke", f"tracking.root={root}", "optim.lr=1e8", "train.checkpoint_every=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("error: non-finite") and "Traceback" not in err[0]

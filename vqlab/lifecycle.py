@@ -104,6 +104,8 @@ def plan_start(cfg: RunConfig, resume: str | None, restart: bool) -> Start:
     root = Path(cfg.tracking.root)
     if root.exists() and not root.is_dir():
         raise MissingFileError(f"tracking.root {root} is a file; name the folder that holds the runs")
+    if restart and not cfg.tracking.run_name and resume in (None, "auto"):
+        raise ResumeError("--restart needs tracking.run_name, the run to start again")
     if resume is None:
         if not cfg.tracking.run_name:
             return Start(folder=None)
@@ -119,6 +121,8 @@ def plan_start(cfg: RunConfig, resume: str | None, restart: bool) -> Start:
             raise ResumeError("--resume auto needs tracking.run_name, the run to continue")
         run = RunFolder.of(cfg)
         if not run.has_config():
+            if restart:
+                raise ResumeError(f"--restart: there is no run {run.path} to start again; leave out --restart")
             return Start(folder=run)
     else:
         path = Path(resume)

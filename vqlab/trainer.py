@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # bad input is one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # a diverged run: its step and the last good checkpoint
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", 0)) != 0:
         return 0
     print(f"run folder:   {result.run_dir}")
