@@ -165,6 +165,28 @@ def test_bad_requests_are_one_line_naming_the_input(smoke_run, tmp_path, capsys,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "another model", "not a checkpoint"])
+def test_a_checkpoint_that_cannot_be_loaded_is_one_line_naming_it(smoke_run, tmp_path, capsys, kind):
+    result, _ = smoke_run
+    source = sorted((result.run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    bad = tmp_path / "bad.pt"
+    if kind == "garbage":
+        bad.write_bytes(b"not a checkpoint at all")
+    elif kind == "truncated":
+        bad.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    elif kind == "another model":
+        other = vqlab.config.load("smoke", {"model.width": 8})
+        model = build_autoencoder(other.model, vqlab.quantizers.build(other.quantizer))
+        torch.save({"model": model.state_dict(), "step": 4}, bad)
+    else:
+        torch.save({"weights": torch.zeros(3)}, bad)
+    out = tmp_path / "e.json"
+    assert main(["--run", str(result.run_dir), "--checkpoint", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}") and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_a_corrupt_run_config_names_its_file(smoke_run, tmp_path, capsys):
     result, _ = smoke_run
     run_dir = tmp_path / "run"

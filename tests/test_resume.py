@@ -259,3 +259,18 @@ def test_a_restart_with_nothing_to_restart_is_refused_before_anything_is_written
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not os.path.exists(root)
+
+
+def test_resuming_from_a_truncated_checkpoint_file_is_one_line_naming_it(smoke_cfg, capsys):
+    cfg = smoke_cfg(**SHORT, **{"tracking.run_name": "cut"})
+    run = RunFolder(fit(cfg).run_dir)
+    chosen = checkpoint.step_path(run.checkpoints, 4)
+    chosen.write_bytes(chosen.read_bytes()[:1000])
+    rows = run.read_metrics()
+    capsys.readouterr()
+    args = ["--config", "smoke", f"tracking.root={cfg.tracking.root}", "tracking.run_name=cut"]
+    args += [f"{k}={v}" for k, v in SHORT.items()]
+    assert main([*args, "--resume", str(chosen)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {chosen} is not a readable checkpoint") and err.count("\n") == 1
+    assert run.read_metrics() == rows  # nothing written

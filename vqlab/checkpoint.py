@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vqlab.errors import MissingFileError
+from vqlab.errors import CheckpointError, MissingFileError
 
 POINTER = "last"
 STEP_FILE = re.compile(r"step_(\d+)\.pt")
@@ -45,9 +45,17 @@ def write_text_atomic(text: str, path: Path) -> None:
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state saved at ``path``; a missing, truncated or foreign file is a one-line error naming it."""
     if not Path(path).is_file():
         raise MissingFileError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises a different type for each way a file can be broken
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({reason[:200]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not a vqlab checkpoint (it holds a {type(state).__name__})")
+    return state
 
 
 def step_path(folder: Path, step: int) -> Path:

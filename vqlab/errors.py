@@ -26,3 +26,7 @@ class ResumeError(UserError, ValueError):
 
 class RunExistsError(UserError, FileExistsError):
     """A new run is asked for in a folder that already holds another run."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file cannot be read (truncated, not a checkpoint), or holds another model's weights."""

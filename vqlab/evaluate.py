@@ -32,10 +32,11 @@ from torch.utils.data import Subset
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import RunConfig, load, parse_overrides
 from vqlab.errors import MissingFileError, UserError
-from vqlab.evaluators import evaluate
+from vqlab.evaluators import evaluate_with_ema
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.runfolder import RunFolder
 from vqlab.schema import ConfigError, to_dict
+from vqlab.state import SavedWeights
 from vqlab.tracking import log_evaluation
 
 SPLITS = {"val": "eval", "train": "eval_train"}  # split -> metric prefix and file stem
@@ -54,7 +55,7 @@ class EvalResult:
 
 def run_config(run_dir: Path, overrides: list[str], metrics: list[str] | None) -> RunConfig:
     """The run's config with evaluation-side overrides; MLflow resolves to the run's own store."""
-    pairs = {"tracking.root": str(run_dir.resolve().parent.parent)}
+    pairs = {"tracking.root": str(RunFolder(run_dir).root)}
     for key, value in parse_overrides(overrides).items():
         if not key.startswith(OVERRIDABLE):
             raise ConfigError(key, f"cannot change {key} when evaluating; only {', '.join(OVERRIDABLE)}")
@@ -66,19 +67,18 @@ def run_config(run_dir: Path, overrides: list[str], metrics: list[str] | None) -
 
 def trained_model(
     run: RunFolder, cfg: RunConfig, device, checkpoint_path: Path | None = None
-) -> tuple[VQAutoencoder, dict, Path]:
+) -> tuple[VQAutoencoder, SavedWeights]:
     """The run's model with the weights of ``checkpoint_path`` (default: its newest valid
-    checkpoint), the checkpoint's state, and its path."""
+    checkpoint), and what that checkpoint holds (its path, step and the EMA's weights)."""
     if checkpoint_path is None:
         found = checkpoint.latest_valid(run.checkpoints, device)
         if found is None:
             raise MissingFileError(f"no readable checkpoint in {run.checkpoints}")
-        checkpoint_path, state = found
+        saved = SavedWeights.of(*found)
     else:
-        state = checkpoint.load(checkpoint_path, device)
+        saved = SavedWeights.read(checkpoint_path, device)
     model = build_autoencoder(cfg.model, quantizers.build(cfg.quantizer)).to(device)
-    model.load_state_dict(state["model"])
-    return model, state, Path(checkpoint_path)
+    return saved.load_into(model), saved
 
 
 def split_dataset(cfg: RunConfig, split: str, count: int | None = None):
@@ -111,23 +111,18 @@ def evaluate_run(
     out = Path(out) if out else (run.eval_file if split == "val" else run.train_eval_file)
     ctx = distributed.setup(cfg.train.device)
     try:
-        model, state, checkpoint_path = trained_model(run, cfg, ctx.device, checkpoint_path)
-        quantizer = model.quantizer
+        model, saved = trained_model(run, cfg, ctx.device, checkpoint_path)
+        averaged = saved.load_into(copy.deepcopy(model), ema=True) if saved.ema is not None else None
         loader = data.val_loader(split_dataset(cfg, split), cfg.data, ctx.rank, ctx.world_size)
-        suite = evaluators.build(cfg.eval.metrics, quantizer.radices, ctx.device, cfg.eval)
-
-        results = evaluate(model, loader, suite, ctx.device, cfg.train.dtype, prefix)
-        artifacts = suite.save(out.parent, prefix=f"{out.stem}_")
-        if "ema" in state:
-            averaged = copy.deepcopy(model)
-            averaged.load_state_dict(state["ema"])
-            results |= evaluate(averaged, loader, suite, ctx.device, cfg.train.dtype, f"{prefix}_ema")
-            artifacts += suite.save(out.parent, prefix=f"{out.stem}_ema_")
-        result = EvalResult(path=out, metrics=results, missing=suite.missing, step=int(state["step"]))
+        suite = evaluators.build(cfg.eval.metrics, model.quantizer.radices, ctx.device, cfg.eval)
+        results, artifacts = evaluate_with_ema(
+            model, averaged, loader, suite, ctx.device, cfg.train.dtype, prefix, out.parent, f"{out.stem}_"
+        )
+        result = EvalResult(path=out, metrics=results, missing=suite.missing, step=saved.step)
         if ctx.main:
             record = {
                 "run_dir": str(run_dir.resolve()),
-                "checkpoint": str(Path(checkpoint_path).resolve()),
+                "checkpoint": str(saved.path.resolve()),
                 "step": result.step,
                 "world_size": ctx.world_size,
                 "data": to_dict(cfg.data),

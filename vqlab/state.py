@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from vqlab import distributed
-from vqlab.errors import ResumeError
+from vqlab import checkpoint, distributed
+from vqlab.errors import CheckpointError, ResumeError
 from vqlab.runtime import ModelEMA, rng_state, set_rng_state
 
 
@@ -78,3 +80,36 @@ class TrainState:
         if self._rng is not None:
             set_rng_state(self._rng, self.device)
             self._rng = None
+
+
+@dataclass(frozen=True)
+class SavedWeights:
+    """What a checkpoint holds for a model rebuilt outside training (evaluation, the studies): the
+    model's weights, its weight EMA's when the run kept one, and the step."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+    step: int
+
+    @classmethod
+    def read(cls, path: Path, map_location: str | torch.device = "cpu") -> SavedWeights:
+        return cls.of(path, checkpoint.load(path, map_location))
+
+    @classmethod
+    def of(cls, path: Path, state: dict[str, Any]) -> SavedWeights:
+        if "model" not in state or "step" not in state:
+            raise CheckpointError(f"{path} is not a vqlab checkpoint (it holds no model weights and step)")
+        return cls(Path(path), state["model"], state.get("ema"), int(state["step"]))
+
+    def load_into(self, model: torch.nn.Module, ema: bool = False) -> torch.nn.Module:
+        """``model`` with these weights (the EMA's with ``ema``); weights of another architecture
+        are an error naming the file."""
+        try:
+            model.load_state_dict(self.ema if ema else self.model)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(
+                f"{self.path} holds weights of another model than the run's config: {first}"
+            ) from None
+        return model
