@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1 or args.batch < 1:
         parser.error("--images and --batch must be >= 1")
     from vqlab import config, weights
-    from vqlab.perceptual import TRUNKS
+    from vqlab.lpips_network import TRUNKS
 
     overrides = {
         "data.name": "synthetic",

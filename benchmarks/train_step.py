@@ -153,7 +153,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         from vqlab import config, weights
-        from vqlab.perceptual import TRUNKS
+        from vqlab.lpips_network import TRUNKS
 
         trunk = TRUNKS[config.load("reproduction").loss.perceptual.net]  # the training loss's trunk
         stand_ins = weights.stand_in_cache(Path(tmp) / "torch_home", [trunk])

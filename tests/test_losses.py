@@ -9,7 +9,7 @@ import torchvision
 
 from vqlab import adversarial, checkpoint, weights
 from vqlab.config import AdversarialConfig
-from vqlab.perceptual import build_lpips
+from vqlab.lpips_network import build_lpips
 from vqlab.trainer import fit
 
 from .helpers import read_metrics

@@ -18,7 +18,7 @@ import torch
 from vqlab import weights
 from vqlab.config import RunConfig, load, presets
 from vqlab.evaluators import fidelity
-from vqlab.perceptual import TRUNKS
+from vqlab.lpips_network import TRUNKS
 
 # The config keys that take an explicit file instead of the hub cache.
 SETTINGS = {

@@ -9,7 +9,7 @@ from torch import nn
 
 from vqlab.adversarial import Adversary
 from vqlab.config import LossConfig
-from vqlab.perceptual import build_lpips
+from vqlab.lpips_network import build_lpips
 
 
 def reconstruction_losses(

@@ -1,4 +1,4 @@
-"""LPIPS between originals and reconstructions (the network itself: ``vqlab.perceptual``)."""
+"""LPIPS between originals and reconstructions (the network itself: ``vqlab.lpips_network``)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class PerceptualDistance(PairEvaluator):
 
 @registry.register("lpips")
 def _lpips(radices: tuple[int, ...], device: torch.device, options: EvalConfig) -> Evaluator:
-    from vqlab.perceptual import TRUNKS, build_lpips
+    from vqlab.lpips_network import TRUNKS, build_lpips
 
     weights.resolve(TRUNKS[options.lpips_net], options.lpips_weights, setting="eval.lpips_weights")
     return PerceptualDistance(build_lpips(options.lpips_net, options.lpips_weights), options.lpips_net, device)
