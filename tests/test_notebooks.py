@@ -153,3 +153,45 @@ def test_papermill_runs_the_notebook_headless_through_torchrun(tmp_path, monkeyp
     on_training_crops = json.loads(run.train_eval_file.read_text())["metrics"]
     assert set(on_training_crops) >= {"eval_train/l1", "eval_train/codebook_usage"}
     assert run.read_config().train.steps == notebook.SMOKE["train.steps"]
+
+
+def tiny_notebook(path):
+    book = nbformat.v4.new_notebook(metadata={"language_info": {"name": "python"}})
+    book.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]})]
+    book.cells.append(nbformat.v4.new_code_cell("print('ran', x)"))
+    nbformat.write(book, path)
+    return path
+
+
+def test_kernels_talk_over_ipc_so_two_starting_at_once_share_no_port(tmp_path, capfd):
+    source = tiny_notebook(tmp_path / "in.ipynb")
+    notebook.execute({"x": 2}, tmp_path / "out.ipynb", source)
+    outputs = [o for c in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells for o in c.get("outputs", [])]
+    assert any("ran 2" in o.get("text", "") for o in outputs)
+    assert "without encryption" not in capfd.readouterr().err  # the TCP transport's warning
+
+
+def test_a_kernel_that_dies_before_answering_is_started_again_but_a_failing_cell_is_not(tmp_path, monkeypatch):
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    calls = []
+
+    def dies_once(*args, **kwargs):
+        calls.append(kwargs["kernel_name"])
+        if len(calls) == 1:
+            raise RuntimeError("Kernel died before replying to kernel_info")
+
+    monkeypatch.setattr(papermill, "execute_notebook", dies_once)
+    notebook.execute({}, tmp_path / "out.ipynb", tmp_path / "in.ipynb")
+    assert len(calls) == 2
+
+    def cell_fails(*args, **kwargs):
+        calls.append(1)
+        raise PapermillExecutionError(1, 1, "x", "ZeroDivisionError", "division by zero", [])
+
+    calls.clear()
+    monkeypatch.setattr(papermill, "execute_notebook", cell_fails)
+    with pytest.raises(PapermillExecutionError):
+        notebook.execute({}, tmp_path / "out.ipynb", tmp_path / "in.ipynb")
+    assert len(calls) == 1

@@ -162,18 +162,54 @@ def own_kernel() -> Iterator[str]:
             os.environ["JUPYTER_PATH"] = before
 
 
+KERNEL_STARTS = 3  # tries to start a kernel: a busy machine can lose one before it answers
+
+
+def kernel_manager_class():
+    """Kernels talk to papermill over IPC sockets in the Jupyter runtime folder, not TCP: no port
+    is picked, so two kernels starting at once on one machine (shards, submitit's local jobs)
+    cannot take the same one, and the kernel has no unencrypted-TCP warning to print."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**{"transport": "ipc", **kwargs})
+
+    return IPCKernelManager
+
+
+def kernel_failed_to_start(err: BaseException) -> bool:
+    """A kernel that died or did not answer before any cell ran (not a failing cell)."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(err, PapermillExecutionError):
+        return False
+    text = str(err)
+    return "before replying to kernel_info" in text or "Kernel didn't respond" in text
+
+
 def execute(parameters: dict[str, Any], output: Path, notebook: Path = NOTEBOOK, cwd: Path | None = None) -> None:
     """Run ``notebook`` with ``parameters`` into ``output``; papermill writes it cell by cell and
-    raises ``PapermillExecutionError`` (cell, error, traceback) when a cell fails."""
+    raises ``PapermillExecutionError`` (cell, error, traceback) when a cell fails. A kernel that
+    dies before it answers is started again, up to ``KERNEL_STARTS`` times."""
     import papermill
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    with own_kernel() as kernel:
-        papermill.execute_notebook(
-            str(notebook),
-            str(output),
-            parameters=parameters,
-            kernel_name=kernel,
-            progress_bar=False,
-            cwd=str(cwd or Path.cwd()),
-        )
+    for attempt in range(1, KERNEL_STARTS + 1):
+        try:
+            with own_kernel() as kernel:
+                papermill.execute_notebook(
+                    str(notebook),
+                    str(output),
+                    parameters=parameters,
+                    kernel_name=kernel,
+                    progress_bar=False,
+                    cwd=str(cwd or Path.cwd()),
+                    start_timeout=120,
+                    kernel_manager_class=kernel_manager_class(),
+                )
+            return
+        except Exception as err:
+            if attempt == KERNEL_STARTS or not kernel_failed_to_start(err):
+                raise
+            print(f"{output}: the kernel did not start ({err}); starting it again", file=sys.stderr)
