@@ -15,7 +15,7 @@ import torch
 import torchvision
 
 from vqlab import evaluators, weights
-from vqlab.config import EvalConfig
+from vqlab.evalconfig import EVALUATORS, EvalConfig
 from vqlab.evaluators import CodebookMetrics, ReconstructionMetrics, SlicedWasserstein, fidelity
 from vqlab.evaluators import swd as swd_lib
 
@@ -518,6 +518,7 @@ def test_eval_config_validates_names_and_options():
     with pytest.raises(ConfigError, match="unknown evaluator"):
         EvalConfig(metrics=("reconstruction", "fdi"))
     assert {"reconstruction", "codebook", "lpips", "fid", "swd"} <= set(evaluators.registry.names())
+    assert evaluators.registry.names() == sorted(EVALUATORS)  # every name the config accepts is built
     with pytest.raises(ConfigError):
         from vqlab.config import load
 

@@ -12,7 +12,9 @@ The same evaluators serve training-time validation and ``python -m vqlab.evaluat
     swd             swd_<size> per pyramid level and swd, their mean (no weights needed)
 
 ``base`` holds the contract, ``Suite`` and ``build``; ``baselines`` the trivial block-mean codecs
-the trainer reports beside the model.
+the trainer reports beside the model. The names above and the options the evaluators read
+(``EvalConfig``, the ``eval:`` section) live in ``vqlab.evalconfig``, outside this package, so that
+reading a config imports no evaluator.
 
 States are sums and counts (or histograms) all-reduced across ranks, or feature sets gathered
 from every rank, inside ``compute``: a metric is always the whole evaluation set's, never an

@@ -9,8 +9,8 @@ import torch
 
 from vqlab import codes as codes_lib
 from vqlab.codes import perplexity
-from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_cat, all_reduce_sum, rank
+from vqlab.evalconfig import EvalConfig
 from vqlab.evaluators.base import Evaluator, registry
 from vqlab.models import AutoencoderOutput
 from vqlab.runfolder import RunFolder
