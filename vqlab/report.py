@@ -18,7 +18,7 @@ missing: ``NaN`` in the frame, ``—`` in the table, empty in the CSV; never 0. 
 as ``FORMATS`` says; the CSV keeps every digit MLflow stored.
 
 ``notebooks/compare.ipynb`` runs the same functions with ``experiment`` / ``sweep`` parameters.
-MLflow is read through ``MlflowClient`` with an explicit store (``vqlab.tracking.mlflow_uri``), not
+MLflow is read through ``MlflowClient`` with an explicit store (``vqlab.tracking.client``), not
 ``mlflow.search_runs``, whose process-global tracking URI would rewrite ``$MLFLOW_TRACKING_URI``.
 """
 
@@ -36,7 +36,7 @@ import pandas as pd
 from vqlab.config import TrackingConfig
 from vqlab.errors import UserError
 from vqlab.notebook import execute
-from vqlab.tracking import mlflow_uri
+from vqlab.tracking import client, mlflow_uri
 
 # table column -> the MLflow metric it shows
 METRICS = {
@@ -84,12 +84,6 @@ def store(tracking_uri: str | None = None, root: str | Path = "runs") -> str:
     """The MLflow store: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db``
     (the store training writes to, ``vqlab.tracking.mlflow_uri``)."""
     return mlflow_uri(TrackingConfig(root=str(root), mlflow_uri=tracking_uri or ""))
-
-
-def client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
 
 
 def fetch_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> pd.DataFrame:
