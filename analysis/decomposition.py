@@ -470,14 +470,14 @@ def trained_rows(runs: list) -> list[dict]:
     trained end to end (``TRAINED_SCHEME``): the scheme, the run, its budget in bits (log2 of the
     codebook size of its code histogram), its last ``val/l1`` and its validation codes' usage and
     entropy. Runs of other quantizers, and runs without codes, have no row."""
-    from analysis.codebook import histogram, utilization
+    from analysis.codebook import utilization
 
     rows = []
     for run in runs:
-        if run.method not in TRAINED_SCHEME or not run.folder.histogram().is_file():
+        if run.method not in TRAINED_SCHEME or run.histogram is None:
             continue
-        counts, size, _ = histogram(run.folder)
-        used = utilization(counts, size)
+        size = run.histogram.codebook_size
+        used = utilization(run.histogram.counts, size)
         rows.append(
             {
                 "scheme": TRAINED_SCHEME[run.method],

@@ -27,7 +27,7 @@ take the uint8 [0, 255] images a PNG would hold.
 
 from vqlab.evaluators.base import Evaluator, PairEvaluator, Suite, build, image_digests, registry, to_uint8, to_unit
 from vqlab.evaluators.baselines import block_mean, block_mean_baseline, palette_levels
-from vqlab.evaluators.codebook import DENSE_HISTOGRAM_LIMIT, CodebookMetrics
+from vqlab.evaluators.codebook import DENSE_HISTOGRAM_LIMIT, CodebookMetrics, CodeHistogram
 from vqlab.evaluators.fidelity import FidelityMetrics
 from vqlab.evaluators.loop import evaluate
 from vqlab.evaluators.perceptual import PerceptualDistance
@@ -36,6 +36,7 @@ from vqlab.evaluators.swd import SlicedWasserstein
 
 __all__ = [
     "DENSE_HISTOGRAM_LIMIT",
+    "CodeHistogram",
     "CodebookMetrics",
     "Evaluator",
     "FidelityMetrics",
