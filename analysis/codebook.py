@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vqlab import tables
 from vqlab.codes import perplexity
 from vqlab.evaluators.codebook import CodeHistogram
 from vqlab.runfolder import RunFolder
@@ -172,15 +173,10 @@ def tracked_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -
 
 
 def markdown(summary: pd.DataFrame) -> str:
+    """The ``table`` as markdown: numbers to 4 significant digits, counts whole, ``—`` where missing."""
     columns = ["name", "method", "codebook_size", "usage", "dead_codes", "perplexity", "effective_bits"]
     columns += ["log2_size", "zipf_exponent"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for _, row in summary.iterrows():
-        cells = [
-            f"{row[c]:.4g}" if isinstance(row[c], float) and not math.isnan(row[c]) else str(row[c]) for c in columns
-        ]
-        lines.append("| " + " | ".join("—" if c == "nan" else c for c in cells) + " |")
-    return "\n".join(lines)
+    return tables.markdown(columns, ([tables.cell(row[c], ".4g") for c in columns] for _, row in summary.iterrows()))
 
 
 def analyse(runs: list[CodebookRun], out: Path) -> tuple[pd.DataFrame, list[Path]]:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqlab import tables
 from vqlab.codes import digits_to_index, perplexity
 
 NOISE = 2 / 255 * 2  # two grey levels of an 8-bit image, on [-1, 1]
@@ -365,14 +366,10 @@ def markdown(results: list[dict]) -> str:
     keys += ["prior_flat_accuracy", "prior_factorised_accuracy", "prior_regression_accuracy"]
     keys += ["prior_regression_decoded_l1", "locality_index_vs_embedding", "mean_pairwise_mi"]
     keys += ["changed_under_noise", "changed_under_shift"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for result in results:
-        cells = [result["name"]]
-        for key in keys[1:]:
-            value = result.get(key, math.nan)
-            cells.append(value if isinstance(value, str) else ("—" if math.isnan(value) else f"{value:.4g}"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = (
+        [result["name"]] + [tables.cell(result.get(key, math.nan), ".4g") for key in keys[1:]] for result in results
+    )
+    return tables.markdown(columns, cells)
 
 
 def write(result: dict, out: Path) -> list[Path]:

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from vqlab import tables
 from vqlab.cluster import kmeans, nearest
 from vqlab.codes import digits_to_index, index_to_digits, perplexity
 
@@ -495,11 +496,9 @@ def trained_markdown(rows: list[dict]) -> str:
     """Validation L1 per trained scheme (rows) and budget rounded to whole bits (columns)."""
     budgets = sorted({round(row["bits"]) for row in rows})
     value = {(row["scheme"], round(row["bits"])): row["l1"] for row in rows}
-    lines = ["| trained | " + " | ".join(f"~{b} bits" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    for scheme in dict.fromkeys(row["scheme"] for row in rows):
-        cells = [value.get((scheme, b), math.nan) for b in budgets]
-        lines.append(f"| {scheme} | " + " | ".join("—" if math.isnan(c) else f"{c:.4f}" for c in cells) + " |")
-    return "\n".join(lines)
+    schemes = dict.fromkeys(row["scheme"] for row in rows)
+    cells = ([scheme] + [tables.cell(value.get((scheme, b), math.nan), ".4f") for b in budgets] for scheme in schemes)
+    return tables.markdown(["trained", *(f"~{b} bits" for b in budgets)], cells)
 
 
 def trained_figure(rows: list[dict], title: str):
@@ -577,13 +576,10 @@ def markdown(rows: list[dict]) -> str:
     """Held-out MSE per scheme (rows) and budget (columns, the run's own quantizer under the nearest
     whole number of bits); ``—`` where a budget was not fitted."""
     bits = sorted({round(row["bits"]) for row in rows})
-    schemes = list(dict.fromkeys(row["scheme"] for row in rows))
+    schemes = dict.fromkeys(row["scheme"] for row in rows)
     value = {(row["scheme"], round(row["bits"])): row["mse"] for row in rows}
-    lines = ["| scheme | " + " | ".join(f"{b} bits" for b in bits) + " |", "|---|" + "---|" * len(bits)]
-    for scheme in schemes:
-        cells = [value.get((scheme, b), math.nan) for b in bits]
-        lines.append(f"| {scheme} | " + " | ".join("—" if math.isnan(c) else f"{c:.4g}" for c in cells) + " |")
-    return "\n".join(lines)
+    cells = ([scheme] + [tables.cell(value.get((scheme, b), math.nan), ".4g") for b in bits] for scheme in schemes)
+    return tables.markdown(["scheme", *(f"{b} bits" for b in bits)], cells)
 
 
 def analyse(

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vqlab import tables
 from vqlab.config import TrackingConfig
 from vqlab.errors import UserError
 from vqlab.notebook import execute
@@ -65,7 +66,7 @@ FORMATS = {
     "bits/token": 2,
     "train usage": 4,
 }
-MISSING = "—"
+MISSING = tables.MISSING
 BASELINE_METRICS = {"l1": "l1", "psnr": "psnr", "ssim": "ssim"}
 BLOCK_MEAN, PALETTE = "block mean colour", "palette (same code budget)"
 CURVE_KEYS = ("train/l1", "train/loss")  # the first one a run logged is its training curve
@@ -205,17 +206,13 @@ def baseline_rows(runs: pd.DataFrame) -> list[dict]:
 
 
 def cell(column: str, value) -> str:
-    if column in FORMATS:
-        return MISSING if pd.isna(value) else f"{value:.{FORMATS[column]}f}"
-    return str(value)
+    """A value of ``column`` as the markdown table shows it (``FORMATS``)."""
+    return tables.cell(value, f".{FORMATS[column]}f" if column in FORMATS else "")
 
 
 def markdown(table: pd.DataFrame) -> str:
     """``table`` (from ``comparison``) as a markdown table of ``COLUMNS``; missing values are ``—``."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(cell(column, row[column]) for column in COLUMNS) + " |")
-    return "\n".join(lines)
+    return tables.markdown(COLUMNS, ([cell(c, row[c]) for c in COLUMNS] for _, row in table.iterrows()))
 
 
 # --- figures --------------------------------------------------------------------------------------
