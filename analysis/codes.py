@@ -38,6 +38,7 @@ from torch import nn
 
 from vqlab import tables
 from vqlab.codes import digits_to_index, perplexity
+from vqlab.runfolder import CONFIG_FILE, RunFolder
 
 NOISE = 2 / 255 * 2  # two grey levels of an 8-bit image, on [-1, 1]
 PAIRS = 4096  # random token pairs for the locality correlations
@@ -412,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
-    missing = [str(run) for run in args.runs if not (run / "config.yaml").is_file()]
+    missing = [str(run) for run in args.runs if not RunFolder(run).has_config()]
     if missing:
-        parser.error(f"no run folder (config.yaml) at {', '.join(missing)}")
+        parser.error(f"no run folder ({CONFIG_FILE}) at {', '.join(missing)}")
     if args.train_count < 1 or args.prior_steps < 1 or args.pairs < 2:
         parser.error("--train-count and --prior-steps must be >= 1, --pairs >= 2")
     settings = {"train_count": args.train_count, "prior_steps": args.prior_steps, "pairs": args.pairs}

@@ -51,6 +51,7 @@ import torch
 from vqlab import tables
 from vqlab.cluster import kmeans, nearest
 from vqlab.codes import digits_to_index, index_to_digits, perplexity
+from vqlab.runfolder import CONFIG_FILE, RunFolder
 
 SCHEMES = ("flat", "tree", "residual", "product", "scalar", "uniform_grid", "radix", "radix_learned")
 SYNTHETIC = ("gaussian", "uniform", "mixture")
@@ -654,9 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.sources if s not in SYNTHETIC and not s.startswith("run:")]
     if unknown:
         parser.error(f"unknown sources {unknown}: use {', '.join(SYNTHETIC)} or run:<folder>")
-    missing = [s for s in args.sources if s.startswith("run:") and not (Path(s[4:]) / "config.yaml").is_file()]
+    missing = [s for s in args.sources if s.startswith("run:") and not RunFolder(Path(s[4:])).has_config()]
     if missing:
-        parser.error(f"no run folder (config.yaml) at {', '.join(s[4:] for s in missing)}")
+        parser.error(f"no run folder ({CONFIG_FILE}) at {', '.join(s[4:] for s in missing)}")
     args.out = args.out or args.root / "decomposition"
     for source in args.sources:
         rows, files = analyse(
