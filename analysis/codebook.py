@@ -1,8 +1,8 @@
 """Codebook utilization: ``python -m analysis.codebook <experiment>``.
 
 The runs of one MLflow experiment (a sweep's variants, ``vqlab.report.rows_of``) are read through
-their run folders: the code histogram of the final validation (``codebook_histogram.npz``) and the
-metrics logged over training (``metrics.jsonl``). For each run:
+their run folders: the code histogram of the final validation (``CodeHistogram``, read once per
+run) and the metrics logged over training (``RunFolder.read_metrics``). For each run:
 
 - ``usage``: codes seen / K, ``dead_codes``: K minus codes seen, ``perplexity``: 2^H;
 - ``effective_bits``: H = the entropy of the code histogram in bits, against ``log2_size`` = log2 K
@@ -24,13 +24,16 @@ import argparse
 import math
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from vqlab import tables
 from vqlab.codes import perplexity
+from vqlab.evaluators.codebook import CodeHistogram
 from vqlab.runfolder import RunFolder
 
 OVER_STEPS = ("val/codebook_usage", "val/perplexity", "train/perplexity", "train/distinct_codes")
@@ -42,6 +45,13 @@ class CodebookRun:
     name: str
     method: str
     folder: RunFolder
+
+    @cached_property
+    def histogram(self) -> CodeHistogram | None:
+        """The code histogram of the run's final validation, read once; ``None`` when the run has
+        none (a continuous quantizer has no codes; or the run did not finish)."""
+        path = self.folder.histogram()
+        return CodeHistogram.read(path) if path.is_file() else None
 
 
 def zipf_exponent(counts: np.ndarray) -> float:
@@ -71,25 +81,15 @@ def utilization(counts: np.ndarray, size: int) -> dict[str, float]:
     }
 
 
-def histogram(run: RunFolder) -> tuple[np.ndarray, int, list[np.ndarray]]:
-    """``(counts of the codes seen, K, per-digit counts)`` of the run's final validation."""
-    path = run.histogram()
-    if not path.is_file():
-        raise FileNotFoundError(f"no code histogram at {path}: the run has no codes or did not finish")
-    saved = np.load(path)
-    digits = sorted((k for k in saved.files if k.startswith("digit_counts_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-    return saved["counts"], math.prod(int(r) for r in saved["radices"]), [saved[k] for k in digits]
-
-
 def table(runs: list[CodebookRun]) -> pd.DataFrame:
     """One row per run with codes: name, method and ``utilization``, plus ``digit_usage`` (a list)."""
     rows = []
     for run in runs:
-        if not run.folder.histogram().is_file():
+        histogram = run.histogram
+        if histogram is None:
             continue  # a continuous (identity) run has no codes
-        counts, size, digits = histogram(run.folder)
-        row = {"name": run.name, "method": run.method, **utilization(counts, size)}
-        row["digit_usage"] = [float((d > 0).mean()) for d in digits]
+        row = {"name": run.name, "method": run.method, **utilization(histogram.counts, histogram.codebook_size)}
+        row["digit_usage"] = [float((d > 0).mean()) for d in histogram.digit_counts]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -113,8 +113,8 @@ def figures(runs: list[CodebookRun], summary: pd.DataFrame, history: pd.DataFram
     made = {name: Figure(figsize=(6.5, 4.2), layout="constrained") for name in FIGURES}
     ax = made["zipf.png"].subplots()
     for run in runs:
-        if run.folder.histogram().is_file():
-            counts = np.sort(histogram(run.folder)[0])[::-1]
+        if run.histogram is not None:
+            counts = np.sort(run.histogram.counts)[::-1]
             ax.plot(np.arange(1, len(counts) + 1), counts / counts.sum(), label=run.name)
     ax.set(xscale="log", yscale="log", xlabel="code rank", ylabel="frequency", title="rank-frequency of the codes")
     ax.legend(fontsize="x-small", ncol=2)
@@ -173,15 +173,10 @@ def tracked_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -
 
 
 def markdown(summary: pd.DataFrame) -> str:
+    """The ``table`` as markdown: numbers to 4 significant digits, counts whole, ``—`` where missing."""
     columns = ["name", "method", "codebook_size", "usage", "dead_codes", "perplexity", "effective_bits"]
     columns += ["log2_size", "zipf_exponent"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for _, row in summary.iterrows():
-        cells = [
-            f"{row[c]:.4g}" if isinstance(row[c], float) and not math.isnan(row[c]) else str(row[c]) for c in columns
-        ]
-        lines.append("| " + " | ".join("—" if c == "nan" else c for c in cells) + " |")
-    return "\n".join(lines)
+    return tables.markdown(columns, ([tables.cell(row[c], ".4g") for c in columns] for _, row in summary.iterrows()))
 
 
 def analyse(runs: list[CodebookRun], out: Path) -> tuple[pd.DataFrame, list[Path]]:

@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqlab import tables
 from vqlab.codes import digits_to_index, perplexity
+from vqlab.runfolder import CONFIG_FILE, RunFolder
 
 NOISE = 2 / 255 * 2  # two grey levels of an 8-bit image, on [-1, 1]
 PAIRS = 4096  # random token pairs for the locality correlations
@@ -365,14 +367,10 @@ def markdown(results: list[dict]) -> str:
     keys += ["prior_flat_accuracy", "prior_factorised_accuracy", "prior_regression_accuracy"]
     keys += ["prior_regression_decoded_l1", "locality_index_vs_embedding", "mean_pairwise_mi"]
     keys += ["changed_under_noise", "changed_under_shift"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for result in results:
-        cells = [result["name"]]
-        for key in keys[1:]:
-            value = result.get(key, math.nan)
-            cells.append(value if isinstance(value, str) else ("—" if math.isnan(value) else f"{value:.4g}"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    cells = (
+        [result["name"]] + [tables.cell(result.get(key, math.nan), ".4g") for key in keys[1:]] for result in results
+    )
+    return tables.markdown(columns, cells)
 
 
 def write(result: dict, out: Path) -> list[Path]:
@@ -415,9 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
-    missing = [str(run) for run in args.runs if not (run / "config.yaml").is_file()]
+    missing = [str(run) for run in args.runs if not RunFolder(run).has_config()]
     if missing:
-        parser.error(f"no run folder (config.yaml) at {', '.join(missing)}")
+        parser.error(f"no run folder ({CONFIG_FILE}) at {', '.join(missing)}")
     if args.train_count < 1 or args.prior_steps < 1 or args.pairs < 2:
         parser.error("--train-count and --prior-steps must be >= 1, --pairs >= 2")
     settings = {"train_count": args.train_count, "prior_steps": args.prior_steps, "pairs": args.pairs}

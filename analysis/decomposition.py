@@ -48,8 +48,10 @@ from pathlib import Path
 
 import torch
 
+from vqlab import tables
 from vqlab.cluster import kmeans, nearest
 from vqlab.codes import digits_to_index, index_to_digits, perplexity
+from vqlab.runfolder import CONFIG_FILE, RunFolder
 
 SCHEMES = ("flat", "tree", "residual", "product", "scalar", "uniform_grid", "radix", "radix_learned")
 SYNTHETIC = ("gaussian", "uniform", "mixture")
@@ -470,14 +472,14 @@ def trained_rows(runs: list) -> list[dict]:
     trained end to end (``TRAINED_SCHEME``): the scheme, the run, its budget in bits (log2 of the
     codebook size of its code histogram), its last ``val/l1`` and its validation codes' usage and
     entropy. Runs of other quantizers, and runs without codes, have no row."""
-    from analysis.codebook import histogram, utilization
+    from analysis.codebook import utilization
 
     rows = []
     for run in runs:
-        if run.method not in TRAINED_SCHEME or not run.folder.histogram().is_file():
+        if run.method not in TRAINED_SCHEME or run.histogram is None:
             continue
-        counts, size, _ = histogram(run.folder)
-        used = utilization(counts, size)
+        size = run.histogram.codebook_size
+        used = utilization(run.histogram.counts, size)
         rows.append(
             {
                 "scheme": TRAINED_SCHEME[run.method],
@@ -495,11 +497,9 @@ def trained_markdown(rows: list[dict]) -> str:
     """Validation L1 per trained scheme (rows) and budget rounded to whole bits (columns)."""
     budgets = sorted({round(row["bits"]) for row in rows})
     value = {(row["scheme"], round(row["bits"])): row["l1"] for row in rows}
-    lines = ["| trained | " + " | ".join(f"~{b} bits" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    for scheme in dict.fromkeys(row["scheme"] for row in rows):
-        cells = [value.get((scheme, b), math.nan) for b in budgets]
-        lines.append(f"| {scheme} | " + " | ".join("—" if math.isnan(c) else f"{c:.4f}" for c in cells) + " |")
-    return "\n".join(lines)
+    schemes = dict.fromkeys(row["scheme"] for row in rows)
+    cells = ([scheme] + [tables.cell(value.get((scheme, b), math.nan), ".4f") for b in budgets] for scheme in schemes)
+    return tables.markdown(["trained", *(f"~{b} bits" for b in budgets)], cells)
 
 
 def trained_figure(rows: list[dict], title: str):
@@ -577,13 +577,10 @@ def markdown(rows: list[dict]) -> str:
     """Held-out MSE per scheme (rows) and budget (columns, the run's own quantizer under the nearest
     whole number of bits); ``—`` where a budget was not fitted."""
     bits = sorted({round(row["bits"]) for row in rows})
-    schemes = list(dict.fromkeys(row["scheme"] for row in rows))
+    schemes = dict.fromkeys(row["scheme"] for row in rows)
     value = {(row["scheme"], round(row["bits"])): row["mse"] for row in rows}
-    lines = ["| scheme | " + " | ".join(f"{b} bits" for b in bits) + " |", "|---|" + "---|" * len(bits)]
-    for scheme in schemes:
-        cells = [value.get((scheme, b), math.nan) for b in bits]
-        lines.append(f"| {scheme} | " + " | ".join("—" if math.isnan(c) else f"{c:.4g}" for c in cells) + " |")
-    return "\n".join(lines)
+    cells = ([scheme] + [tables.cell(value.get((scheme, b), math.nan), ".4g") for b in bits] for scheme in schemes)
+    return tables.markdown(["scheme", *(f"{b} bits" for b in bits)], cells)
 
 
 def analyse(
@@ -658,9 +655,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.sources if s not in SYNTHETIC and not s.startswith("run:")]
     if unknown:
         parser.error(f"unknown sources {unknown}: use {', '.join(SYNTHETIC)} or run:<folder>")
-    missing = [s for s in args.sources if s.startswith("run:") and not (Path(s[4:]) / "config.yaml").is_file()]
+    missing = [s for s in args.sources if s.startswith("run:") and not RunFolder(Path(s[4:])).has_config()]
     if missing:
-        parser.error(f"no run folder (config.yaml) at {', '.join(s[4:] for s in missing)}")
+        parser.error(f"no run folder ({CONFIG_FILE}) at {', '.join(s[4:] for s in missing)}")
     args.out = args.out or args.root / "decomposition"
     for source in args.sources:
         rows, files = analyse(

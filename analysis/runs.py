@@ -65,15 +65,12 @@ def log_study(
     ``uri`` (default: ``$MLFLOW_TRACKING_URI``, else ``<root>/mlflow.db``): ``params``, metric
     ``rows`` (``{"step": s, key: value}``) and ``files`` as artifacts; returns its id."""
     from vqlab.config import TrackingConfig
-    from vqlab.tracking import MlflowRun, client, experiment_id
+    from vqlab.tracking import create_run
 
-    cfg = TrackingConfig(root=str(root), experiment=study, mlflow_uri=uri)
-    mlflow_client = client(cfg)
-    created = mlflow_client.create_run(experiment_id(mlflow_client, cfg), run_name=name, tags={"study": study})
-    run = MlflowRun(mlflow_client, created.info.run_id)
+    run = create_run(TrackingConfig(root=str(root), experiment=study, mlflow_uri=uri), name, {"study": study})
     run.log_params(params)
     run.log(rows)
     for path in files:
         run.artifact(path)
     run.end("FINISHED")
-    return created.info.run_id
+    return run.run_id

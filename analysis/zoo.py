@@ -16,6 +16,7 @@ from pathlib import Path
 
 import vqlab
 from analysis.runs import collect
+from vqlab import tables
 from vqlab.config import read_source
 from vqlab.runfolder import RunFolder
 
@@ -50,13 +51,14 @@ def table(root: Path, experiment: str) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| quantizer | codes | val L1 | val PSNR | usage | perplexity |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        codes = "-" if r["codes"] is None else str(r["codes"])
-        cells = [f"{r[c]:.4f}" if c != "val/psnr" else f"{r[c]:.2f}" for c in COLUMNS]
-        cells = [("-" if math.isnan(r[c]) else cell) for c, cell in zip(COLUMNS, cells, strict=True)]
-        lines.append(f"| {r['quantizer']} | {codes} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """PSNR to 2 decimals, the other metrics to 4; ``-`` where missing (a continuous quantizer has no codes)."""
+    header = ["quantizer", "codes", "val L1", "val PSNR", "usage", "perplexity"]
+    cells = (
+        [r["quantizer"], tables.cell(r["codes"], missing="-")]
+        + [tables.cell(r[c], ".2f" if c == "val/psnr" else ".4f", missing="-") for c in COLUMNS]
+        for r in rows
+    )
+    return tables.markdown(header, cells)
 
 
 def main(argv: list[str] | None = None) -> int:

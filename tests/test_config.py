@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 import vqlab
@@ -15,6 +18,18 @@ def test_every_preset_round_trips_exactly(preset):
 
 def test_defaults_round_trip():
     assert from_yaml(to_yaml(RunConfig())) == RunConfig()
+
+
+def test_reading_a_config_imports_no_evaluator():
+    """The evaluators import the config (their options), never the other way round."""
+    check = (
+        "import sys, vqlab.config; "
+        "vqlab.config.load('smoke', ['eval.metrics=[reconstruction,codebook,swd]']); "
+        "loaded = sorted(m for m in sys.modules if m.startswith('vqlab.evaluators')); "
+        "assert not loaded, loaded"
+    )
+    found = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
 
 
 def test_overrides_from_the_command_line_and_from_dicts_agree():

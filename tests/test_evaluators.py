@@ -15,8 +15,8 @@ import torch
 import torchvision
 
 from vqlab import evaluators, weights
-from vqlab.config import EvalConfig
-from vqlab.evaluators import CodebookMetrics, ReconstructionMetrics, SlicedWasserstein, fidelity
+from vqlab.evalconfig import EVALUATORS, EvalConfig
+from vqlab.evaluators import CodebookMetrics, CodeHistogram, ReconstructionMetrics, SlicedWasserstein, fidelity
 from vqlab.evaluators import swd as swd_lib
 
 from .helpers import model_output
@@ -144,6 +144,25 @@ def test_histogram_artifact(tmp_path):
         assert saved["digits"].tolist() == [[0, 0], [1, 0], [1, 2], [1, 3]]
         assert saved["radices"].tolist() == [2, 4] and int(saved["codebook_size"]) == 8
         assert saved["digit_counts_1"].tolist() == [6, 0, 1, 1] and not saved["sparse"]
+
+
+def test_a_histogram_of_more_than_ten_digits_reads_back_in_digit_order(tmp_path):
+    radices = tuple(range(2, 13))  # 11 digits: "digit_counts_10" sorts before "digit_counts_2" as text
+    digits = torch.stack([torch.arange(5) % r for r in radices], dim=-1)  # 5 codes, ascending flat index
+    metrics = CodebookMetrics(radices, CPU)
+    metrics.update(None, model_output(codes=digits[None]))
+    (path,) = metrics.save(tmp_path)
+    read = CodeHistogram.read(path)
+    assert read.radices == radices and read.codebook_size == math.prod(radices) and read.sparse
+    assert read.digits.tolist() == digits.tolist() and read.counts.tolist() == [1] * 5
+    assert [len(counts) for counts in read.digit_counts] == list(radices)
+    for i, counts in enumerate(read.digit_counts):
+        assert counts.tolist() == torch.bincount(digits[:, i], minlength=radices[i]).tolist()
+    read.write(tmp_path / "again.npz")
+    again = CodeHistogram.read(tmp_path / "again.npz")
+    assert again.radices == read.radices and [c.tolist() for c in again.digit_counts] == [
+        c.tolist() for c in read.digit_counts
+    ]
 
 
 WIDE = (1024,) * 7  # 2^70 codes: no int64 flat index exists
@@ -518,6 +537,7 @@ def test_eval_config_validates_names_and_options():
     with pytest.raises(ConfigError, match="unknown evaluator"):
         EvalConfig(metrics=("reconstruction", "fdi"))
     assert {"reconstruction", "codebook", "lpips", "fid", "swd"} <= set(evaluators.registry.names())
+    assert evaluators.registry.names() == sorted(EVALUATORS)  # every name the config accepts is built
     with pytest.raises(ConfigError):
         from vqlab.config import load
 

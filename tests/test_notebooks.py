@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vqlab import figures, notebook
+from vqlab.evaluators import CodeHistogram
 from vqlab.runfolder import RunFolder
 from vqlab.schema import ConfigError
 
@@ -100,6 +101,17 @@ def test_codebook_usage_ranks_codes_and_names_usage_and_perplexity(tmp_path):
     assert list(ranked.lines[0].get_ydata()) == [5 / 8, 2 / 8, 1 / 8]
     assert "3 of 16 codes used (18.8%)" in ranked.get_title()
     assert len(per_digit.lines) == 2
+
+
+def test_codebook_usage_shows_the_digits_in_their_order(tmp_path):
+    radices = tuple(range(2, 13))  # 11 digits: digit 10 is not between digits 1 and 2
+    digits = np.zeros((1, len(radices)), dtype=np.int64)
+    CodeHistogram(digits, np.array([3]), radices, tuple(np.eye(r, dtype=np.int64)[0] for r in radices)).write(
+        RunFolder(tmp_path).histogram()
+    )
+    per_digit = figures.codebook_usage(RunFolder(tmp_path)).axes[1]
+    assert [line.get_label() for line in per_digit.lines] == [str(i) for i in range(len(radices))]
+    assert [len(line.get_xdata()) for line in per_digit.lines] == list(radices)
 
 
 def test_codebook_usage_without_a_histogram_says_why(tmp_path):

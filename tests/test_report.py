@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -115,6 +116,16 @@ def test_metrics_that_were_not_logged_are_missing_not_zero(store):
         cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|")), strict=True))
         assert cells["fid"] == report.MISSING and cells["lpips"] == report.MISSING
     assert report.cell("l1", 0.0) == "0.0000" and report.cell("l1", math.nan) == report.MISSING
+
+
+def test_every_markdown_table_is_one_renderers():
+    """Floats rounded as the column says, counts and text as they are, missing values a dash."""
+    from vqlab import tables
+
+    cells = [tables.cell(v, ".4g") for v in (0.0123456, float("nan"), None, 65536, np.float32(0.5), "fsq")]
+    assert cells == ["0.01235", "—", "—", "65536", "0.5", "fsq"]
+    assert tables.cell(math.nan, ".2f", missing="-") == "-"
+    assert tables.markdown(["a", "b"], [["1", "—"]]) == "| a | b |\n|---|---|\n| 1 | — |"
 
 
 def test_markdown_shows_the_stored_numbers_in_the_documented_format(store):

@@ -308,3 +308,21 @@ def test_an_experiment_created_by_another_process_meanwhile_is_found_not_an_erro
     monkeypatch.setattr(mlflow_client, "get_experiment_by_name", not_there_yet)
     assert experiment_id(mlflow_client, cfg) == created
     assert len(calls) == 2
+
+
+def test_one_factory_makes_mlflow_runs_tagged_with_their_resolved_folder_and_parent(tmp_path):
+    from vqlab.config import TrackingConfig
+    from vqlab.runfolder import RunFolder
+    from vqlab.tracking import client, create_run
+
+    cfg = TrackingConfig(root=str(tmp_path), experiment="E", mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = create_run(cfg, "parent", {"sweep": "s"})
+    folder = RunFolder(tmp_path / "E" / ".." / "E" / "child")
+    folder.path.mkdir(parents=True)
+    child = create_run(cfg, "child", {"variant": "v"}, folder, parent.run_id)
+    assert folder.mlflow_run_id() == child.run_id
+    tags = client(cfg.mlflow_uri).get_run(child.run_id).data.tags
+    assert tags["vqlab.run_dir"] == str((tmp_path / "E" / "child").resolve())
+    assert tags["mlflow.parentRunId"] == parent.run_id and tags["variant"] == "v"
+    made = client(cfg).get_run(parent.run_id)
+    assert made.info.run_name == "parent" and made.data.tags["sweep"] == "s" and "vqlab.run_dir" not in made.data.tags

@@ -3,6 +3,9 @@
 ``load("default", ["quantizer.name=vq_ema", "train.steps=200"])`` reads a preset shipped in
 ``vqlab/configs/`` (or a YAML path), applies dotted overrides and validates everything before
 anything is loaded or written. ``to_yaml``/``from_yaml`` round-trip exactly.
+
+As each quantizer and backbone owns its config, the evaluators own theirs: ``EvalConfig`` (the
+``eval`` section) lives in ``vqlab.evalconfig``, which imports no evaluator.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+from vqlab.evalconfig import EvalConfig
 from vqlab.models import BackboneConfig
 from vqlab.models.conv import ConvConfig
 from vqlab.quantizers import QuantizerConfig
@@ -145,28 +149,6 @@ class TrainConfig:
         require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    every: int = 250  # validation every N steps (and always at the end); 0 = only at the end
-    # evaluators (vqlab.evaluators): reconstruction, codebook, swd need no weights; lpips, fid do
-    metrics: tuple[str, ...] = ("reconstruction", "codebook")
-    grid_images: int = 16  # images in the reconstruction grid figure
-    missing_weights: Literal["skip", "error"] = "skip"  # a metric whose weights are missing: warn and skip, or fail
-    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
-    lpips_weights: str = ""  # the LPIPS trunk's ImageNet weights; empty = the torch hub cache
-    inception_weights: str = ""  # torch-fidelity's Inception (fid); empty = the torch hub cache
-    reference_cache: str = ""  # FID reference statistics; empty = $TORCH_HOME/vqlab/fid_reference
-
-    def __post_init__(self):
-        from vqlab.evaluators import registry as evaluators
-
-        require(self.every >= 0, "every", f"must be >= 0, got {self.every}")
-        require(len(self.metrics) > 0, "metrics", "name at least one evaluator")
-        for i, name in enumerate(self.metrics):
-            require(name in evaluators, f"metrics[{i}]", f"unknown evaluator {name!r}; available: {evaluators.names()}")
-        require(self.grid_images >= 1, "grid_images", f"must be >= 1, got {self.grid_images}")
 
 
 @dataclass(frozen=True)

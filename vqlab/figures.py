@@ -1,5 +1,5 @@
 """Figures of one run, drawn from its folder: loss curves (``metrics.jsonl``) and codebook usage
-(``codebook_histogram.npz``). Drawn on ``matplotlib.figure.Figure`` objects, so they need no
+(its code histogram, ``CodeHistogram``). Drawn on ``matplotlib.figure.Figure`` objects, so they need no
 pyplot state and work under any backend (``MPLBACKEND=Agg`` headless)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from vqlab.codes import perplexity
 from vqlab.config import TrackingConfig
+from vqlab.evaluators.codebook import CodeHistogram
 from vqlab.runfolder import RunFolder
 from vqlab.tracking import existing_run, headline, summary_table
 
@@ -60,22 +61,21 @@ def codebook_usage(run: RunFolder, prefix: str = "") -> Figure:
     path = run.histogram(prefix)
     if not path.is_file():
         raise FileNotFoundError(f"no code histogram at {path}: the run has not finished its final validation")
-    saved = np.load(path)
-    counts = np.sort(saved["counts"])[::-1]
-    size = math.prod(int(r) for r in saved["radices"])
-    digits = sorted(k for k in saved.files if k.startswith("digit_counts_"))
+    histogram = CodeHistogram.read(path)
+    counts = np.sort(histogram.counts)[::-1]
+    size = histogram.codebook_size
+    digits = histogram.digit_counts
     figure = Figure(figsize=(10 if digits else 5, 3.5), layout="constrained")
     axes = figure.subplots(1, 2 if digits else 1)
     ranked = axes[0] if digits else axes
     ranked.plot(np.arange(1, len(counts) + 1), counts / max(counts.sum(), 1))
     ranked.set(xscale="log", yscale="log", xlabel="code rank", ylabel="frequency")
     used = len(counts) / size
-    ppl = perplexity(torch.from_numpy(saved["counts"])).item()
+    ppl = perplexity(torch.from_numpy(histogram.counts)).item()
     ranked.set_title(f"{len(counts)} of {size} codes used ({used:.1%}), perplexity {ppl:.1f}")
     if digits:
-        for key in digits:
-            values = saved[key]
-            axes[1].plot(np.arange(len(values)), values / max(values.sum(), 1), marker=".", label=key.split("_")[-1])
+        for i, values in enumerate(digits):
+            axes[1].plot(np.arange(len(values)), values / max(values.sum(), 1), marker=".", label=str(i))
         axes[1].set(xlabel="digit value", ylabel="frequency", title="per digit")
         axes[1].legend(title="digit", fontsize="small")
     figure.suptitle(f"{run.name} {prefix}codebook usage".replace("  ", " "))

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vqlab.config import RunConfig, load, parse_yaml, to_yaml
-from vqlab.runfolder import RunFolder
+from vqlab.runfolder import CONFIG_FILE, RunFolder
 from vqlab.schema import ConfigError
 from vqlab.trainer import fit
 
@@ -109,7 +109,7 @@ def train(cfg: RunConfig, nproc: int = 1) -> RunFolder:
     if resume is None:
         raise ConfigError("tracking.run_name", f"nproc={nproc} needs a run name, so this process finds the run")
     with tempfile.TemporaryDirectory() as folder:
-        config_file = Path(folder) / "config.yaml"
+        config_file = Path(folder) / CONFIG_FILE
         config_file.write_text(to_yaml(cfg))
         code = subprocess.run(torchrun_command(config_file, nproc)).returncode
     if code != 0:

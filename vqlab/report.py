@@ -18,7 +18,7 @@ missing: ``NaN`` in the frame, ``—`` in the table, empty in the CSV; never 0. 
 as ``FORMATS`` says; the CSV keeps every digit MLflow stored.
 
 ``notebooks/compare.ipynb`` runs the same functions with ``experiment`` / ``sweep`` parameters.
-MLflow is read through ``MlflowClient`` with an explicit store (``vqlab.tracking.mlflow_uri``), not
+MLflow is read through ``MlflowClient`` with an explicit store (``vqlab.tracking.client``), not
 ``mlflow.search_runs``, whose process-global tracking URI would rewrite ``$MLFLOW_TRACKING_URI``.
 """
 
@@ -33,10 +33,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from vqlab import tables
 from vqlab.config import TrackingConfig
 from vqlab.errors import UserError
 from vqlab.notebook import execute
-from vqlab.tracking import mlflow_uri
+from vqlab.tracking import client, mlflow_uri
 
 # table column -> the MLflow metric it shows
 METRICS = {
@@ -65,7 +66,7 @@ FORMATS = {
     "bits/token": 2,
     "train usage": 4,
 }
-MISSING = "—"
+MISSING = tables.MISSING
 BASELINE_METRICS = {"l1": "l1", "psnr": "psnr", "ssim": "ssim"}
 BLOCK_MEAN, PALETTE = "block mean colour", "palette (same code budget)"
 CURVE_KEYS = ("train/l1", "train/loss")  # the first one a run logged is its training curve
@@ -84,12 +85,6 @@ def store(tracking_uri: str | None = None, root: str | Path = "runs") -> str:
     """The MLflow store: ``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db``
     (the store training writes to, ``vqlab.tracking.mlflow_uri``)."""
     return mlflow_uri(TrackingConfig(root=str(root), mlflow_uri=tracking_uri or ""))
-
-
-def client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
 
 
 def fetch_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> pd.DataFrame:
@@ -211,17 +206,13 @@ def baseline_rows(runs: pd.DataFrame) -> list[dict]:
 
 
 def cell(column: str, value) -> str:
-    if column in FORMATS:
-        return MISSING if pd.isna(value) else f"{value:.{FORMATS[column]}f}"
-    return str(value)
+    """A value of ``column`` as the markdown table shows it (``FORMATS``)."""
+    return tables.cell(value, f".{FORMATS[column]}f" if column in FORMATS else "")
 
 
 def markdown(table: pd.DataFrame) -> str:
     """``table`` (from ``comparison``) as a markdown table of ``COLUMNS``; missing values are ``—``."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(cell(column, row[column]) for column in COLUMNS) + " |")
-    return "\n".join(lines)
+    return tables.markdown(COLUMNS, ([cell(c, row[c]) for c in COLUMNS] for _, row in table.iterrows()))
 
 
 # --- figures --------------------------------------------------------------------------------------

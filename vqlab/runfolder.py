@@ -28,6 +28,9 @@ from typing import Any
 
 from vqlab.config import RunConfig, from_yaml, to_yaml
 
+# The name of a run's config: its folder's, and the file a driver hands ``torchrun`` (``vqlab.notebook``).
+CONFIG_FILE = "config.yaml"
+
 
 @dataclass(frozen=True)
 class RunFolder:
@@ -73,7 +76,7 @@ class RunFolder:
 
     @property
     def config_file(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / CONFIG_FILE
 
     @property
     def metrics_file(self) -> Path:

@@ -48,7 +48,7 @@ from vqlab.config import RunConfig, TrackingConfig, parse_overrides, parse_yaml
 from vqlab.errors import UserError
 from vqlab.runfolder import RunFolder
 from vqlab.schema import ConfigError
-from vqlab.tracking import MlflowRun, client, experiment_id, mlflow_uri
+from vqlab.tracking import MlflowRun, client, create_run, experiment_id, mlflow_uri
 
 PRESETS = resources.files("vqlab") / "configs" / "sweeps"
 KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "scales")
@@ -255,7 +255,7 @@ class Tracker:
         if found:
             return found[0].info.run_id
         tags = {"sweep": self.sweep, "sweep_parent": "true", "git_commit": self.commit}
-        made = self.client.create_run(self.experiment, run_name=self.sweep, tags=tags).info.run_id
+        made = create_run(self.tracking, self.sweep, tags, mlflow_client=self.client).run_id
         oldest = self.search("tags.sweep_parent = 'true'")[0].info.run_id
         if oldest != made:
             self.client.delete_run(made)
@@ -331,10 +331,7 @@ def variant_run(job: Job) -> MlflowRun:
             return MlflowRun(mlflow_client, run_id)
         except MlflowException:
             pass  # recorded in another store
-    tags = {**job.tags, "vqlab.run_dir": str(run.path), "mlflow.parentRunId": job.parent_run_id}
-    made = mlflow_client.create_run(experiment_id(mlflow_client, tracking), run_name=job.variant.name, tags=tags)
-    run.set_mlflow_run_id(made.info.run_id)
-    return MlflowRun(mlflow_client, made.info.run_id)
+    return create_run(tracking, job.variant.name, job.tags, run, job.parent_run_id, mlflow_client)
 
 
 def run_job(job: Job) -> Outcome:

@@ -5,10 +5,12 @@ get an inactive one, so no caller branches on the rank.
 
 MLflow is addressed through ``MlflowClient`` and explicit run ids, never the process-global active
 run, so a run can be nested under a sweep's parent run (``tracking.parent_run_id``) from a script,
-a notebook kernel or a torchrun worker alike. ``metrics.jsonl`` is the record; the MLflow run
-mirrors it. A resumed run drops what the interrupted process logged after its checkpoint from
-``metrics.jsonl``; MLflow cannot delete single metric values, so the run's previous MLflow run
-is deleted and a new one replays the kept rows (the new id is written to the run folder).
+a notebook kernel or a torchrun worker alike. Every MLflow run vqlab makes, training's, a
+sweep's or a study's, is made by ``create_run``, and every client by ``client``.
+``metrics.jsonl`` is the record; the MLflow run mirrors it. A resumed run drops what the
+interrupted process logged after its checkpoint from ``metrics.jsonl``; MLflow cannot delete
+single metric values, so the run's previous MLflow run is deleted and a new one replays the kept
+rows (the new id is written to the run folder).
 """
 
 from __future__ import annotations
@@ -99,10 +101,11 @@ class MlflowRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def client(cfg: TrackingConfig):
+def client(store: TrackingConfig | str):
+    """The ``MlflowClient`` of a tracking config's store (``mlflow_uri``) or of a store URI."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=mlflow_uri(cfg))
+    return MlflowClient(tracking_uri=mlflow_uri(store) if isinstance(store, TrackingConfig) else store)
 
 
 def experiment_id(mlflow_client, cfg: TrackingConfig) -> str:
@@ -124,9 +127,37 @@ def experiment_id(mlflow_client, cfg: TrackingConfig) -> str:
         return experiment.experiment_id
 
 
+def create_run(
+    cfg: TrackingConfig,
+    name: str,
+    tags: dict[str, str] | None = None,
+    folder: RunFolder | None = None,
+    parent_run_id: str = "",
+    mlflow_client=None,
+) -> MlflowRun:
+    """A new MLflow run named ``name`` in the experiment ``cfg.experiment`` (made if need be,
+    ``experiment_id``) of ``cfg``'s store, tagged ``tags``; nested under ``parent_run_id``
+    (``mlflow.parentRunId``) when given; for a run ``folder``, tagged ``vqlab.run_dir`` with the
+    folder's resolved path and recorded in the folder (``mlflow_run_id``). Every MLflow run vqlab
+    makes is made here: a training run's (``start_run``), a sweep's parent and a variant's
+    (``vqlab.sweep``), a study's (``analysis.runs.log_study``). ``mlflow_client``: one the caller
+    already holds for the same store."""
+    mlflow_client = mlflow_client or client(cfg)
+    tags = dict(tags or {})
+    if folder is not None:
+        tags["vqlab.run_dir"] = str(folder.path.resolve())
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    created = mlflow_client.create_run(experiment_id(mlflow_client, cfg), run_name=name, tags=tags)
+    if folder is not None:
+        folder.set_mlflow_run_id(created.info.run_id)
+    return MlflowRun(mlflow_client, created.info.run_id)
+
+
 def start_run(cfg: TrackingConfig, run: RunFolder, params: dict[str, Any], history: list[dict[str, Any]]) -> MlflowRun:
-    """A new MLflow run for ``run`` holding ``params`` and the ``history`` rows already logged; a
-    previous MLflow run of the same folder (an interrupted process's) is deleted."""
+    """A new MLflow run for ``run`` (tagged ``cfg.tags``, nested under ``cfg.parent_run_id``)
+    holding ``params`` and the ``history`` rows already logged; a previous MLflow run of the same
+    folder (an interrupted process's) is deleted."""
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client(cfg)
@@ -135,12 +166,7 @@ def start_run(cfg: TrackingConfig, run: RunFolder, params: dict[str, Any], histo
         # already deleted, or recorded in another store: nothing to replace
         with contextlib.suppress(MlflowException):
             mlflow_client.delete_run(previous)
-    tags = {"vqlab.run_dir": str(run.path.resolve()), **cfg.tags}
-    if cfg.parent_run_id:
-        tags["mlflow.parentRunId"] = cfg.parent_run_id
-    created = mlflow_client.create_run(experiment_id(mlflow_client, cfg), run_name=run.name, tags=tags)
-    run.set_mlflow_run_id(created.info.run_id)
-    mlflow_run = MlflowRun(mlflow_client, created.info.run_id)
+    mlflow_run = create_run(cfg, run.name, cfg.tags, run, cfg.parent_run_id, mlflow_client)
     mlflow_run.log_params(params)
     mlflow_run.log(history)
     return mlflow_run

@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from analysis import codebook
+from vqlab.codes import index_to_digits
+from vqlab.evaluators import CodeHistogram
 from vqlab.runfolder import RunFolder
 
 from ..helpers import tracked_smoke_runs
@@ -38,8 +41,9 @@ def fake_run(root: Path, name: str, counts: list[int], radices: list[int], digit
             json.dumps(r) + "\n" for r in [{"step": 0, "val/codebook_usage": 0.1}, {"step": 5, "train/perplexity": 3.0}]
         )
     )
-    extra = {f"digit_counts_{i}": np.array(c) for i, c in enumerate(digit_counts)}
-    np.savez_compressed(run.histogram(), counts=np.array(counts), radices=np.array(radices), **extra)
+    digits = index_to_digits(torch.arange(len(counts)), radices).numpy()  # codes 0, 1, ...
+    per_digit = tuple(np.array(c) for c in digit_counts)
+    CodeHistogram(digits, np.array(counts), tuple(radices), per_digit).write(run.histogram())
     return run
 
 

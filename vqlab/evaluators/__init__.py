@@ -12,7 +12,9 @@ The same evaluators serve training-time validation and ``python -m vqlab.evaluat
     swd             swd_<size> per pyramid level and swd, their mean (no weights needed)
 
 ``base`` holds the contract, ``Suite`` and ``build``; ``baselines`` the trivial block-mean codecs
-the trainer reports beside the model.
+the trainer reports beside the model. The names above and the options the evaluators read
+(``EvalConfig``, the ``eval:`` section) live in ``vqlab.evalconfig``, outside this package, so that
+reading a config imports no evaluator.
 
 States are sums and counts (or histograms) all-reduced across ranks, or feature sets gathered
 from every rank, inside ``compute``: a metric is always the whole evaluation set's, never an
@@ -25,7 +27,7 @@ take the uint8 [0, 255] images a PNG would hold.
 
 from vqlab.evaluators.base import Evaluator, PairEvaluator, Suite, build, image_digests, registry, to_uint8, to_unit
 from vqlab.evaluators.baselines import block_mean, block_mean_baseline, palette_levels
-from vqlab.evaluators.codebook import DENSE_HISTOGRAM_LIMIT, CodebookMetrics
+from vqlab.evaluators.codebook import DENSE_HISTOGRAM_LIMIT, CodebookMetrics, CodeHistogram
 from vqlab.evaluators.fidelity import FidelityMetrics
 from vqlab.evaluators.loop import evaluate, evaluate_with_ema
 from vqlab.evaluators.perceptual import PerceptualDistance
@@ -34,6 +36,7 @@ from vqlab.evaluators.swd import SlicedWasserstein
 
 __all__ = [
     "DENSE_HISTOGRAM_LIMIT",
+    "CodeHistogram",
     "CodebookMetrics",
     "Evaluator",
     "FidelityMetrics",

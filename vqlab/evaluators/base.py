@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from vqlab import weights
-from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_objects
+from vqlab.evalconfig import EvalConfig
 from vqlab.models import AutoencoderOutput
 from vqlab.registry import Registry
 

@@ -1,7 +1,10 @@
-"""Code-histogram metrics: usage, perplexity and dead codes, over the whole code and per digit."""
+"""Code-histogram metrics: usage, perplexity and dead codes, over the whole code and per digit;
+and the code-histogram file, written (``CodebookMetrics.save``) and read (``CodeHistogram.read``)
+only here."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +12,8 @@ import torch
 
 from vqlab import codes as codes_lib
 from vqlab.codes import perplexity
-from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_cat, all_reduce_sum, rank
+from vqlab.evalconfig import EvalConfig
 from vqlab.evaluators.base import Evaluator, registry
 from vqlab.models import AutoencoderOutput
 from vqlab.runfolder import RunFolder
@@ -18,6 +21,64 @@ from vqlab.runfolder import RunFolder
 # From this many codes on, the histogram is a sparse table of the codes seen and their counts
 # instead of a dense vector; both give the same metrics.
 DENSE_HISTOGRAM_LIMIT = 2**18
+
+
+@dataclass(frozen=True)
+class CodeHistogram:
+    """Every code seen in one validation pass, as ``<prefix>codebook_histogram.npz`` holds it (the
+    path is ``RunFolder.histogram(prefix)``). ``write`` is the file's only writer and ``read`` its
+    only reader (``vqlab.figures``, ``analysis.codebook``, ``analysis.decomposition``).
+
+    digits        (M, G) int64, the digits of each code seen, in ascending flat-index order
+    counts        (M,) int64, how often each was seen
+    radices       the radices of the G digits (``codebook_size`` is their product)
+    digit_counts  per digit i in order, the (radix_i,) int64 histogram of digit i alone; empty
+                  when there is one digit
+    sparse        whether it was counted sparsely (the content is the same)
+
+    The file holds the same arrays (``radices`` (G,) int64, ``digit_counts_{i}`` one per digit)
+    plus, where ``prod(radices)`` fits an int64, ``indices`` (M,) int64 (the flat index of each
+    code, ``vqlab.codes``) and ``codebook_size``.
+    """
+
+    digits: np.ndarray
+    counts: np.ndarray
+    radices: tuple[int, ...]
+    digit_counts: tuple[np.ndarray, ...] = ()
+    sparse: bool = False
+
+    @property
+    def codebook_size(self) -> int:
+        return codes_lib.codebook_size(self.radices)
+
+    def write(self, path: Path) -> None:
+        flat = {}
+        if codes_lib.fits_int64(self.radices):
+            flat["indices"] = codes_lib.digits_to_index(torch.from_numpy(self.digits), self.radices).numpy()
+            flat["codebook_size"] = np.array(self.codebook_size, dtype=np.int64)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            path,
+            digits=self.digits,
+            counts=self.counts,
+            radices=np.array(self.radices, dtype=np.int64),
+            sparse=np.array(self.sparse),
+            **flat,
+            **{f"digit_counts_{i}": counts for i, counts in enumerate(self.digit_counts)},
+        )
+
+    @classmethod
+    def read(cls, path: Path) -> CodeHistogram:
+        """The histogram in the file at ``path``; per-digit histograms in digit order (0, 1, ..., 10, ...)."""
+        with np.load(path) as saved:
+            per_digit = sum(key.startswith("digit_counts_") for key in saved.files)
+            return cls(
+                digits=saved["digits"],
+                counts=saved["counts"],
+                radices=tuple(int(r) for r in saved["radices"]),
+                digit_counts=tuple(saved[f"digit_counts_{i}"] for i in range(per_digit)),
+                sparse=bool(saved["sparse"]) if "sparse" in saved.files else False,
+            )
 
 
 def merge_counts(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,35 +174,20 @@ class CodebookMetrics(Evaluator):
         return metrics
 
     def save(self, folder: Path, prefix: str = "") -> list[Path]:
-        """``<prefix>codebook_histogram.npz``, every code seen over the whole set (all ranks):
-
-        digits            (M, G) int64, the digits of each code, in ascending flat-index order
-        counts            (M,) int64, how often each was seen
-        indices           (M,) int64 flat index of each (vqlab.codes), and
-        codebook_size     prod(radices), both only where prod(radices) fits an int64
-        radices           (G,) int64
-        digit_counts_{i}  (radix_i,) int64 histogram of digit i alone, when there are several digits
-        sparse            whether it was counted sparsely (the file's content is the same)
-        """
+        """``<prefix>codebook_histogram.npz`` (``CodeHistogram``), every code seen over the whole
+        set (all ranks)."""
         digits, counts = self.histogram()
         per_digit = [all_reduce_sum(c) for c in self.digit_counts]
         if rank() != 0:
             return []
         path = RunFolder(folder).histogram(prefix)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        flat = {}
-        if self.indexed:
-            flat["indices"] = codes_lib.digits_to_index(digits, self.radices).cpu().numpy()
-            flat["codebook_size"] = np.array(self.size, dtype=np.int64)
-        np.savez_compressed(
-            path,
+        CodeHistogram(
             digits=digits.cpu().numpy(),
             counts=counts.cpu().numpy(),
-            radices=np.array(self.radices, dtype=np.int64),
-            sparse=np.array(not self.dense),
-            **flat,
-            **{f"digit_counts_{i}": d.cpu().numpy() for i, d in enumerate(per_digit)},
-        )
+            radices=self.radices,
+            digit_counts=tuple(d.cpu().numpy() for d in per_digit),
+            sparse=not self.dense,
+        ).write(path)
         return [path]
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from vqlab import weights
-from vqlab.config import EvalConfig
 from vqlab.distributed import all_gather_cat, rank
+from vqlab.evalconfig import EvalConfig
 from vqlab.evaluators.base import Evaluator, PairEvaluator, image_digests, registry, to_uint8
 
 EXTRACTOR = "inception-v3-compat"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from vqlab import weights
-from vqlab.config import EvalConfig
 from vqlab.distributed import all_reduce_sum
+from vqlab.evalconfig import EvalConfig
 from vqlab.evaluators.base import Evaluator, PairEvaluator, registry
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from vqlab.config import EvalConfig
 from vqlab.distributed import all_reduce_sum
+from vqlab.evalconfig import EvalConfig
 from vqlab.evaluators.base import Evaluator, PairEvaluator, registry, to_unit
 
 # skimage's and torchmetrics' Gaussian window: sigma 1.5 truncated at 3.5 sigma.

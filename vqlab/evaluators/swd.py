@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vqlab.config import EvalConfig
 from vqlab.data import ShardSampler
 from vqlab.distributed import all_gather_cat, rank, world_size
+from vqlab.evalconfig import EvalConfig
 from vqlab.evaluators.base import Evaluator, PairEvaluator, image_digests, registry, to_uint8
 
 # The 5-tap binomial filter of cv2.pyrDown / pyrUp, as in the reference code.
