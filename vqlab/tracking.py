@@ -25,6 +25,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vqlab.config import TrackingConfig
+from vqlab.mlflow_store import open_client
 from vqlab.runfolder import RunFolder
 
 # What a person watches while training; everything else goes to the files and MLflow only.
@@ -100,9 +101,9 @@ class MlflowRun:
 
 
 def client(cfg: TrackingConfig):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_uri(cfg))
+    """A client on the store ``cfg`` names, made if new (``vqlab.mlflow_store``: safe when several
+    processes make it at once)."""
+    return open_client(mlflow_uri(cfg))
 
 
 def experiment_id(mlflow_client, cfg: TrackingConfig) -> str:
