@@ -83,7 +83,7 @@ def load_photo(package: str, relative: str) -> torch.Tensor:
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
+    """[0, 255] (uint8, or float from a 16-bit image) -> float32 [-1, 1]."""
     return images.float().div(127.5).sub(1.0)
 
 
@@ -230,8 +230,40 @@ class Flipped(Dataset):
         return image
 
 
+SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}  # PIL's 16-bit greyscale modes (a 16-bit PNG is one)
+BACKGROUND = (255, 255, 255)  # what shows through a transparent pixel
+
+
+def rgb_array(image) -> np.ndarray:
+    """A PIL image as ``(H, W, 3)`` RGB on the [0, 255] scale: ``uint8`` from 8-bit modes,
+    ``float32`` from 16-bit greyscale (``I;16*``, and ``I`` whose values fit in 16 bits), so their
+    precision is kept and 65535 is white (PIL's own conversion clips them to 255: a 16-bit photo
+    reads as almost white). An image with alpha (``RGBA``, ``LA``, ``PA``, a palette or colour key
+    with transparency) is composited over white: a transparent pixel is white, whatever colour it
+    holds. 32-bit float images (``F``) and ``I`` images beyond 0..65535 have no known value range
+    and are a ``DataError``."""
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT or image.mode == "I":
+        values = np.asarray(image).astype(np.float32)
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 65535:
+            raise DataError(
+                f"32-bit integer image (mode I) with values {low:.0f}..{high:.0f}, beyond 16 bits: "
+                "its white is unknown; save it as an 8-bit or 16-bit image"
+            )
+        return np.repeat((values * (255 / 65535))[..., None], 3, axis=-1)
+    if image.mode == "F":
+        raise DataError("32-bit float image (mode F): its value range is unknown; save it as an 8-bit or 16-bit image")
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
 class ImageFiles(Flipped):
-    """Image files -> resize (shorter side) + center crop, the upstream ImageNet recipe."""
+    """Image files -> RGB (``rgb_array``: any mode, 16-bit kept, alpha over white) -> resize (shorter
+    side) + center crop, the upstream ImageNet recipe."""
 
     def __init__(self, files: list[Path], size: int, flip: bool, seed: int = 0):
         from torchvision.transforms import v2
@@ -249,7 +281,7 @@ class ImageFiles(Flipped):
         epoch, index = split_key(key, len(self.files))
         try:
             with Image.open(self.files[index]) as image:
-                array = np.asarray(image.convert("RGB"))
+                array = rgb_array(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
             raise DataError(f"cannot read image {self.files[index]}: {err}") from None
         image = self.transform(torch.from_numpy(array.copy()).permute(2, 0, 1))
