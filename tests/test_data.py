@@ -358,3 +358,43 @@ def test_images_whose_value_range_is_unknown_are_refused_naming_the_file(tmp_pat
     make().save(path)
     with pytest.raises(data.DataError, match=f"cannot read image {path}: .*{named}"):
         data.ImageFiles([path], 8, flip=False)[0]
+
+
+def corrupt_png():
+    """A PNG whose image data has one byte changed: its header opens, its checksum does not match."""
+    content = bytearray(png_bytes())
+    start = content.index(b"IDAT") + 8
+    content[start] ^= 0xFF
+    return bytes(content)
+
+
+BAD_FILES = {
+    "corrupt": corrupt_png,
+    "zero-byte": lambda: b"",
+    "truncated": lambda: png_bytes()[: len(png_bytes()) // 2],
+    "text named .png": lambda: b"a text file, not an image\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_a_bad_file_anywhere_in_the_folder_stops_the_run_before_it_writes(tmp_path, kind):
+    """Not only the first batches: every file's header is checked when the datasets are built."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    images = image_folder(tmp_path / "images", 40, {33: BAD_FILES[kind]()})
+    root = tmp_path / "runs"
+    argv = ["--config", "smoke", "data.name=imagefolder", f"data.root={images}", "data.val_count=4"]
+    argv += ["data.batch_size=4", "data.val_batch_size=4", "train.steps=12", "optim.warmup_steps=0"]
+    argv += [f"tracking.root={root}", "tracking.mlflow=true", "tracking.run_name=r"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "vqlab.train", *argv], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: cannot read image {images / '33.png'}: ")
+    assert done.stderr.count("\n") == 1
+    assert not root.exists() or list(root.iterdir()) == []  # no run folder, no MLflow store nor run

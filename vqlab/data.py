@@ -318,6 +318,29 @@ def image_files(root: Path) -> list[Path]:
     return files
 
 
+HEADER_CHECK_LIMIT = 100_000  # folders of up to this many files have every file's header checked
+
+
+def check_headers(files: list[Path]) -> None:
+    """Open every file as the loader will and ``verify`` it (PIL: the header, and for a PNG every
+    chunk's checksum, without decoding), so that a file that is not an image, is empty, truncated or
+    corrupt is a ``DataError`` naming it when the datasets are built, before a run writes anything,
+    rather than when a loader reaches it mid-run. Folders of more than ``HEADER_CHECK_LIMIT`` files
+    (ImageNet: 1.28M opens, often on a network file system) are not checked; the loader names a bad
+    file there when it reaches it. A JPEG cut short after its header passes (PIL verifies no JPEG
+    data without decoding it) and is named by the loader too."""
+    from PIL import Image
+
+    if len(files) > HEADER_CHECK_LIMIT:
+        return
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises
+            raise DataError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
+
+
 def cifar(cfg: DataConfig, train: bool) -> Dataset:
     from torchvision import datasets
 
@@ -350,8 +373,10 @@ def build_datasets(cfg: DataConfig, seed: int) -> Splits:
         return Splits(Shapes(size, cfg.train_count, seed, TRAIN, cfg.flip), Shapes(size, cfg.val_count, seed, VAL))
     if cfg.name == "imagefolder":
         files = image_files(Path(cfg.root))
+        check_headers(files)
         if cfg.val_root:
             val_files = image_files(Path(cfg.val_root))
+            check_headers(val_files)
         else:
             if cfg.val_count >= len(files):
                 raise DataError(f"data.val_count={cfg.val_count} leaves no training images among {len(files)} files")
@@ -458,10 +483,10 @@ def check_first_batches(*loaders: DataLoader) -> None:
     on every rank (it gathers every rank's outcome, so all ranks raise or none does).
 
     Only the first batches: decoding every file of ImageNet (1.28M files, ~140 GB) at start would
-    take longer than many runs, and even opening every file for its header is 1.28M opens on what
-    is often a network file system, minutes before the first step for a check that a single bad
-    file defeats anyway. A corrupt file elsewhere is reported with its path when a loader reaches
-    it (``ImageFiles``). The keys are the ones the loader's own sampler yields at its current
+    take longer than many runs. ``build_datasets`` has already checked every file's header in a
+    folder of up to ``HEADER_CHECK_LIMIT`` files (``check_headers``); a file that passes it but
+    does not decode, or a bad file in a larger folder, is reported with its path when a loader
+    reaches it (``ImageFiles``). The keys are the ones the loader's own sampler yields at its current
     position, read through its dataset in this process: no worker start-up, and the error is the
     dataset's own rather than a worker's wrapper of it.
     """
