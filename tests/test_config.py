@@ -252,3 +252,19 @@ def test_the_command_line_writes_nothing_above_the_tracking_root(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: tracking.experiment: ") and err.count("\n") == 1
     assert kept.read_text() == "keep\n" and list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "text", ["", "\n\n", "# train:\n#   steps: 5\n", "---\n"], ids=["empty", "blank", "comments", "no doc"]
+)
+def test_an_empty_config_file_is_an_error_not_the_default_config(tmp_path, text, capsys):
+    from vqlab.trainer import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{path} holds no settings"):
+        load(str(path))
+    assert main(["--config", str(path), f"tracking.root={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} holds no settings") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

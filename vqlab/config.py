@@ -328,7 +328,11 @@ def read_source(source: str) -> dict[str, Any]:
                 "", f"unknown preset {source!r}; presets: {', '.join(presets())}, or a path to a .yaml file"
             )
         text = preset.read_text()
-    data = parse_yaml(text, source) or {}
+    data = parse_yaml(text, source)
+    if data is None:  # silently running the default config instead would be a run nobody asked for
+        raise ConfigError(
+            "", f"{source} holds no settings (it is empty or only comments); give a preset or the sections to set"
+        )
     if not isinstance(data, dict):
         raise ConfigError("", f"{source} must hold a mapping of sections")
     return data
