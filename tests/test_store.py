@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A process that imports everything first, says so, waits for "go" on stdin and only then opens a
@@ -59,3 +61,56 @@ def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
     experiment = client.get_experiment_by_name("E")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(run.info.run_name for run in runs) == ["a", "b"]
+
+
+READERS = {
+    "report": ("vqlab.report", ["nope"]),
+    "report --tracking-uri": ("vqlab.report", ["nope", "--tracking-uri", "sqlite:///{T}/elsewhere/mlflow.db"]),
+    "report --root": ("vqlab.report", ["nope", "--root", "{T}/other"]),
+    "codebook": ("analysis.codebook", ["nope"]),
+    "codebook --no-mlflow": ("analysis.codebook", ["nope", "--no-mlflow"]),
+    "decomposition --trained": ("analysis.decomposition", ["--trained", "nope"]),
+}
+
+
+@pytest.mark.parametrize("case", list(READERS))
+def test_reading_a_store_that_is_not_there_is_one_line_and_creates_nothing(tmp_path, monkeypatch, capsys, case):
+    import importlib
+
+    module, argv = READERS[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    argv = [a.replace("{T}", str(tmp_path)) for a in argv]
+    assert importlib.import_module(module).main(argv) == 2
+    out, err = capsys.readouterr()
+    store = next((a.removeprefix("sqlite:///") for a in argv if a.startswith("sqlite:")), None)
+    store = store or f"{tmp_path / (argv[argv.index('--root') + 1] if '--root' in argv else 'runs')}/mlflow.db"
+    assert err == f"error: no MLflow store at {store}\n" and out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reading_an_experiment_that_is_not_there_writes_nothing(tmp_path, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    from vqlab import report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("other")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    capsys.readouterr()  # MLflow's lines as it made the store
+    assert report.main(["nope"]) == 2
+    assert capsys.readouterr().err == f"error: no MLflow experiment named 'nope' in {uri}\n"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_codes_with_a_missing_run_folder_creates_no_store(tmp_path, monkeypatch, capsys):
+    from analysis import codes
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        codes.main(["--runs", "nope"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: no run folder (config.yaml) at nope")
+    assert list(tmp_path.iterdir()) == []

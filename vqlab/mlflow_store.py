@@ -3,18 +3,22 @@
 A new SQLite store is made by MLflow on first use: it creates the tables and runs every alembic
 migration, which is not safe for two processes at once (the second fails with "table
 _alembic_tmp_... already exists" or "duplicate column name"), and a sweep or two commands started
-together do exactly that. So a SQLite store is opened under a lock on ``<store>.lock`` beside the
-database file (an ``flock``: released when the process ends, however it ends): the first process
-creates it, the others wait and then find it made. MLflow keeps the opened store for the rest of
-the process, so the lock is taken once per process and store.
+together do exactly that. So a writer opens a SQLite store holding an exclusive lock on
+``<store>.lock`` beside the database file (``flock``: released when the process ends, however it
+ends): the first process creates the store, the others wait and then find it made. A reader holds
+a shared lock on that file when it exists (it waits for a store being made) and creates nothing.
+MLflow keeps an opened store for the rest of the process, so the tables are made once per store.
 
-Reading (``vqlab.report``, the analysis commands) never creates a store: a local store that is
-not there is a ``MissingFileError`` naming its path, before MLflow would make an empty one.
-A server (``http://...``) is opened as it is.
+Reading (``vqlab.report``, the analysis commands) never creates a store: a local store that is not
+there is a ``MissingFileError`` naming its path, before MLflow would make an empty one. A server
+(``http://...``) is opened as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -42,6 +46,32 @@ def lock_file(database: Path) -> Path:
     return database.with_name(database.name + ".lock")
 
 
+@contextlib.contextmanager
+def locked(path: Path, create: bool) -> Iterator[None]:
+    """``create``: hold an exclusive lock on ``path``, made if missing; else a shared lock on it if
+    it exists (nothing is created)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): filelock's lock, exclusive either way
+        if not create and not path.exists():
+            yield
+            return
+        from filelock import FileLock
+
+        with FileLock(path):
+            yield
+        return
+    if not create and not path.exists():
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if create else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # lets the lock go
+
+
 def open_client(uri: str, create: bool = True):
     """An ``MlflowClient`` on the store ``uri``, its tables made (by this process or another one).
     ``create=False``: a local store that does not exist is an error, and nothing is written."""
@@ -56,9 +86,7 @@ def open_client(uri: str, create: bool = True):
         path.parent.mkdir(parents=True, exist_ok=True)
     if not uri.startswith("sqlite:"):
         return MlflowClient(tracking_uri=uri)
-    from filelock import FileLock
-
-    with FileLock(lock_file(path)):
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # the store is open (its tables made) before the lock is let go
+    with locked(lock_file(path), create):
+        client = MlflowClient(tracking_uri=uri)  # opens the store: makes its tables if it is new
+        client.search_experiments(max_results=1)  # (so that it is open before the lock goes, whatever MLflow defers)
     return client

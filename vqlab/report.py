@@ -37,6 +37,7 @@ import pandas as pd
 
 from vqlab.config import TrackingConfig
 from vqlab.errors import UserError
+from vqlab.mlflow_store import open_client
 from vqlab.notebook import execute
 from vqlab.tracking import mlflow_uri
 
@@ -90,9 +91,9 @@ def store(tracking_uri: str | None = None, root: str | Path = "runs") -> str:
 
 
 def client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
+    """A client on an existing store: reading never creates one (a missing local store is a
+    ``MissingFileError`` naming it)."""
+    return open_client(tracking_uri, create=False)
 
 
 def fetch_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> pd.DataFrame:
