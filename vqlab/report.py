@@ -8,9 +8,9 @@ are nested under a parent (a sweep's variants) only those count, one per variant
 that name. Only runs that FINISHED (MLflow's status) and logged ``val/l1`` are rows: a failed run
 (one that diverged still logged its step-0 metrics) or an unfinished one (still running, or killed
 before it could say) is listed under the table by name and status, never shown as a result; a
-sweep's parent run is neither. Below the runs come the two trivial codecs measured on the same validation crops
-(``baseline/*``, ``baseline_palette/*``): one row each, or one per distinct result when the runs
-differ (a palette row per code budget).
+sweep's parent run is neither. Below the runs come the two trivial codecs measured on the same
+validation crops (``baseline/*``, ``baseline_palette/*``): one row each, or one per distinct result
+when the runs differ (a palette row per code budget).
 
 Columns are the seed study's (name, levels, fid, l1, lpips, codebook usage) and then psnr, ssim,
 perplexity and bits/token, all from the final ``val/*`` metrics, and train usage: the codebook
