@@ -20,7 +20,7 @@ missing: ``NaN`` in the frame, ``—`` in the table, empty in the CSV; never 0. 
 as ``FORMATS`` says; the CSV keeps every digit MLflow stored.
 
 ``notebooks/compare.ipynb`` runs the same functions with ``experiment`` / ``sweep`` parameters.
-MLflow is read through ``MlflowClient`` with an explicit store (``vqlab.tracking.mlflow_uri``), not
+MLflow is read through ``MlflowClient`` with an explicit store (``vqlab.tracking.client``), not
 ``mlflow.search_runs``, whose process-global tracking URI would rewrite ``$MLFLOW_TRACKING_URI``.
 """
 
@@ -37,9 +37,8 @@ import pandas as pd
 
 from vqlab.config import TrackingConfig
 from vqlab.errors import UserError
-from vqlab.mlflow_store import open_client
 from vqlab.notebook import execute
-from vqlab.tracking import mlflow_uri
+from vqlab.tracking import client, mlflow_uri
 
 # table column -> the MLflow metric it shows
 METRICS = {
@@ -90,12 +89,6 @@ def store(tracking_uri: str | None = None, root: str | Path = "runs") -> str:
     return mlflow_uri(TrackingConfig(root=str(root), mlflow_uri=tracking_uri or ""))
 
 
-def client(tracking_uri: str):
-    """A client on an existing store: reading never creates one (a missing local store is a
-    ``MissingFileError`` naming it)."""
-    return open_client(tracking_uri, create=False)
-
-
 def fetch_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> pd.DataFrame:
     """The active runs of ``experiment`` that logged ``val/l1`` or did not finish (with ``sweep``:
     those tagged ``sweep=<sweep>``), newest first, as columns ``run_id``, ``start_time``,
@@ -104,7 +97,7 @@ def fetch_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> 
     that logged ``val/l1``."""
     if sweep and "'" in sweep:
         raise ReportError(f"sweep name {sweep!r} contains a quote, which an MLflow filter cannot hold")
-    mlflow_client = client(tracking_uri)
+    mlflow_client = client(tracking_uri, create=False)  # reading never creates a store
     found = mlflow_client.get_experiment_by_name(experiment)
     if found is None:
         raise ReportError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
@@ -262,7 +255,7 @@ def markdown(table: pd.DataFrame) -> str:
 def curves(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
     """Training curves from MLflow's metric history: ``name``, ``metric``, ``step``, ``value`` for
     each row run, its first logged key of ``CURVE_KEYS``."""
-    mlflow_client = client(tracking_uri)
+    mlflow_client = client(tracking_uri, create=False)  # reading never creates a store
     points = []
     for _, run in rows_of(runs).iterrows():
         key = next((k for k in CURVE_KEYS if f"metrics.{k}" in run and not pd.isna(run[f"metrics.{k}"])), None)
@@ -350,7 +343,7 @@ def write(result: Report, out: Path) -> list[Path]:
 
 def log_to_parents(result: Report, tracking_uri: str) -> None:
     """The report's files as artifacts (``report/``) of the sweep's parent run(s)."""
-    mlflow_client = client(tracking_uri)
+    mlflow_client = client(tracking_uri, create=False)  # the store the report was read from
     for run_id in result.parent_run_ids:
         for path in result.files:
             mlflow_client.log_artifact(run_id, str(path), artifact_path="report")

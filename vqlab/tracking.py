@@ -100,10 +100,11 @@ class MlflowRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def client(cfg: TrackingConfig):
-    """A client on the store ``cfg`` names, made if new (``vqlab.mlflow_store``: safe when several
-    processes make it at once)."""
-    return open_client(mlflow_uri(cfg))
+def client(store: TrackingConfig | str, create: bool = True):
+    """The ``MlflowClient`` of a tracking config's store (``mlflow_uri``) or of a store URI, opened
+    by ``vqlab.mlflow_store.open_client``: a new store is made once even when processes start
+    together; ``create=False`` (reading) makes none, and a missing local store is an error."""
+    return open_client(mlflow_uri(store) if isinstance(store, TrackingConfig) else store, create)
 
 
 def experiment_id(mlflow_client, cfg: TrackingConfig) -> str:
