@@ -360,6 +360,13 @@ def test_images_whose_value_range_is_unknown_are_refused_naming_the_file(tmp_pat
         data.ImageFiles([path], 8, flip=False)[0]
 
 
+def test_a_float_image_is_refused_when_the_datasets_are_built(tmp_path):
+    image_folder(tmp_path, 4)
+    Image.fromarray(np.zeros((36, 40), dtype=np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(data.DataError, match=f"cannot read image {tmp_path / 'float.tif'}: 32-bit float"):
+        data.build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), val_count=1), seed=0)
+
+
 def corrupt_png():
     """A PNG whose image data has one byte changed: its header opens, its checksum does not match."""
     content = bytearray(png_bytes())

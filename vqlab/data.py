@@ -232,6 +232,7 @@ class Flipped(Dataset):
 
 SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}  # PIL's 16-bit greyscale modes (a 16-bit PNG is one)
 BACKGROUND = (255, 255, 255)  # what shows through a transparent pixel
+FLOAT_MODE = "32-bit float image (mode F): its value range is unknown; save it as an 8-bit or 16-bit image"
 
 
 def rgb_array(image) -> np.ndarray:
@@ -254,7 +255,7 @@ def rgb_array(image) -> np.ndarray:
             )
         return np.repeat((values * (255 / 65535))[..., None], 3, axis=-1)
     if image.mode == "F":
-        raise DataError("32-bit float image (mode F): its value range is unknown; save it as an 8-bit or 16-bit image")
+        raise DataError(FLOAT_MODE)
     if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
         rgba = image.convert("RGBA")
         return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB"))
@@ -328,7 +329,8 @@ def check_headers(files: list[Path]) -> None:
     rather than when a loader reaches it mid-run. Folders of more than ``HEADER_CHECK_LIMIT`` files
     (ImageNet: 1.28M opens, often on a network file system) are not checked; the loader names a bad
     file there when it reaches it. A JPEG cut short after its header passes (PIL verifies no JPEG
-    data without decoding it) and is named by the loader too."""
+    data without decoding it) and is named by the loader too. A mode ``rgb_array`` refuses
+    whatever the values (``F``) is refused here too."""
     from PIL import Image
 
     if len(files) > HEADER_CHECK_LIMIT:
@@ -336,6 +338,8 @@ def check_headers(files: list[Path]) -> None:
     for path in files:
         try:
             with Image.open(path) as image:
+                if image.mode == "F":
+                    raise DataError(FLOAT_MODE)
                 image.verify()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises
             raise DataError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
