@@ -203,3 +203,83 @@ def test_non_finite_floats_are_config_errors_naming_the_key(value):
     with pytest.raises(ConfigError, match="finite") as err:
         load("smoke", ["optim.lr=.inf"])  # YAML's spelling on the command line
     assert err.value.key == "optim.lr"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("tracking.experiment=..", "tracking.experiment"),
+        ("tracking.experiment=.", "tracking.experiment"),
+        ("tracking.experiment=", "tracking.experiment"),
+        ("tracking.experiment=a\\b", "tracking.experiment"),
+        ("tracking.experiment=a/b", "tracking.experiment"),
+        ("tracking.run_name=..", "tracking.run_name"),
+        ("tracking.run_name=.", "tracking.run_name"),
+        ("tracking.run_name=..\\..", "tracking.run_name"),
+        ("tracking.run_name=a/b", "tracking.run_name"),
+    ],
+)
+def test_run_folder_names_that_leave_the_tracking_root_are_refused(override, key):
+    with pytest.raises(ConfigError) as err:
+        load("smoke", [override])
+    assert err.value.key == key
+    assert str(err.value).startswith(key)
+
+
+def test_a_name_that_resolves_outside_the_tracking_root_is_refused(tmp_path):
+    root, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "out").symlink_to(elsewhere)
+    (root / "E").mkdir()
+    (root / "E" / "out").symlink_to(elsewhere)
+    with pytest.raises(ConfigError, match=r"^tracking\.experiment: .*outside"):
+        load("smoke", {"tracking.root": str(root), "tracking.experiment": "out"})
+    with pytest.raises(ConfigError, match=r"^tracking\.run_name: .*outside"):
+        load("smoke", {"tracking.root": str(root), "tracking.experiment": "E", "tracking.run_name": "out"})
+    named = load("smoke", {"tracking.root": str(root), "tracking.experiment": "E", "tracking.run_name": "..a..b"})
+    assert named.tracking.run_name == "..a..b"  # dots inside a name are only a name
+    (root / "F" / "x").mkdir(parents=True)
+    (root / "E" / "latest").symlink_to(root / "F" / "x")  # a link that stays inside the root is a folder there
+    linked = load("smoke", {"tracking.root": str(root), "tracking.experiment": "E", "tracking.run_name": "latest"})
+    assert linked.tracking.run_name == "latest"
+    (root / "E" / "up").symlink_to(root)
+    with pytest.raises(ConfigError, match=r"^tracking\.run_name: "):
+        load("smoke", {"tracking.root": str(root), "tracking.experiment": "E", "tracking.run_name": "up"})
+
+
+def test_the_command_line_writes_nothing_above_the_tracking_root(tmp_path, capsys):
+    from vqlab.trainer import main
+
+    root = tmp_path / "a" / "runs"
+    root.mkdir(parents=True)
+    kept = tmp_path / "metrics.jsonl"
+    kept.write_text("keep\n")
+    argv = [
+        "--config",
+        "smoke",
+        f"tracking.root={root}",
+        "tracking.mlflow=false",
+        "train.steps=2",
+        "optim.warmup_steps=0",
+    ]
+    assert main([*argv, "tracking.experiment=..", "tracking.run_name=.."]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tracking.experiment: ") and err.count("\n") == 1
+    assert kept.read_text() == "keep\n" and list(root.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "text", ["", "\n\n", "# train:\n#   steps: 5\n", "---\n"], ids=["empty", "blank", "comments", "no doc"]
+)
+def test_an_empty_config_file_is_an_error_not_the_default_config(tmp_path, text, capsys):
+    from vqlab.trainer import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{path} holds no settings"):
+        load(str(path))
+    assert main(["--config", str(path), f"tracking.root={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} holds no settings") and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()

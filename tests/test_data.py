@@ -270,3 +270,138 @@ def test_batches_made_on_the_device_are_the_loaders_batches(name):
 def test_on_device_is_refused_for_data_decoded_on_the_cpu(name):
     with pytest.raises(ConfigError, match=rf"data\.on_device: .* {name} decodes on the CPU"):
         vqlab.config.load("smoke", {"data.name": name, "data.root": "/data", "data.on_device": True})
+
+
+def gradient16():
+    """An 8x8 16-bit ramp over the whole range, 0 to 65535."""
+    return np.linspace(0, 65535, 64).round().astype(np.uint16).reshape(8, 8)
+
+
+def palette_image(transparent: bool) -> Image.Image:
+    image = Image.fromarray(np.array([[0, 1] * 4] * 8, dtype=np.uint8), mode="P")
+    image.putpalette([10, 20, 30, 200, 100, 50])
+    if transparent:
+        image.info["transparency"] = 0
+    return image
+
+
+def halves(mode: str, left, right) -> Image.Image:
+    """An 8x8 image of ``mode``: the left four columns ``left``, the right four ``right``."""
+    image = Image.new(mode, (8, 8), right)
+    image.paste(Image.new(mode, (4, 8), left), (0, 0))
+    return image
+
+
+def rgb_of(*columns):
+    """(3, 8, 8) in [0, 255]: the left four columns of one colour and the right four of another."""
+    left, right = (np.broadcast_to(np.asarray(c, dtype=np.float64), (8, 4, 3)) for c in columns)
+    return np.concatenate([left, right], axis=1).transpose(2, 0, 1)
+
+
+WHITE = (255, 255, 255)
+ramp = gradient16().astype(np.float64) / 65535 * 255
+# each mode PIL may give, as a file of that mode: (how to make it, suffix, what [0, 255] RGB it must read as)
+MODES = {
+    "L": (lambda: Image.new("L", (8, 8), 100), ".png", rgb_of((100,) * 3, (100,) * 3)),
+    "1": (lambda: halves("1", 1, 0), ".png", rgb_of(WHITE, (0, 0, 0))),
+    "RGB": (lambda: Image.new("RGB", (8, 8), (10, 200, 30)), ".png", rgb_of((10, 200, 30), (10, 200, 30))),
+    "P": (lambda: palette_image(False), ".png", None),  # expected: palette_expected
+    "P transparent": (lambda: palette_image(True), ".png", None),
+    "I;16": (lambda: Image.fromarray(gradient16()), ".png", np.stack([ramp] * 3)),
+    "I;16 tiff": (lambda: Image.fromarray(gradient16()), ".tif", np.stack([ramp] * 3)),
+    "I": (lambda: Image.fromarray(gradient16().astype(np.int32)), ".tif", np.stack([ramp] * 3)),
+    "CMYK": (lambda: Image.new("CMYK", (8, 8), (0, 255, 255, 0)), ".tif", rgb_of((255, 0, 0), (255, 0, 0))),
+    # alpha: composited over white, so a transparent pixel is white whatever colour it holds
+    "LA": (lambda: halves("LA", (100, 255), (0, 0)), ".png", rgb_of((100,) * 3, WHITE)),
+    "RGBA": (lambda: halves("RGBA", (200, 0, 0, 255), (0, 0, 0, 0)), ".png", rgb_of((200, 0, 0), WHITE)),
+    "RGBA half": (
+        lambda: Image.new("RGBA", (8, 8), (200, 0, 0, 51)),  # 20% opaque over white
+        ".png",
+        rgb_of((0.2 * 200 + 0.8 * 255, 0.8 * 255, 0.8 * 255), (0.2 * 200 + 0.8 * 255, 0.8 * 255, 0.8 * 255)),
+    ),
+}
+
+
+def palette_expected(transparent: bool):
+    """Palette index 0 on even columns (transparent: white), 1 on odd ones."""
+    first = WHITE if transparent else (10, 20, 30)
+    return np.where(np.arange(8) % 2 == 0, rgb_of(first, first), rgb_of((200, 100, 50), (200, 100, 50)))
+
+
+@pytest.mark.parametrize("case", list(MODES))
+def test_every_image_mode_is_read_as_rgb_in_the_unit_range(tmp_path, case):
+    make, suffix, expected = MODES[case]
+    if case.startswith("P"):
+        expected = palette_expected(transparent=case == "P transparent")
+    image = make()
+    path = tmp_path / f"image{suffix}"
+    image.save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == case.split()[0]  # the file really is of that mode
+    read = data.ImageFiles([path], 8, flip=False)[0]
+    assert read.dtype == torch.float32 and read.shape == (3, 8, 8)
+    assert read.min() >= -1 and read.max() <= 1
+    torch.testing.assert_close(read, torch.from_numpy(expected / 127.5 - 1).float(), atol=1.5 / 127.5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda: Image.fromarray(gradient16().astype(np.float32) / 65535), "mode F"),
+        (lambda: Image.fromarray(np.full((8, 8), 70000, dtype=np.int32)), "70000"),
+        (lambda: Image.fromarray(np.full((8, 8), -1, dtype=np.int32)), "-1"),
+    ],
+    ids=["float", "above 16 bits", "negative"],
+)
+def test_images_whose_value_range_is_unknown_are_refused_naming_the_file(tmp_path, make, named):
+    path = tmp_path / "image.tif"
+    make().save(path)
+    with pytest.raises(data.DataError, match=f"cannot read image {path}: .*{named}"):
+        data.ImageFiles([path], 8, flip=False)[0]
+
+
+def test_a_float_image_is_refused_when_the_datasets_are_built(tmp_path):
+    image_folder(tmp_path, 4)
+    Image.fromarray(np.zeros((36, 40), dtype=np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(data.DataError, match=f"cannot read image {tmp_path / 'float.tif'}: 32-bit float"):
+        data.build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), val_count=1), seed=0)
+
+
+def corrupt_png():
+    """A PNG whose image data has one byte changed: its header opens, its checksum does not match."""
+    content = bytearray(png_bytes())
+    start = content.index(b"IDAT") + 8
+    content[start] ^= 0xFF
+    return bytes(content)
+
+
+BAD_FILES = {
+    "corrupt": corrupt_png,
+    "zero-byte": lambda: b"",
+    "truncated": lambda: png_bytes()[: len(png_bytes()) // 2],
+    "text named .png": lambda: b"a text file, not an image\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_a_bad_file_anywhere_in_the_folder_stops_the_run_before_it_writes(tmp_path, kind):
+    """Not only the first batches: every file's header is checked when the datasets are built."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    images = image_folder(tmp_path / "images", 40, {33: BAD_FILES[kind]()})
+    root = tmp_path / "runs"
+    argv = ["--config", "smoke", "data.name=imagefolder", f"data.root={images}", "data.val_count=4"]
+    argv += ["data.batch_size=4", "data.val_batch_size=4", "train.steps=12", "optim.warmup_steps=0"]
+    argv += [f"tracking.root={root}", "tracking.mlflow=true", "tracking.run_name=r"]
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "vqlab.train", *argv], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: cannot read image {images / '33.png'}: ")
+    assert done.stderr.count("\n") == 1
+    assert not root.exists() or list(root.iterdir()) == []  # no run folder, no MLflow store nor run

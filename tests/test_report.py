@@ -252,3 +252,46 @@ def test_compare_notebook_executes_and_shows_the_table(store, tmp_path, monkeypa
 )
 def test_each_quantizer_family_names_its_codebook_shape(params, shape):
     assert report.describe(params) == shape
+
+
+def test_failed_and_unfinished_runs_are_listed_under_the_table_not_as_rows(tmp_path):
+    """A diverged variant logged its step-0 metrics and then FAILED; another is still RUNNING (or
+    was killed); one crashed before validating: none of them is a result."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("F", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    parent = client.create_run(experiment, run_name="F").info.run_id
+    statuses = {"ok": "FINISHED", "diverged": "FAILED", "killed": "RUNNING", "crashed": "FAILED"}
+    for i, (name, status) in enumerate(statuses.items()):
+        tags = {"mlflow.parentRunId": parent, "variant": name, "sweep": "F"}
+        run = client.create_run(experiment, run_name=name, tags=tags, start_time=1000 + i).info.run_id
+        if name != "crashed":
+            metrics = {"val/l1": 0.1 + i, "baseline/l1": 0.2, "model/bits_per_token": 10.0, "train/l1": 0.3}
+            now = 0
+            client.log_batch(
+                run,
+                metrics=[Metric(k, v, now, 0) for k, v in metrics.items()],
+                params=[Param("quantizer.name", "fsq"), Param("quantizer.levels", "[8, 5, 5, 5]")],
+            )
+        if status != "RUNNING":
+            client.set_terminated(run, status)
+    client.set_terminated(parent, "FINISHED")
+
+    result = report.render("F", uri, out=tmp_path / "report")
+    runs = result.table[result.table["run_id"] != ""]
+    assert list(runs["name"]) == ["ok"]
+    assert list(result.unfinished["name"]) == ["diverged", "killed", "crashed"]
+    assert list(result.unfinished["status"]) == ["FAILED", "RUNNING", "FAILED"]
+    table, _, listed = result.markdown.partition("\n\n")
+    assert table == report.markdown(result.table)
+    assert listed.splitlines() == [
+        "failed or unfinished, not results:",
+        "- diverged (FAILED)",
+        "- killed (RUNNING)",
+        "- crashed (FAILED)",
+    ]
+    assert (tmp_path / "report" / "table.md").read_text() == result.markdown + "\n"
+    assert set(report.curves(report.fetch_runs("F", uri), uri)["name"]) == {"ok"}

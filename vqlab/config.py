@@ -163,9 +163,28 @@ class TrackingConfig:
     progress: bool = True  # tqdm bar on stderr
 
     def __post_init__(self):
-        require(bool(self.root), "root", "must name a folder")
-        require(bool(self.experiment) and "/" not in self.experiment, "experiment", "must be a name without '/'")
-        require("/" not in self.run_name, "run_name", "must be a name without '/'")
+        require(bool(self.root) and "\0" not in self.root, "root", "must name a folder")
+        require(bool(self.experiment), "experiment", "must name the folder of the runs, not be empty")
+        # <root>/<experiment>/<run_name> is written to: each name is one folder, and it resolves
+        # (through any link) to a folder inside tracking.root, not to the root or the experiment itself
+        root = Path(self.root).resolve()
+        above = [root]
+        for key, name in (("experiment", self.experiment), ("run_name", self.run_name)):
+            if not name:
+                continue
+            require(
+                name not in (".", "..") and not any(c in name for c in "/\\\0"),
+                key,
+                f"{name!r} is not a folder name: give a name without '/', '\\' or NUL that is not '.' or '..'",
+            )
+            folder = (above[-1] / name).resolve()
+            require(
+                root in folder.parents and folder not in above,
+                key,
+                f"{name!r} resolves to {folder}, outside tracking.root {root} (a link?); "
+                "run folders stay inside tracking.root",
+            )
+            above.append(folder)
 
 
 @dataclass(frozen=True)
@@ -291,7 +310,11 @@ def read_source(source: str) -> dict[str, Any]:
                 "", f"unknown preset {source!r}; presets: {', '.join(presets())}, or a path to a .yaml file"
             )
         text = preset.read_text()
-    data = parse_yaml(text, source) or {}
+    data = parse_yaml(text, source)
+    if data is None:  # silently running the default config instead would be a run nobody asked for
+        raise ConfigError(
+            "", f"{source} holds no settings (it is empty or only comments); give a preset or the sections to set"
+        )
     if not isinstance(data, dict):
         raise ConfigError("", f"{source} must hold a mapping of sections")
     return data

@@ -83,7 +83,7 @@ def load_photo(package: str, relative: str) -> torch.Tensor:
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
+    """[0, 255] (uint8, or float from a 16-bit image) -> float32 [-1, 1]."""
     return images.float().div(127.5).sub(1.0)
 
 
@@ -230,8 +230,41 @@ class Flipped(Dataset):
         return image
 
 
+SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N"}  # PIL's 16-bit greyscale modes (a 16-bit PNG is one)
+BACKGROUND = (255, 255, 255)  # what shows through a transparent pixel
+FLOAT_MODE = "32-bit float image (mode F): its value range is unknown; save it as an 8-bit or 16-bit image"
+
+
+def rgb_array(image) -> np.ndarray:
+    """A PIL image as ``(H, W, 3)`` RGB on the [0, 255] scale: ``uint8`` from 8-bit modes,
+    ``float32`` from 16-bit greyscale (``I;16*``, and ``I`` whose values fit in 16 bits), so their
+    precision is kept and 65535 is white (PIL's own conversion clips them to 255: a 16-bit photo
+    reads as almost white). An image with alpha (``RGBA``, ``LA``, ``PA``, a palette or colour key
+    with transparency) is composited over white: a transparent pixel is white, whatever colour it
+    holds. 32-bit float images (``F``) and ``I`` images beyond 0..65535 have no known value range
+    and are a ``DataError``."""
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT or image.mode == "I":
+        values = np.asarray(image).astype(np.float32)
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 65535:
+            raise DataError(
+                f"32-bit integer image (mode I) with values {low:.0f}..{high:.0f}, beyond 16 bits: "
+                "its white is unknown; save it as an 8-bit or 16-bit image"
+            )
+        return np.repeat((values * (255 / 65535))[..., None], 3, axis=-1)
+    if image.mode == "F":
+        raise DataError(FLOAT_MODE)
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
 class ImageFiles(Flipped):
-    """Image files -> resize (shorter side) + center crop, the upstream ImageNet recipe."""
+    """Image files -> RGB (``rgb_array``: any mode, 16-bit kept, alpha over white) -> resize (shorter
+    side) + center crop, the upstream ImageNet recipe."""
 
     def __init__(self, files: list[Path], size: int, flip: bool, seed: int = 0):
         from torchvision.transforms import v2
@@ -249,7 +282,7 @@ class ImageFiles(Flipped):
         epoch, index = split_key(key, len(self.files))
         try:
             with Image.open(self.files[index]) as image:
-                array = np.asarray(image.convert("RGB"))
+                array = rgb_array(image)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises for bad files
             raise DataError(f"cannot read image {self.files[index]}: {err}") from None
         image = self.transform(torch.from_numpy(array.copy()).permute(2, 0, 1))
@@ -286,6 +319,32 @@ def image_files(root: Path) -> list[Path]:
     return files
 
 
+HEADER_CHECK_LIMIT = 100_000  # folders of up to this many files have every file's header checked
+
+
+def check_headers(files: list[Path]) -> None:
+    """Open every file as the loader will and ``verify`` it (PIL: the header, and for a PNG every
+    chunk's checksum, without decoding), so that a file that is not an image, is empty, truncated or
+    corrupt is a ``DataError`` naming it when the datasets are built, before a run writes anything,
+    rather than when a loader reaches it mid-run. Folders of more than ``HEADER_CHECK_LIMIT`` files
+    (ImageNet: 1.28M opens, often on a network file system) are not checked; the loader names a bad
+    file there when it reaches it. A JPEG cut short after its header passes (PIL verifies no JPEG
+    data without decoding it) and is named by the loader too. A mode ``rgb_array`` refuses
+    whatever the values (``F``) is refused here too."""
+    from PIL import Image
+
+    if len(files) > HEADER_CHECK_LIMIT:
+        return
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                if image.mode == "F":
+                    raise DataError(FLOAT_MODE)
+                image.verify()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # what PIL raises
+            raise DataError(f"cannot read image {path}: {' '.join(str(err).split())}") from None
+
+
 def cifar(cfg: DataConfig, train: bool) -> Dataset:
     from torchvision import datasets
 
@@ -318,8 +377,10 @@ def build_datasets(cfg: DataConfig, seed: int) -> Splits:
         return Splits(Shapes(size, cfg.train_count, seed, TRAIN, cfg.flip), Shapes(size, cfg.val_count, seed, VAL))
     if cfg.name == "imagefolder":
         files = image_files(Path(cfg.root))
+        check_headers(files)
         if cfg.val_root:
             val_files = image_files(Path(cfg.val_root))
+            check_headers(val_files)
         else:
             if cfg.val_count >= len(files):
                 raise DataError(f"data.val_count={cfg.val_count} leaves no training images among {len(files)} files")
@@ -426,10 +487,10 @@ def check_first_batches(*loaders: DataLoader) -> None:
     on every rank (it gathers every rank's outcome, so all ranks raise or none does).
 
     Only the first batches: decoding every file of ImageNet (1.28M files, ~140 GB) at start would
-    take longer than many runs, and even opening every file for its header is 1.28M opens on what
-    is often a network file system, minutes before the first step for a check that a single bad
-    file defeats anyway. A corrupt file elsewhere is reported with its path when a loader reaches
-    it (``ImageFiles``). The keys are the ones the loader's own sampler yields at its current
+    take longer than many runs. ``build_datasets`` has already checked every file's header in a
+    folder of up to ``HEADER_CHECK_LIMIT`` files (``check_headers``); a file that passes it but
+    does not decode, or a bad file in a larger folder, is reported with its path when a loader
+    reaches it (``ImageFiles``). The keys are the ones the loader's own sampler yields at its current
     position, read through its dataset in this process: no worker start-up, and the error is the
     dataset's own rather than a worker's wrapper of it.
     """

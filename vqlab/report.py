@@ -3,12 +3,14 @@
     python -m vqlab.report zoo                          # prints the table; writes runs/zoo/report/
     python -m vqlab.report zoo --tracking-uri http://mlflow:5000 --out results/zoo
 
-The rows are the runs of one MLflow experiment (a sweep named S is the experiment S). Runs without
-``val/l1`` (a sweep's parent run, a run that failed before validating) are not rows. When some runs
-are nested under a parent (a sweep's variants) only those are rows, one per variant: the newest run
-of that name. Below the runs come the two trivial codecs measured on the same validation crops
-(``baseline/*``, ``baseline_palette/*``): one row each, or one per distinct result when the runs
-differ (a palette row per code budget).
+The rows are the runs of one MLflow experiment (a sweep named S is the experiment S). When some runs
+are nested under a parent (a sweep's variants) only those count, one per variant: the newest run of
+that name. Only runs that FINISHED (MLflow's status) and logged ``val/l1`` are rows: a failed run
+(one that diverged still logged its step-0 metrics) or an unfinished one (still running, or killed
+before it could say) is listed under the table by name and status, never shown as a result; a
+sweep's parent run is neither. Below the runs come the two trivial codecs measured on the same
+validation crops (``baseline/*``, ``baseline_palette/*``): one row each, or one per distinct result
+when the runs differ (a palette row per code budget).
 
 Columns are the seed study's (name, levels, fid, l1, lpips, codebook usage) and then psnr, ssim,
 perplexity and bits/token, all from the final ``val/*`` metrics, and train usage: the codebook
@@ -71,6 +73,7 @@ BASELINE_METRICS = {"l1": "l1", "psnr": "psnr", "ssim": "ssim"}
 BLOCK_MEAN, PALETTE = "block mean colour", "palette (same code budget)"
 CURVE_KEYS = ("train/l1", "train/loss")  # the first one a run logged is its training curve
 FIGURES = ("l1_vs_bits.png", "usage.png", "curves.png")
+FINISHED = "FINISHED"  # MLflow's status of a run that ended well; only those are results
 
 
 COMPARE_NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "compare.ipynb"
@@ -88,13 +91,14 @@ def store(tracking_uri: str | None = None, root: str | Path = "runs") -> str:
 
 
 def fetch_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> pd.DataFrame:
-    """The active runs of ``experiment`` that logged ``val/l1`` (with ``sweep``: those tagged
-    ``sweep=<sweep>``), newest first, as columns ``run_id``, ``start_time``, ``metrics.<name>``,
-    ``params.<key>`` and ``tags.<key>`` (the layout of ``mlflow.search_runs``); ``ReportError``
-    when there is no such experiment or no such run."""
+    """The active runs of ``experiment`` that logged ``val/l1`` or did not finish (with ``sweep``:
+    those tagged ``sweep=<sweep>``), newest first, as columns ``run_id``, ``start_time``,
+    ``status``, ``metrics.<name>``, ``params.<key>`` and ``tags.<key>`` (the layout of
+    ``mlflow.search_runs``); ``ReportError`` when there is no such experiment or no finished run
+    that logged ``val/l1``."""
     if sweep and "'" in sweep:
         raise ReportError(f"sweep name {sweep!r} contains a quote, which an MLflow filter cannot hold")
-    mlflow_client = client(tracking_uri)
+    mlflow_client = client(tracking_uri, create=False)  # reading never creates a store
     found = mlflow_client.get_experiment_by_name(experiment)
     if found is None:
         raise ReportError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
@@ -109,32 +113,61 @@ def fetch_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> 
         if not token:
             break
     frame = pd.DataFrame([flat_run(run) for run in runs])
-    if "metrics.val/l1" in frame:
-        frame = frame[frame["metrics.val/l1"].notna()]
-    if frame.empty or "metrics.val/l1" not in frame:
+    validated = frame["metrics.val/l1"].notna() if "metrics.val/l1" in frame else pd.Series(False, index=frame.index)
+    done = frame["status"] == FINISHED if "status" in frame else validated
+    if frame.empty or not (validated & done).any():
         which = f"tagged sweep={sweep!r} " if sweep else ""
-        raise ReportError(f"MLflow experiment {experiment!r} in {tracking_uri} has no runs {which}that logged val/l1")
-    return frame.reset_index(drop=True)
+        raise ReportError(
+            f"MLflow experiment {experiment!r} in {tracking_uri} has no finished runs {which}that logged val/l1"
+        )
+    return frame[validated | ~done].reset_index(drop=True)
 
 
 def flat_run(run) -> dict:
     return {
         "run_id": run.info.run_id,
         "start_time": run.info.start_time,
+        "status": run.info.status,
         **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
         **{f"params.{k}": v for k, v in run.data.params.items()},
         **{f"tags.{k}": v for k, v in run.data.tags.items()},
     }
 
 
-def rows_of(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that are rows, oldest first (a sweep's order): a sweep's variants (runs with a
-    parent), the newest run of each name; for an experiment that is not a sweep, every run."""
+def results_and_others(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that are results if they finished, oldest first (a sweep's order), with a ``name``
+    column: a sweep's variants (runs with a parent), the newest run of each name; for an experiment
+    that is not a sweep, every run."""
     runs = runs.assign(name=[run_name(run) for _, run in runs.iterrows()])
     if "tags.mlflow.parentRunId" in runs and runs["tags.mlflow.parentRunId"].notna().any():
         runs = runs[runs["tags.mlflow.parentRunId"].notna()]
         runs = runs.sort_values("start_time", ascending=False, kind="stable").drop_duplicates("name")
     return runs.sort_values("start_time", kind="stable").reset_index(drop=True)
+
+
+def finished(runs: pd.DataFrame) -> pd.Series:
+    """Which runs FINISHED (a frame without ``status``, made by hand, holds finished runs)."""
+    return runs["status"] == FINISHED if "status" in runs else pd.Series(True, index=runs.index)
+
+
+def rows_of(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that are rows, oldest first: of ``results_and_others``, those that FINISHED."""
+    runs = results_and_others(runs)
+    return runs[finished(runs)].reset_index(drop=True)
+
+
+def unfinished(runs: pd.DataFrame) -> pd.DataFrame:
+    """``name``, ``status`` and ``run_id`` of the runs that would be rows but did not finish
+    (``FAILED``, ``KILLED``, or ``RUNNING``/``SCHEDULED`` still or forever), oldest first."""
+    runs = results_and_others(runs)
+    return runs.loc[~finished(runs), ["name", "status", "run_id"]].reset_index(drop=True)
+
+
+def unfinished_markdown(runs: pd.DataFrame) -> str:
+    """The list under the table of ``unfinished`` runs; empty when every run finished."""
+    if runs.empty:
+        return ""
+    return "\n".join(["failed or unfinished, not results:", *(f"- {r.name} ({r.status})" for r in runs.itertuples())])
 
 
 def run_name(run: pd.Series) -> str:
@@ -219,7 +252,7 @@ def markdown(table: pd.DataFrame) -> str:
 def curves(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
     """Training curves from MLflow's metric history: ``name``, ``metric``, ``step``, ``value`` for
     each row run, its first logged key of ``CURVE_KEYS``."""
-    mlflow_client = client(tracking_uri)
+    mlflow_client = client(tracking_uri, create=False)  # reading never creates a store
     points = []
     for _, run in rows_of(runs).iterrows():
         key = next((k for k in CURVE_KEYS if f"metrics.{k}" in run and not pd.isna(run[f"metrics.{k}"])), None)
@@ -271,6 +304,7 @@ class Report:
     figures: dict
     files: list[Path]
     parent_run_ids: list[str]
+    unfinished: pd.DataFrame  # name, status, run_id of the runs that failed or did not finish
 
 
 def render(
@@ -287,7 +321,9 @@ def render(
     table = comparison(runs)
     made = figures(table, curves(runs, uri))
     parents = sorted(set(rows_of(runs).get("tags.mlflow.parentRunId", pd.Series(dtype=object)).dropna()))
-    result = Report(table, markdown(table), made, [], parents)
+    others = unfinished(runs)
+    text = "\n\n".join(part for part in (markdown(table), unfinished_markdown(others)) if part)
+    result = Report(table, text, made, [], parents, others)
     if out is not None:
         result.files = write(result, Path(out))
     return result
@@ -304,7 +340,7 @@ def write(result: Report, out: Path) -> list[Path]:
 
 def log_to_parents(result: Report, tracking_uri: str) -> None:
     """The report's files as artifacts (``report/``) of the sweep's parent run(s)."""
-    mlflow_client = client(tracking_uri)
+    mlflow_client = client(tracking_uri, create=False)  # the store the report was read from
     for run_id in result.parent_run_ids:
         for path in result.files:
             mlflow_client.log_artifact(run_id, str(path), artifact_path="report")

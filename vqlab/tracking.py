@@ -27,6 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vqlab.config import TrackingConfig
+from vqlab.mlflow_store import open_client
 from vqlab.runfolder import RunFolder
 
 # What a person watches while training; everything else goes to the files and MLflow only.
@@ -101,11 +102,11 @@ class MlflowRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def client(store: TrackingConfig | str):
-    """The ``MlflowClient`` of a tracking config's store (``mlflow_uri``) or of a store URI."""
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=mlflow_uri(store) if isinstance(store, TrackingConfig) else store)
+def client(store: TrackingConfig | str, create: bool = True):
+    """The ``MlflowClient`` of a tracking config's store (``mlflow_uri``) or of a store URI, opened
+    by ``vqlab.mlflow_store.open_client``: a new store is made once even when processes start
+    together; ``create=False`` (reading) makes none, and a missing local store is an error."""
+    return open_client(mlflow_uri(store) if isinstance(store, TrackingConfig) else store, create)
 
 
 def experiment_id(mlflow_client, cfg: TrackingConfig) -> str:

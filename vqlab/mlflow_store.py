@@ -1,0 +1,92 @@
+"""The one way vqlab opens an MLflow store: ``open_client(uri)`` to write, ``create=False`` to read.
+
+A new SQLite store is made by MLflow on first use: it creates the tables and runs every alembic
+migration, which is not safe for two processes at once (the second fails with "table
+_alembic_tmp_... already exists" or "duplicate column name"), and a sweep or two commands started
+together do exactly that. So a writer opens a SQLite store holding an exclusive lock on
+``<store>.lock`` beside the database file (``flock``: released when the process ends, however it
+ends): the first process creates the store, the others wait and then find it made. A reader holds
+a shared lock on that file when it exists (it waits for a store being made) and creates nothing.
+MLflow keeps an opened store for the rest of the process, so the tables are made once per store.
+
+Reading (``vqlab.report``, the analysis commands) never creates a store: a local store that is not
+there is a ``MissingFileError`` naming its path, before MLflow would make an empty one. A server
+(``http://...``) is opened as it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+from vqlab.errors import MissingFileError
+
+
+def local_path(uri: str) -> Path | None:
+    """The file (SQLite) or folder (file store) of a local store; ``None`` for a server or an
+    in-memory database."""
+    if uri.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(uri).database
+        return Path(database) if database and database != ":memory:" else None
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
+        return Path(uri)
+    return None
+
+
+def lock_file(database: Path) -> Path:
+    return database.with_name(database.name + ".lock")
+
+
+@contextlib.contextmanager
+def locked(path: Path, create: bool) -> Iterator[None]:
+    """``create``: hold an exclusive lock on ``path``, made if missing; else a shared lock on it if
+    it exists (nothing is created)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): filelock's lock, exclusive either way
+        if not create and not path.exists():
+            yield
+            return
+        from filelock import FileLock
+
+        with FileLock(path):
+            yield
+        return
+    if not create and not path.exists():
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if create else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # lets the lock go
+
+
+def open_client(uri: str, create: bool = True):
+    """An ``MlflowClient`` on the store ``uri``, its tables made (by this process or another one).
+    ``create=False``: a local store that does not exist is an error, and nothing is written."""
+    from mlflow import MlflowClient
+
+    path = local_path(uri)
+    if path is None:
+        return MlflowClient(tracking_uri=uri)
+    if not path.exists():
+        if not create:
+            raise MissingFileError(f"no MLflow store at {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if not uri.startswith("sqlite:"):
+        return MlflowClient(tracking_uri=uri)
+    with locked(lock_file(path), create):
+        client = MlflowClient(tracking_uri=uri)  # opens the store: makes its tables if it is new
+        client.search_experiments(max_results=1)  # (so that it is open before the lock goes, whatever MLflow defers)
+    return client
