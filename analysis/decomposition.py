@@ -468,11 +468,11 @@ TRAINED_SCHEME = {
 
 
 def trained_rows(runs: list) -> list[dict]:
-    """One row per run (``analysis.codebook.CodebookRun``) whose quantizer is one of the schemes
+    """One row per run (``analysis.utilization.CodebookRun``) whose quantizer is one of the schemes
     trained end to end (``TRAINED_SCHEME``): the scheme, the run, its budget in bits (log2 of the
     codebook size of its code histogram), its last ``val/l1`` and its validation codes' usage and
     entropy. Runs of other quantizers, and runs without codes, have no row."""
-    from analysis.codebook import utilization
+    from analysis.utilization import utilization
 
     rows = []
     for run in runs:
@@ -521,7 +521,7 @@ def analyse_trained(experiment: str, out: Path, tracking_uri: str) -> tuple[list
     variants): rows, and ``table.csv``, ``table.md`` and ``end_to_end.png`` in ``out/<experiment>``."""
     import pandas as pd
 
-    from analysis.codebook import tracked_runs
+    from analysis.utilization import tracked_runs
 
     rows = trained_rows(tracked_runs(experiment, tracking_uri))
     if not rows:

@@ -4,7 +4,7 @@
     python benchmarks/evaluate.py --config default --images 256 --out runs/bench/evaluate.json
 
 Builds the preset's model (untrained: the cost of a pass does not depend on the weights) and runs
-``vqlab.evaluators.evaluate``, the loop training-time validation and ``python -m vqlab.evaluate``
+``vqlab.evaluators.measure``, the loop training-time validation and ``python -m vqlab.evaluate``
 use, over ``--images`` synthetic images at the preset's resolution: once per metric set (each
 metric alone, the model's pass included, then all of them), after one untimed warm-up pass. LPIPS and the
 Inception metrics read their weights from the torch hub cache; where a file is missing, a stand-in
@@ -38,11 +38,11 @@ def images_per_second(cfg, metrics: list[str], device: torch.device) -> float:
     eval_cfg = replace(cfg.eval, metrics=tuple(metrics))
     suite = evaluators.build(eval_cfg.metrics, model.quantizer.radices, device, eval_cfg)
     loader = data.val_loader(data.build_datasets(cfg.data, seed=0).val, cfg.data)
-    evaluators.evaluate(model, loader, suite, device, cfg.train.dtype, "val")  # warm-up: kernels, caches
+    evaluators.measure(model, loader, suite, device, cfg.train.dtype, "val")  # warm-up: kernels, caches
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    evaluators.evaluate(model, loader, suite, device, cfg.train.dtype, "val")
+    evaluators.measure(model, loader, suite, device, cfg.train.dtype, "val")
     if device.type == "cuda":
         torch.cuda.synchronize()
     return cfg.data.val_count / (time.perf_counter() - started)

@@ -325,7 +325,7 @@ def test_the_validation_loop_hands_evaluators_the_whole_model_output(smoke_cfg):
 
     recorder = Recorder()
     images = smooth_images(6)
-    assert evaluators.evaluate(model, [images[:4], images[4:]], recorder, CPU, cfg.train.dtype, "val") == {
+    assert evaluators.measure(model, [images[:4], images[4:]], recorder, CPU, cfg.train.dtype, "val") == {
         "val/batches": 2.0
     }
     for batch, out in recorder.seen:

@@ -1,6 +1,7 @@
 """notebooks/run.ipynb and the functions it calls (vqlab.notebook, vqlab.figures)."""
 
 import json
+import subprocess
 import sys
 
 import nbformat
@@ -207,3 +208,39 @@ def test_a_kernel_that_dies_before_answering_is_started_again_but_a_failing_cell
     with pytest.raises(PapermillExecutionError):
         notebook.execute({}, tmp_path / "out.ipynb", tmp_path / "in.ipynb")
     assert len(calls) == 1
+
+
+CONCURRENT = """
+import sys
+from pathlib import Path
+from vqlab import notebook
+sys.stdin.readline()  # start together
+notebook.execute({"x": int(sys.argv[2])}, Path(sys.argv[1]) / f"out{sys.argv[2]}.ipynb", Path(sys.argv[1]) / "in.ipynb")
+"""
+
+
+def test_two_kernels_starting_at_once_in_one_folder_each_get_their_own_sockets(tmp_path):
+    managers = [notebook.kernel_manager_class()() for _ in range(2)]
+    assert managers[0].ip != managers[1].ip and all(m.transport == "ipc" for m in managers)
+    assert all(not m.ip.startswith(str(tmp_path)) and m.ip != "kernel-ipc" for m in managers)
+    tiny_notebook(tmp_path / "in.ipynb")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, str(tmp_path), str(i)],
+            cwd=tmp_path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for process in processes:
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    for i, process in enumerate(processes):
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+        cells = nbformat.read(tmp_path / f"out{i}.ipynb", as_version=4).cells
+        assert any(f"ran {i}" in o.get("text", "") for c in cells for o in c.get("outputs", []))
+    assert not list(tmp_path.glob("kernel-ipc*"))  # no socket files left in the working folder

@@ -67,8 +67,8 @@ READERS = {
     "report": ("vqlab.report", ["nope"]),
     "report --tracking-uri": ("vqlab.report", ["nope", "--tracking-uri", "sqlite:///{T}/elsewhere/mlflow.db"]),
     "report --root": ("vqlab.report", ["nope", "--root", "{T}/other"]),
-    "codebook": ("analysis.codebook", ["nope"]),
-    "codebook --no-mlflow": ("analysis.codebook", ["nope", "--no-mlflow"]),
+    "codebook": ("analysis.utilization", ["nope"]),
+    "codebook --no-mlflow": ("analysis.utilization", ["nope", "--no-mlflow"]),
     "decomposition --trained": ("analysis.decomposition", ["--trained", "nope"]),
 }
 
@@ -106,11 +106,9 @@ def test_reading_an_experiment_that_is_not_there_writes_nothing(tmp_path, monkey
 
 
 def test_codes_with_a_missing_run_folder_creates_no_store(tmp_path, monkeypatch, capsys):
-    from analysis import codes
+    from analysis import integer_codes
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as stopped:
-        codes.main(["--runs", "nope"])
-    assert stopped.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith("error: no run folder (config.yaml) at nope")
+    assert integer_codes.main(["--runs", "nope"]) == 2
+    assert capsys.readouterr().err == "error: no run folder (config.yaml) at nope\n"
     assert list(tmp_path.iterdir()) == []

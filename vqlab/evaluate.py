@@ -32,7 +32,7 @@ from torch.utils.data import Subset
 from vqlab import checkpoint, data, distributed, evaluators, quantizers
 from vqlab.config import RunConfig, load, parse_overrides
 from vqlab.errors import MissingFileError, UserError
-from vqlab.evaluators import evaluate_with_ema
+from vqlab.evaluators import measure_with_ema
 from vqlab.models import VQAutoencoder, build_autoencoder
 from vqlab.runfolder import RunFolder
 from vqlab.schema import ConfigError, to_dict
@@ -115,7 +115,7 @@ def evaluate_run(
         averaged = saved.load_into(copy.deepcopy(model), ema=True) if saved.ema is not None else None
         loader = data.val_loader(split_dataset(cfg, split), cfg.data, ctx.rank, ctx.world_size)
         suite = evaluators.build(cfg.eval.metrics, model.quantizer.radices, ctx.device, cfg.eval)
-        results, artifacts = evaluate_with_ema(
+        results, artifacts = measure_with_ema(
             model, averaged, loader, suite, ctx.device, cfg.train.dtype, prefix, out.parent, f"{out.stem}_"
         )
         result = EvalResult(path=out, metrics=results, missing=suite.missing, step=saved.step)

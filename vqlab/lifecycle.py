@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from vqlab import checkpoint, distributed
 from vqlab.config import RunConfig, flat_params
 from vqlab.errors import MissingFileError, ResumeError, RunExistsError
-from vqlab.evaluators import Suite, evaluate_with_ema
+from vqlab.evaluators import Suite, measure_with_ema
 from vqlab.models import VQAutoencoder
 from vqlab.runfolder import RunFolder
 from vqlab.runtime import autocast, runtime_record
@@ -164,7 +164,7 @@ class Validation:
     def __call__(self, model, ema=None, save_to: Path | None = None) -> tuple[dict[str, float], list[Path]]:
         """``val/*`` of ``model`` and ``val_ema/*`` of ``ema``; with ``save_to``, their code
         histograms written there (the EMA's with the ``ema_`` prefix)."""
-        return evaluate_with_ema(model, ema, self.loader, self.suite, self.device, self.dtype, "val", save_to)
+        return measure_with_ema(model, ema, self.loader, self.suite, self.device, self.dtype, "val", save_to)
 
 
 class RunLifecycle:

@@ -3,7 +3,7 @@
 The notebook's ``parameters`` cell holds primitives (``preset``, ``overrides``, ``experiment``,
 ``run_name``, ``parent_run_id``, ``nproc``, ``smoke``); ``build_config`` turns them into a
 validated ``RunConfig``, ``train`` trains it through ``vqlab.fit`` (the function behind
-``python -m vqlab.train``; ``torchrun`` for several processes), ``evaluate`` measures the final
+``python -m vqlab.train``; ``torchrun`` for several processes), ``evaluate_checkpoint`` measures the final
 checkpoint with ``vqlab.evaluate`` on the validation crops and on training crops, and
 ``vqlab.figures`` draws what the notebook shows.
 
@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,7 @@ def train(cfg: RunConfig, nproc: int = 1) -> RunFolder:
     return RunFolder.of(cfg)
 
 
-def evaluate(run: RunFolder, split: str = "val"):
+def evaluate_checkpoint(run: RunFolder, split: str = "val"):
     """The run's newest checkpoint measured by ``vqlab.evaluate`` on its ``val`` split (writes
     ``eval.json``) or on its first training crops (``train``: ``eval_train.json``, the
     reconstruction and codebook metrics only); logs to the run's MLflow run."""
@@ -173,7 +174,10 @@ def kernel_manager_class():
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
-            super().__init__(**{"transport": "ipc", **kwargs})
+            # the sockets' own path prefix: jupyter_client's default can be "kernel-ipc" in the current
+            # folder, where two kernels starting at once would pick the same socket files
+            ip = str(Path(tempfile.gettempdir()) / f"vqlab-kernel-{uuid.uuid4().hex}")
+            super().__init__(**{"transport": "ipc", "ip": ip, **kwargs})
 
     return IPCKernelManager
 

@@ -1,5 +1,5 @@
 """Markdown tables: the one renderer of the tables vqlab and the studies print and write
-(``vqlab.report``, ``analysis.codebook``, ``analysis.decomposition``, ``analysis.codes``,
+(``vqlab.report``, ``analysis.utilization``, ``analysis.decomposition``, ``analysis.integer_codes``,
 ``analysis.zoo``). Each caller chooses its columns and how each is rounded; ``cell`` formats one
 value and ``markdown`` lays the cells out."""
 

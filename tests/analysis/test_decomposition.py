@@ -213,7 +213,7 @@ def tracked(tmp_path_factory):
 
 
 def test_trained_rows_give_each_tokenizer_its_scheme_budget_and_validation_l1(tracked):
-    from analysis.codebook import tracked_runs
+    from analysis.utilization import tracked_runs
 
     _, uri = tracked
     runs = tracked_runs("E", uri)

@@ -2,7 +2,7 @@
 ``AutoencoderOutput`` (reconstruction, quantizer output with codes, pre-quantization latents).
 
 The same evaluators serve training-time validation and ``python -m vqlab.evaluate``, both through
-``evaluate`` (``loop``). One module per family, each registered by the name used in
+``measure`` (``loop``). One module per family, each registered by the name used in
 ``eval.metrics``:
 
     reconstruction  l1, mse, psnr, ssim          pixel metrics on [0, 1] images
@@ -29,7 +29,7 @@ from vqlab.evaluators.base import Evaluator, PairEvaluator, Suite, build, image_
 from vqlab.evaluators.baselines import block_mean, block_mean_baseline, palette_levels
 from vqlab.evaluators.codebook import DENSE_HISTOGRAM_LIMIT, CodebookMetrics, CodeHistogram
 from vqlab.evaluators.fidelity import FidelityMetrics
-from vqlab.evaluators.loop import evaluate, evaluate_with_ema
+from vqlab.evaluators.loop import measure, measure_with_ema
 from vqlab.evaluators.perceptual import PerceptualDistance
 from vqlab.evaluators.reconstruction import ReconstructionMetrics, ssim_per_image
 from vqlab.evaluators.swd import SlicedWasserstein
@@ -48,9 +48,9 @@ __all__ = [
     "block_mean",
     "block_mean_baseline",
     "build",
-    "evaluate",
-    "evaluate_with_ema",
     "image_digests",
+    "measure",
+    "measure_with_ema",
     "palette_levels",
     "registry",
     "ssim_per_image",

@@ -27,7 +27,7 @@ DENSE_HISTOGRAM_LIMIT = 2**18
 class CodeHistogram:
     """Every code seen in one validation pass, as ``<prefix>codebook_histogram.npz`` holds it (the
     path is ``RunFolder.histogram(prefix)``). ``write`` is the file's only writer and ``read`` its
-    only reader (``vqlab.figures``, ``analysis.codebook``, ``analysis.decomposition``).
+    only reader (``vqlab.figures``, ``analysis.utilization``, ``analysis.decomposition``).
 
     digits        (M, G) int64, the digits of each code seen, in ascending flat-index order
     counts        (M,) int64, how often each was seen

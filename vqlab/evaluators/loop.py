@@ -13,7 +13,7 @@ from vqlab.runtime import autocast
 
 
 @torch.no_grad()
-def evaluate(
+def measure(
     model: VQAutoencoder,
     loader: DataLoader,
     metrics: Evaluator,
@@ -36,7 +36,7 @@ def evaluate(
     return {f"{prefix}/{k}": v for k, v in metrics.compute().items()}
 
 
-def evaluate_with_ema(
+def measure_with_ema(
     model: VQAutoencoder,
     ema: VQAutoencoder | None,
     loader: DataLoader,
@@ -55,7 +55,7 @@ def evaluate_with_ema(
     for name, measured, stem in ((prefix, model, file_prefix), (f"{prefix}_ema", ema, f"{file_prefix}ema_")):
         if measured is None:
             continue
-        results |= evaluate(measured, loader, metrics, device, dtype, name)
+        results |= measure(measured, loader, metrics, device, dtype, name)
         if save_to is not None:
             files += metrics.save(save_to, prefix=stem)
     return results, files

@@ -1,4 +1,4 @@
-"""Integer-code behaviour: ``python -m analysis.codes --runs runs/<exp>/<run> ...``.
+"""Integer-code behaviour: ``python -m analysis.integer_codes --runs runs/<exp>/<run> ...``.
 
 The seed study asked: "Is it important to convert it into an integer, rather than its corresponding
 embedding?" For each trained tokenizer (its newest checkpoint, on its validation crops unless said
@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqlab import tables
+from vqlab import checkpoint, tables
 from vqlab.codes import digits_to_index, perplexity
+from vqlab.errors import UserError
 from vqlab.runfolder import CONFIG_FILE, RunFolder
 
 NOISE = 2 / 255 * 2  # two grey levels of an 8-bit image, on [-1, 1]
@@ -395,42 +396,56 @@ def log_to_mlflow(result: dict, files: list[Path], root: Path, settings: dict) -
     numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     numbers |= {f"sensitivity_digit{i}": v for i, v in enumerate(result["sensitivity"])}
     params = {"quantizer": result["quantizer"], **settings}
-    return log_study("codes", result["name"], params, [{"step": 0, **numbers}], files, root)
+    return log_study("integer_codes", result["name"], params, [{"step": 0, **numbers}], files, root)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.codes", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.integer_codes", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", type=Path, required=True, help="run folders of trained tokenizers")
     parser.add_argument("--train-count", type=int, default=8192, help="training crops whose codes train the priors")
     parser.add_argument("--prior-steps", type=int, default=300)
     parser.add_argument("--pairs", type=int, default=PAIRS, help="token pairs for the locality correlations")
     parser.add_argument("--priors", nargs="+", default=list(PRIORS), choices=PRIORS)
     parser.add_argument(
-        "--root", type=Path, default=Path("runs"), help="runs root: MLflow store; outputs in <root>/codes"
+        "--root", type=Path, default=Path("runs"), help="runs root: MLflow store; outputs in <root>/integer_codes"
     )
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="few crops and prior steps: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
-    missing = [str(run) for run in args.runs if not RunFolder(run).has_config()]
-    if missing:
-        parser.error(f"no run folder ({CONFIG_FILE}) at {', '.join(missing)}")
     if args.train_count < 1 or args.prior_steps < 1 or args.pairs < 2:
         parser.error("--train-count and --prior-steps must be >= 1, --pairs >= 2")
+    # every run is checked before any is analysed: one line naming what is missing, exit 2
+    missing = [str(run) for run in args.runs if not RunFolder(run).has_config()]
+    unsaved = [
+        str(RunFolder(run).checkpoints) for run in args.runs if not checkpoint.step_files(RunFolder(run).checkpoints)
+    ]
+    if missing or unsaved:
+        what = (
+            f"no run folder ({CONFIG_FILE}) at {', '.join(missing)}"
+            if missing
+            else f"no checkpoint in {', '.join(unsaved)}"
+        )
+        print(f"error: {what}", file=sys.stderr)
+        return 2
     settings = {"train_count": args.train_count, "prior_steps": args.prior_steps, "pairs": args.pairs}
     results = []
     for run in args.runs:
-        result = analyse_run(run, args.train_count, args.prior_steps, args.pairs, tuple(args.priors))
-        files = write(result, args.root / "codes")
+        try:
+            result = analyse_run(run, args.train_count, args.prior_steps, args.pairs, tuple(args.priors))
+        except UserError as err:  # e.g. no checkpoint of the run loads
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        files = write(result, args.root / "integer_codes")
         if not args.no_mlflow:
-            print(f"MLflow run {log_to_mlflow(result, files, args.root, settings)} (experiment codes)")
+            print(f"MLflow run {log_to_mlflow(result, files, args.root, settings)} (experiment integer_codes)")
         results.append(result)
     table = markdown(results)
-    (args.root / "codes").mkdir(parents=True, exist_ok=True)
-    (args.root / "codes" / "table.md").write_text(table + "\n")
+    (args.root / "integer_codes").mkdir(parents=True, exist_ok=True)
+    (args.root / "integer_codes" / "table.md").write_text(table + "\n")
     print(table)
-    print(f"wrote {args.root / 'codes'}")
+    print(f"wrote {args.root / 'integer_codes'}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Codebook utilization: ``python -m analysis.codebook <experiment>``.
+"""Codebook utilization: ``python -m analysis.utilization <experiment>``.
 
 The runs of one MLflow experiment (a sweep's variants, ``vqlab.report.rows_of``) are read through
 their run folders: the code histogram of the final validation (``CodeHistogram``, read once per
@@ -200,19 +200,19 @@ def log_to_mlflow(summary: pd.DataFrame, files: list[Path], root: Path, experime
     keys = ("usage", "effective_bits", "perplexity", "dead_codes", "zipf_exponent")
     metrics = [{"step": 0, **{f"{k}/{row['name']}": row[k] for k in keys}} for _, row in summary.iterrows()]
     params = {"experiment": experiment, "runs": len(summary)}
-    return log_study("codebook", experiment, params, metrics, files, root, uri)
+    return log_study("utilization", experiment, params, metrics, files, root, uri)
 
 
 def main(argv: list[str] | None = None) -> int:
     from vqlab.errors import UserError
     from vqlab.report import store
 
-    parser = argparse.ArgumentParser(prog="python -m analysis.codebook", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.utilization", description=__doc__.splitlines()[0])
     parser.add_argument("experiment", help="the MLflow experiment: a sweep's name (e.g. codebook_size-photos)")
     parser.add_argument("--sweep", help="only runs tagged sweep=SWEEP")
     parser.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db")
     parser.add_argument("--root", type=Path, default=Path("runs"))
-    parser.add_argument("--out", type=Path, help="default: <root>/codebook/<experiment>")
+    parser.add_argument("--out", type=Path, help="default: <root>/utilization/<experiment>")
     parser.add_argument("--no-mlflow", action="store_true", help="write the files only")
     args = parser.parse_args(argv)
     uri = store(args.tracking_uri, args.root)
@@ -221,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    summary, files = analyse(runs, args.out or args.root / "codebook" / args.experiment)
+    summary, files = analyse(runs, args.out or args.root / "utilization" / args.experiment)
     print(markdown(summary))
     if not args.no_mlflow:
-        print(f"MLflow run {log_to_mlflow(summary, files, args.root, args.experiment, uri)} (experiment codebook)")
+        print(f"MLflow run {log_to_mlflow(summary, files, args.root, args.experiment, uri)} (experiment utilization)")
     print(f"wrote {', '.join(str(p) for p in files)}")
     return 0
 

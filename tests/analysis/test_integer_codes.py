@@ -1,4 +1,4 @@
-"""analysis.codes: digit statistics, locality and the priors against cases with known answers."""
+"""analysis.integer_codes: digit statistics, locality and the priors against cases with known answers."""
 
 import math
 from pathlib import Path
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import vqlab
-from analysis import codes
+from analysis import integer_codes
 from vqlab.models import build_autoencoder
+from vqlab.runfolder import RunFolder
 
 
 def uniform_digits(count: int, radices: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -19,29 +20,29 @@ def uniform_digits(count: int, radices: tuple[int, ...], seed: int = 0) -> torch
 
 def test_independent_uniform_digits_share_no_information_and_copies_share_all():
     digits = uniform_digits(200_000, (4, 8, 2))
-    information = codes.mutual_information(digits, (4, 8, 2))
+    information = integer_codes.mutual_information(digits, (4, 8, 2))
     assert np.diag(information) == pytest.approx([2, 3, 1], abs=1e-3)
     assert np.abs(information[~np.eye(3, dtype=bool)]).max() < 1e-3
     copied = torch.stack([digits[:, 0], digits[:, 0]], dim=-1)
-    assert codes.mutual_information(copied, (4, 4))[0, 1] == pytest.approx(2, abs=1e-3)
+    assert integer_codes.mutual_information(copied, (4, 4))[0, 1] == pytest.approx(2, abs=1e-3)
 
 
 def test_a_grid_codebook_is_local_and_a_permuted_one_is_not():
     radices = (8, 8)
     tokens = uniform_digits(20_000, radices)
     grid = lambda digits: digits.float()  # noqa: E731 - the embedding of a digit grid is the digits
-    local = codes.locality(tokens, radices, grid)
+    local = integer_codes.locality(tokens, radices, grid)
     assert local["locality_digit_l1_vs_embedding"] > 0.9 and local["locality_index_vs_embedding"] > 0.3
     table = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
     permuted = lambda digits: table[vqlab.codes.digits_to_index(digits, radices)]  # noqa: E731
-    scrambled = codes.locality(tokens, radices, permuted)
+    scrambled = integer_codes.locality(tokens, radices, permuted)
     assert all(abs(v) < 0.1 for v in scrambled.values())
 
 
-def small_tokenizer(levels=(4, 4)) -> codes.Tokenizer:
+def small_tokenizer(levels=(4, 4)) -> integer_codes.Tokenizer:
     cfg = vqlab.config.load("smoke", {"quantizer.levels": list(levels)})
     model = build_autoencoder(cfg.model, vqlab.quantizers.build(cfg.quantizer)).eval()
-    return codes.Tokenizer(model, (4, 4))
+    return integer_codes.Tokenizer(model, (4, 4))
 
 
 @pytest.mark.parametrize("kind", ["flat", "factorised"])
@@ -50,7 +51,7 @@ def test_a_prior_on_iid_uniform_codes_reaches_log2_k_bits_per_token(kind):
     train = uniform_digits(4096 * 16, (4, 4), seed=1).reshape(4096, 16, 2)
     held_out = uniform_digits(512 * 16, (4, 4), seed=2).reshape(512, 16, 2)
     images = torch.zeros(512, 3, 32, 32)
-    result = codes.train_prior(kind, tokenizer, train, held_out, images, steps=150)
+    result = integer_codes.train_prior(kind, tokenizer, train, held_out, images, steps=150)
     assert result.bits_per_token == pytest.approx(4, abs=0.1)
     assert result.accuracy < 0.15  # nothing to predict: about 1 in 16
 
@@ -58,8 +59,10 @@ def test_a_prior_on_iid_uniform_codes_reaches_log2_k_bits_per_token(kind):
 def test_a_prior_learns_a_deterministic_sequence():
     tokenizer = small_tokenizer()
     sequence = uniform_digits(16, (4, 4), seed=3)[None].expand(256, -1, -1)  # every image the same codes
-    for kind in codes.PRIORS:
-        result = codes.train_prior(kind, tokenizer, sequence, sequence[:8], torch.zeros(8, 3, 32, 32), steps=150)
+    for kind in integer_codes.PRIORS:
+        result = integer_codes.train_prior(
+            kind, tokenizer, sequence, sequence[:8], torch.zeros(8, 3, 32, 32), steps=150
+        )
         assert result.accuracy > 0.9, kind
         if kind != "regression":
             assert result.bits_per_token < 0.5, kind
@@ -71,8 +74,8 @@ def test_a_shift_of_a_constant_image_changes_no_code_and_sensitivity_is_per_digi
     tokenizer = small_tokenizer()
     images = torch.full((4, 3, 32, 32), 0.3)
     found = tokenizer.encode(images)
-    assert codes.stability(tokenizer, images, found)["changed_under_shift"] == 0
-    per_digit = codes.sensitivity(tokenizer, found)
+    assert integer_codes.stability(tokenizer, images, found)["changed_under_shift"] == 0
+    per_digit = integer_codes.sensitivity(tokenizer, found)
     assert len(per_digit) == 2 and all(v > 0 for v in per_digit)
 
 
@@ -84,14 +87,16 @@ def test_the_nearest_code_of_each_codes_embedding_is_that_code(name):
         "vq": {"quantizer.codebook_size": 32, "quantizer.init": "normal", "quantizer.dead_code_steps": 0},
     }
     cfg = vqlab.config.load("smoke", {"quantizer.name": name, **options[name]})
-    tokenizer = codes.Tokenizer(build_autoencoder(cfg.model, vqlab.quantizers.build(cfg.quantizer)).eval(), (4, 4))
+    tokenizer = integer_codes.Tokenizer(
+        build_autoencoder(cfg.model, vqlab.quantizers.build(cfg.quantizer)).eval(), (4, 4)
+    )
     every = vqlab.codes.index_to_digits(torch.arange(math.prod(tokenizer.radices)), tokenizer.radices)
     assert torch.equal(tokenizer.nearest_code(tokenizer.embed(every)), every)
 
 
 def test_unknown_priors_are_errors():
     with pytest.raises(ValueError, match="unknown prior"):
-        codes.Prior("lstm", (4, 4), 16)
+        integer_codes.Prior("lstm", (4, 4), 16)
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +110,12 @@ def test_cli_smoke_on_a_trained_run_writes_and_logs(trained_run, tmp_path, capsy
     from mlflow import MlflowClient
 
     run_dir = trained_run
-    assert codes.main(["--runs", str(run_dir), "--smoke", "--root", str(tmp_path)]) == 0
-    folder = tmp_path / "codes" / Path(run_dir).name
+    assert integer_codes.main(["--runs", str(run_dir), "--smoke", "--root", str(tmp_path)]) == 0
+    folder = tmp_path / "integer_codes" / Path(run_dir).name
     assert {p.name for p in folder.iterdir()} == {"result.json", "mutual_information.png", "sensitivity.png"}
     assert "| flat bits |" in capsys.readouterr().out.replace("| factorised bits |", "| flat bits |")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("codes").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("integer_codes").experiment_id])
     metrics = run.data.metrics
     assert {"prior_flat_bits", "prior_factorised_bits", "locality_index_vs_embedding", "digit_entropy_0"} <= set(
         metrics
@@ -119,12 +124,22 @@ def test_cli_smoke_on_a_trained_run_writes_and_logs(trained_run, tmp_path, capsy
 
 
 def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        codes.main(["--runs", str(tmp_path / "nothing"), "--root", str(tmp_path)])
-    assert "no run folder" in capsys.readouterr().err
+    assert integer_codes.main(["--runs", str(tmp_path / "nothing"), "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: no run folder (config.yaml) at {tmp_path / 'nothing'}\n"
+
+
+def test_cli_rejects_a_run_without_checkpoints_in_one_line(trained_run, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    RunFolder(bare).config_file.write_text(RunFolder(trained_run).config_file.read_text())
+    assert integer_codes.main(["--runs", str(bare), "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"error: no checkpoint in {RunFolder(bare).checkpoints}\n"
+    assert not (tmp_path / "integer_codes").exists()
 
 
 def test_the_notebook_executes_headless(trained_run, tmp_path, run_notebook):
-    outputs = run_notebook("codes", {"runs": str(trained_run), "root": str(tmp_path), "mlflow": False, "smoke": True})
+    outputs = run_notebook(
+        "integer_codes", {"runs": str(trained_run), "root": str(tmp_path), "mlflow": False, "smoke": True}
+    )
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
     assert any("| flat bits |" in o.get("data", {}).get("text/markdown", "") for o in outputs)

@@ -1,4 +1,4 @@
-"""analysis.codebook: utilization statistics with known answers, and the study over tracked runs."""
+"""analysis.utilization: utilization statistics with known answers, and the study over tracked runs."""
 
 import json
 import math
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis import codebook
+from analysis import utilization
 from vqlab.codes import index_to_digits
 from vqlab.evaluators import CodeHistogram
 from vqlab.runfolder import RunFolder
@@ -17,7 +17,7 @@ from ..helpers import tracked_smoke_runs
 
 
 def test_a_uniformly_used_codebook_has_log2_k_effective_bits_and_zipf_exponent_zero():
-    stats = codebook.utilization(np.full(64, 10), 64)
+    stats = utilization.utilization(np.full(64, 10), 64)
     assert stats["effective_bits"] == pytest.approx(6) and stats["perplexity"] == pytest.approx(64)
     assert stats["usage"] == 1.0 and stats["dead_codes"] == 0 and stats["bits_efficiency"] == pytest.approx(1)
     assert stats["zipf_exponent"] == pytest.approx(0, abs=1e-9)
@@ -26,11 +26,11 @@ def test_a_uniformly_used_codebook_has_log2_k_effective_bits_and_zipf_exponent_z
 def test_half_the_codes_dead_and_zipf_counts_give_their_exponent():
     counts = np.zeros(1024)
     counts[:512] = 1e6 / np.arange(1, 513) ** 1.5
-    stats = codebook.utilization(counts, 1024)
+    stats = utilization.utilization(counts, 1024)
     assert stats["usage"] == 0.5 and stats["dead_codes"] == 512 and stats["used"] == 512
     assert stats["zipf_exponent"] == pytest.approx(1.5, abs=1e-6)
     assert stats["effective_bits"] < 9  # skewed use of 512 codes is worth fewer than log2 512 bits
-    assert math.isnan(codebook.zipf_exponent(np.array([0, 5, 0])))
+    assert math.isnan(utilization.zipf_exponent(np.array([0, 5, 0])))
 
 
 def fake_run(root: Path, name: str, counts: list[int], radices: list[int], digit_counts: list[list[int]]) -> RunFolder:
@@ -49,15 +49,17 @@ def fake_run(root: Path, name: str, counts: list[int], radices: list[int], digit
 
 def test_the_table_reads_each_runs_histogram_and_per_digit_usage(tmp_path):
     runs = [
-        codebook.CodebookRun("fsq", "fsq", fake_run(tmp_path, "fsq", [5, 1, 2], [4, 4], [[5, 2, 1, 0], [0, 6, 0, 2]])),
-        codebook.CodebookRun("vq", "vq", fake_run(tmp_path, "vq", [3, 3], [8], [])),
-        codebook.CodebookRun("identity", "identity", RunFolder(tmp_path / "exp" / "identity")),
+        utilization.CodebookRun(
+            "fsq", "fsq", fake_run(tmp_path, "fsq", [5, 1, 2], [4, 4], [[5, 2, 1, 0], [0, 6, 0, 2]])
+        ),
+        utilization.CodebookRun("vq", "vq", fake_run(tmp_path, "vq", [3, 3], [8], [])),
+        utilization.CodebookRun("identity", "identity", RunFolder(tmp_path / "exp" / "identity")),
     ]
-    summary = codebook.table(runs).set_index("name")
+    summary = utilization.table(runs).set_index("name")
     assert list(summary.index) == ["fsq", "vq"]  # no histogram: a continuous run has no row
     assert summary.loc["fsq", "usage"] == 3 / 16 and summary.loc["fsq", "digit_usage"] == [0.75, 0.5]
     assert summary.loc["vq", "effective_bits"] == pytest.approx(1) and summary.loc["vq", "digit_usage"] == []
-    history = codebook.over_steps(runs)
+    history = utilization.over_steps(runs)
     assert set(history["metric"]) == {"val/codebook_usage", "train/perplexity"}
 
 
@@ -70,9 +72,9 @@ def tracked(tmp_path_factory):
 
 def test_tracked_runs_are_found_in_mlflow_and_read_from_their_folders(tracked):
     _, uri = tracked
-    runs = codebook.tracked_runs("E", uri)
+    runs = utilization.tracked_runs("E", uri)
     assert [(r.name, r.method) for r in runs] == [("fsq", "fsq"), ("vq", "vq")]
-    summary = codebook.table(runs).set_index("name")
+    summary = utilization.table(runs).set_index("name")
     for run in runs:  # the same numbers the run's own validation logged
         logged = run.folder.last_metrics("val/")
         assert summary.loc[run.name, "usage"] == pytest.approx(logged["val/codebook_usage"])
@@ -84,22 +86,22 @@ def test_cli_writes_the_table_and_figures_and_logs_them(tracked, capsys):
     from mlflow import MlflowClient
 
     root, uri = tracked
-    assert codebook.main(["E", "--tracking-uri", uri, "--root", str(root)]) == 0
-    out = root / "codebook" / "E"
-    assert {p.name for p in out.iterdir()} == {"table.csv", "table.md", *codebook.FIGURES}
+    assert utilization.main(["E", "--tracking-uri", uri, "--root", str(root)]) == 0
+    out = root / "utilization" / "E"
+    assert {p.name for p in out.iterdir()} == {"table.csv", "table.md", *utilization.FIGURES}
     assert "| fsq | fsq | 1000 |" in capsys.readouterr().out
     client = MlflowClient(uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("codebook").experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("utilization").experiment_id])
     assert run.info.run_name == "E" and "usage/vq" in run.data.metrics
 
 
 def test_cli_names_an_unknown_experiment_in_one_line(tracked, capsys):
     root, uri = tracked
-    assert codebook.main(["nothing", "--tracking-uri", uri, "--root", str(root), "--no-mlflow"]) == 2
+    assert utilization.main(["nothing", "--tracking-uri", uri, "--root", str(root), "--no-mlflow"]) == 2
     assert "nothing" in capsys.readouterr().err
 
 
 def test_the_notebook_executes_headless(tracked, run_notebook):
     root, uri = tracked
-    outputs = run_notebook("codebook", {"experiment": "E", "tracking_uri": uri, "root": str(root), "mlflow": False})
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == len(codebook.FIGURES)
+    outputs = run_notebook("utilization", {"experiment": "E", "tracking_uri": uri, "root": str(root), "mlflow": False})
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == len(utilization.FIGURES)
