@@ -146,6 +146,14 @@ def test_the_quantizer_sweep_has_every_registered_quantizer_at_about_1k_codes(tm
         assert not q.discrete or 1000 <= q.codebook_size <= 1024, variant.name
 
 
+def test_the_demo_runs_its_four_quantizers_at_three_seeds(tmp_path):
+    loaded = sweep.load("demo", extra=root_override(tmp_path))
+    assert loaded.seeds == [0, 1, 2] and len(loaded.variants) == 12
+    assert sorted({v.name for v in loaded.variants}) == ["fsq", "lfq", "sfsq", "vq_ema"]
+    for variant in loaded.variants:
+        assert variant.cfg.train.steps % variant.cfg.eval.every == 0
+
+
 def test_the_seed_table_has_every_row_in_fp32_and_bf16_at_gpu_scale(tmp_path):
     gpu = sweep.load("seed_table", "imagenet", extra=root_override(tmp_path))
     assert len(gpu.variants) == 16
