@@ -217,6 +217,8 @@ def test_non_finite_floats_are_config_errors_naming_the_key(value):
         ("tracking.run_name=.", "tracking.run_name"),
         ("tracking.run_name=..\\..", "tracking.run_name"),
         ("tracking.run_name=a/b", "tracking.run_name"),
+        ("tracking.run_group=..", "tracking.run_group"),
+        ("tracking.run_group=a/b", "tracking.run_group"),
     ],
 )
 def test_run_folder_names_that_leave_the_tracking_root_are_refused(override, key):
@@ -246,6 +248,26 @@ def test_a_name_that_resolves_outside_the_tracking_root_is_refused(tmp_path):
     (root / "E" / "up").symlink_to(root)
     with pytest.raises(ConfigError, match=r"^tracking\.run_name: "):
         load("smoke", {"tracking.root": str(root), "tracking.experiment": "E", "tracking.run_name": "up"})
+
+
+def test_a_run_group_is_a_folder_between_the_experiment_and_the_run(tmp_path):
+    from vqlab.runfolder import RunFolder
+    from vqlab.tracking import run_label
+
+    names = {"tracking.root": str(tmp_path / "runs"), "tracking.experiment": "E", "tracking.run_name": "seed0"}
+    grouped = load("smoke", {**names, "tracking.run_group": "v"})
+    run = RunFolder.of(grouped)
+    assert run.path == tmp_path / "runs" / "E" / "v" / "seed0"
+    assert run_label(grouped.tracking, run.name) == "v/seed0"  # its MLflow run name
+    run.write_config(grouped)
+    assert run.root == (tmp_path / "runs").resolve()
+    plain = load("smoke", names)
+    assert RunFolder.of(plain).path == tmp_path / "runs" / "E" / "seed0"
+    assert run_label(plain.tracking, "seed0") == "seed0"
+    (tmp_path / "runs" / "E").mkdir(exist_ok=True)
+    (tmp_path / "runs" / "E" / "up").symlink_to(tmp_path / "runs")
+    with pytest.raises(ConfigError, match=r"^tracking\.run_group: .*outside"):
+        load("smoke", {**names, "tracking.run_group": "up", "tracking.run_name": "E"})
 
 
 def test_the_command_line_writes_nothing_above_the_tracking_root(tmp_path, capsys):

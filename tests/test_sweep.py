@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from vqlab import quantizers, sweep
+from vqlab.config import load
 from vqlab.runfolder import RunFolder
 from vqlab.tracking import client
 
@@ -76,7 +77,7 @@ def test_a_scale_may_replace_the_grid(tmp_path):
         ({"variants": {"neg": {"train.steps": -1}}}, "variant neg: train.steps"),
         ({"variants": {"a": {"train.steps": 3}}, "grid": {"train.steps": [1, 2]}}, "both the variant and the grid"),
         ({"variants": {"a": {"steps": 3}}}, "neither a dotted config key nor a scale"),
-        ({"variants": {"a": {}}, "seeds": 3}, "unknown key 'seeds'"),
+        ({"variants": {"a": {}}, "sedes": [0]}, "unknown key 'sedes'"),
         ({"grid": {"train.seed": []}}, "non-empty list"),
         ({"variants": {"a": {}}, "scales": {"s": {"grid": [1]}}}, "grid must be a mapping"),
         ({}, "variants or a grid"),
@@ -145,6 +146,14 @@ def test_the_quantizer_sweep_has_every_registered_quantizer_at_about_1k_codes(tm
         assert not q.discrete or 1000 <= q.codebook_size <= 1024, variant.name
 
 
+def test_the_demo_runs_its_four_quantizers_at_three_seeds(tmp_path):
+    loaded = sweep.load("demo", extra=root_override(tmp_path))
+    assert loaded.seeds == [0, 1, 2] and len(loaded.variants) == 12
+    assert sorted({v.name for v in loaded.variants}) == ["fsq", "lfq", "sfsq", "vq_ema"]
+    for variant in loaded.variants:
+        assert variant.cfg.train.steps % variant.cfg.eval.every == 0
+
+
 def test_the_seed_table_has_every_row_in_fp32_and_bf16_at_gpu_scale(tmp_path):
     gpu = sweep.load("seed_table", "imagenet", extra=root_override(tmp_path))
     assert len(gpu.variants) == 16
@@ -153,6 +162,130 @@ def test_the_seed_table_has_every_row_in_fp32_and_bf16_at_gpu_scale(tmp_path):
     assert [v.name.removesuffix(",dtype=fp32") for v in cpu.variants] == [
         v.name.removesuffix(",dtype=fp32") for v in gpu.variants if v.cfg.train.dtype == "fp32"
     ]
+
+
+# --- seeds ---------------------------------------------------------------------------------------
+def test_seeds_run_every_variant_once_per_seed_each_in_its_own_folder(tmp_path):
+    source = write_sweep(tmp_path, variants={"a": {}, "b": {"optim.lr": 1e-3}}, seeds=[0, 1, 2])
+    loaded = sweep.load(source, extra=root_override(tmp_path))
+    assert loaded.seeds == [0, 1, 2]
+    assert [(v.name, v.seed) for v in loaded.variants] == [(n, k) for k in (0, 1, 2) for n in ("a", "b")]
+    for variant in loaded.variants:
+        assert variant.label == f"{variant.name}/seed{variant.seed}"
+        assert variant.cfg.train.seed == variant.seed
+        assert variant.run.path == tmp_path / "runs" / "tiny" / variant.name / f"seed{variant.seed}"
+        assert (variant.cfg.tracking.run_group, variant.cfg.tracking.run_name) == (variant.name, f"seed{variant.seed}")
+        assert variant.key == (variant.name, str(variant.seed))
+        assert variant.overrides["train.seed"] == variant.seed  # what the notebook receives
+    assert {v.cfg.optim.lr for v in loaded.variants if v.name == "b"} == {1e-3}
+
+
+def test_without_seeds_a_variant_is_one_run_with_the_bases_seed(tmp_path):
+    loaded = sweep.load(write_sweep(tmp_path, variants={"a": {}}), extra=root_override(tmp_path))
+    (variant,) = loaded.variants
+    assert (loaded.seeds, variant.seed, variant.label, variant.key) == (None, None, "a", ("a", None))
+    assert variant.run.path == tmp_path / "runs" / "tiny" / "a"
+    assert variant.cfg.train.seed == load("smoke").train.seed
+    assert "train.seed" not in variant.overrides and not variant.cfg.tracking.run_group
+
+
+def test_a_scales_seeds_replace_the_files_and_seeds_given_to_load_replace_both(tmp_path):
+    source = write_sweep(
+        tmp_path, variants={"a": {}}, seeds=[0, 1, 2], scales={"one": {"seeds": [7]}, "all": {"train.steps": 7}}
+    )
+    seeds = {
+        scale: [v.seed for v in sweep.load(source, scale, extra=root_override(tmp_path)).variants]
+        for scale in ("one", "all")
+    }
+    assert seeds == {"one": [7], "all": [0, 1, 2]}
+    given = sweep.load(source, "one", extra=root_override(tmp_path), seeds=[4, 5])
+    assert [(v.label, v.cfg.train.seed) for v in given.variants] == [("a/seed4", 4), ("a/seed5", 5)]
+    assert given.name == "tiny-one" and given.variants[0].run.path == tmp_path / "runs" / "tiny-one" / "a" / "seed4"
+
+
+def test_seeds_on_the_command_line_replace_the_files_in_the_dry_run_listing(tmp_path, capsys):
+    source = write_sweep(tmp_path, variants={"a": {}, "b": {}}, seeds=[0, 1, 2])
+    assert sweep.main([source, "--dry-run", "--seeds", "5,7", f"tracking.root={tmp_path / 'runs'}"]) == 0
+    out = capsys.readouterr().out
+    assert "4 of 4 runs (2 variants x seeds 5,7) of tiny" in out
+    assert "seed0" not in out and "train.seed=5" in out
+    for label in ("a/seed5", "b/seed5", "a/seed7", "b/seed7"):
+        assert str(tmp_path / "runs" / "tiny" / label) in out
+
+
+def test_dry_run_lists_every_variant_and_seed_with_its_folder_and_writes_nothing(tmp_path, capsys):
+    source = write_sweep(tmp_path, variants={"a": {}, "b": {"optim.lr": 1e-3}}, seeds=[0, 1])
+    assert sweep.main([source, "--dry-run", f"tracking.root={tmp_path / 'runs'}"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "4 of 4 runs (2 variants x seeds 0,1) of tiny (base smoke):"
+    listed = [row.split()[:2] for row in rows[1:]]
+    assert listed == [
+        [label, str(tmp_path / "runs" / "tiny" / label)] for label in ("a/seed0", "b/seed0", "a/seed1", "b/seed1")
+    ]
+    assert rows[2].endswith("optim.lr=0.001 train.seed=0")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7])
+def test_shards_partition_the_variant_seed_runs_exactly(tmp_path, n):
+    source = write_sweep(tmp_path, variants={"a": {}, "b": {}, "c": {}}, seeds=[0, 1])
+    loaded = sweep.load(source, extra=root_override(tmp_path))
+    shards = [sweep.shard(loaded.variants, f"{k}/{n}") for k in range(1, n + 1)]
+    keys = [v.key for part in shards for v in part]
+    assert sorted(keys) == sorted((name, seed) for name in "abc" for seed in "01")
+    assert len(keys) == len(set(keys)) == 6
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"seeds": []}, "seeds must be a non-empty list"),
+        ({"seeds": None}, "seeds must be a non-empty list"),
+        ({"seeds": 3}, "seeds must be a non-empty list"),
+        ({"seeds": "0,1"}, "seeds must be a non-empty list"),
+        ({"seeds": {"a": 0}}, "seeds must be a non-empty list"),
+        ({"seeds": [0, -1]}, "seeds must be a non-empty list"),
+        ({"seeds": [0, True]}, "seeds must be a non-empty list"),
+        ({"seeds": [0, 1.0]}, "seeds must be a non-empty list"),
+        ({"seeds": [0, "1"]}, "seeds must be a non-empty list"),
+        ({"seeds": [0, 1, 0]}, "seeds repeats seed 0"),
+        ({"seeds": [0], "scales": {"s": {"seeds": []}}}, "scales.s.seeds must be a non-empty list"),
+        ({"seeds": [0], "scales": {"s": {"seeds": [2, 2]}}}, "scales.s.seeds repeats seed 2"),
+        ({"seeds": [0, 1], "variants": {"a": {}, "pinned": {"train.seed": 3}}}, "variant pinned: train.seed"),
+        ({"seeds": [0, 1], "grid": {"train.seed": [3, 4]}}, "variant a,seed=3: train.seed"),
+        ({"seeds": [0, 1], "overrides": {"train.seed": 3}}, "variant a: train.seed"),
+    ],
+)
+def test_bad_seeds_in_a_sweep_file_are_one_line_errors_that_write_nothing(tmp_path, capsys, content, message):
+    source = write_sweep(tmp_path, **{"variants": {"a": {}}, **content})
+    assert sweep.main([source, f"tracking.root={tmp_path / 'runs'}"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"error: {message}")
+    assert printed.err.count("\n") == 1 and not printed.out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        (["--seeds", "a,b"], "--seeds 'a,b': give distinct non-negative integers"),
+        (["--seeds", ""], "--seeds '': give distinct non-negative integers"),
+        (["--seeds", "-1"], "--seeds '-1': give distinct non-negative integers"),
+        (["--seeds=-1"], "--seeds '-1': give distinct non-negative integers"),
+        (["--seeds", "0,,1"], "--seeds '0,,1': give distinct non-negative integers"),
+        (["--seeds", "1.5"], "--seeds '1.5': give distinct non-negative integers"),
+        (["--seeds", "1,1"], "--seeds 1,1: repeats seed 1"),
+        (["--seeds", "0,1", "train.seed=3"], "variant a: train.seed is set by the command line and by --seeds (0,1)"),
+    ],
+)
+def test_bad_seeds_on_the_command_line_are_one_line_errors_that_write_nothing(tmp_path, capsys, given, message):
+    source = write_sweep(tmp_path, variants={"a": {}})
+    assert sweep.main([source, *given, f"tracking.root={tmp_path / 'runs'}"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith(f"error: {message}")
+    assert printed.err.count("\n") == 1 and not printed.out
+    assert not (tmp_path / "runs").exists()
 
 
 # --- sweeps that run -----------------------------------------------------------------------------
@@ -271,3 +404,39 @@ def test_submitit_local_jobs_log_to_an_mlflow_server(tmp_path, monkeypatch):
     finally:
         os.killpg(server.pid, signal.SIGKILL)  # the group the server's PID leads: the server and its children
         server.wait()
+
+
+@pytest.mark.slow
+def test_a_seeded_sweep_nests_one_tagged_run_per_variant_and_seed_and_a_rerun_skips_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    source = write_sweep(tmp_path, variants={"a": {}, "b": {"quantizer.levels": [8, 8]}}, seeds=[0, 1])
+    args = [source, "--smoke", f"tracking.root={tmp_path / 'runs'}"]
+    assert sweep.main(args) == 0
+    labels = ["a/seed0", "b/seed0", "a/seed1", "b/seed1"]
+    executed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert executed == [f"{label}: {tmp_path / 'runs' / 'tiny' / label / 'run.ipynb'}" for label in labels]
+    loaded = sweep.load(source, extra=root_override(tmp_path), smoke=True)
+    mlflow_client = client(loaded.variants[0].cfg.tracking)
+    experiment = mlflow_client.get_experiment_by_name("tiny")
+    found = mlflow_client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("sweep_parent") == "true"]
+    runs = {(r.data.tags["variant"], r.data.tags["seed"]): r for r in found if "variant" in r.data.tags}
+    assert sorted(runs) == [("a", "0"), ("a", "1"), ("b", "0"), ("b", "1")] and len(found) == 5
+    assert parent.info.status == "FINISHED"
+    for (variant, seed), run in runs.items():
+        assert run.info.status == "FINISHED" and run.info.run_name == f"{variant}/seed{seed}"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.data.tags["sweep"] == "tiny"
+        assert run.data.params["train.seed"] == seed
+        folder = RunFolder(tmp_path / "runs" / "tiny" / variant / f"seed{seed}")
+        assert run.data.tags["vqlab.run_dir"] == str(folder.path.resolve())
+        assert folder.read_config().train.seed == int(seed) and folder.is_finished()
+        assert folder.root == (tmp_path / "runs").resolve()  # the tracking root, two levels above the group
+    assert runs[("a", "0")].data.metrics["train/loss"] != runs[("a", "1")].data.metrics["train/loss"]
+
+    notebooks = {label: (tmp_path / "runs" / "tiny" / label / "run.ipynb").stat().st_mtime_ns for label in labels}
+    assert sweep.main(args) == 0
+    assert "skipping 4 finished runs (variant, seed) of tiny" in capsys.readouterr().err
+    again = mlflow_client.search_runs([experiment.experiment_id])
+    assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in found)  # nothing new ran
+    for label in labels:
+        assert (tmp_path / "runs" / "tiny" / label / "run.ipynb").stat().st_mtime_ns == notebooks[label]

@@ -153,9 +153,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    root: str = "runs"  # run folders live in <root>/<experiment>/<run>/
+    root: str = "runs"  # run folders live in <root>/<experiment>/[<run_group>/]<run>/
     experiment: str = "default"
     run_name: str = ""  # empty: <timestamp>-<quantizer>
+    run_group: str = ""  # a folder between the experiment and the run (a sweep's variant, its runs the seeds)
     mlflow: bool = True
     mlflow_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
     parent_run_id: str = ""  # an MLflow run (a sweep's) that this run is nested under
@@ -165,11 +166,11 @@ class TrackingConfig:
     def __post_init__(self):
         require(bool(self.root) and "\0" not in self.root, "root", "must name a folder")
         require(bool(self.experiment), "experiment", "must name the folder of the runs, not be empty")
-        # <root>/<experiment>/<run_name> is written to: each name is one folder, and it resolves
-        # (through any link) to a folder inside tracking.root, not to the root or the experiment itself
+        # <root>/<experiment>/[<run_group>/]<run_name> is written to: each name is one folder, and it
+        # resolves (through any link) to a folder inside tracking.root, not to one above it
         root = Path(self.root).resolve()
         above = [root]
-        for key, name in (("experiment", self.experiment), ("run_name", self.run_name)):
+        for key, name in (("experiment", self.experiment), ("run_group", self.run_group), ("run_name", self.run_name)):
             if not name:
                 continue
             require(

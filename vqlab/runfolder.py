@@ -1,6 +1,8 @@
 """One run's folder: the only place that spells out the names of the files in it.
 
-``<tracking.root>/<experiment>/<run>/`` (docs/architecture.md, "Run folder") holds
+``<tracking.root>/<experiment>/<run>/``, or ``<tracking.root>/<experiment>/<run_group>/<run>/``
+for a run in a group (a sweep's variant whose runs are its seeds: ``<variant>/seed<k>``)
+(docs/architecture.md, "Run folder"), holds
 
     config.yaml                 the single record of what ran (rerun with ``--config`` on it)
     metrics.jsonl               every logged metric, one JSON object per line with its ``step``
@@ -32,6 +34,11 @@ from vqlab.config import RunConfig, from_yaml, to_yaml
 CONFIG_FILE = "config.yaml"
 
 
+def group_folder(cfg: RunConfig) -> Path:
+    """``<root>/<experiment>``, or ``<root>/<experiment>/<run_group>`` for a run in a group."""
+    return Path(cfg.tracking.root) / cfg.tracking.experiment / cfg.tracking.run_group
+
+
 @dataclass(frozen=True)
 class RunFolder:
     path: Path
@@ -41,15 +48,15 @@ class RunFolder:
 
     @classmethod
     def of(cls, cfg: RunConfig) -> RunFolder:
-        """The folder ``cfg`` names: ``<root>/<experiment>/<tracking.run_name>``."""
+        """The folder ``cfg`` names: ``<root>/<experiment>/[<run_group>/]<run_name>``."""
         if not cfg.tracking.run_name:
             raise ValueError("tracking.run_name is empty: a run without a name gets a new folder when it starts")
-        return cls(Path(cfg.tracking.root) / cfg.tracking.experiment / cfg.tracking.run_name)
+        return cls(group_folder(cfg) / cfg.tracking.run_name)
 
     @classmethod
     def new(cls, cfg: RunConfig) -> RunFolder:
         """A new folder ``<timestamp>-<quantizer>`` (with a suffix if that exists) for an unnamed run."""
-        base = Path(cfg.tracking.root) / cfg.tracking.experiment
+        base = group_folder(cfg)
         name = f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.quantizer.name}"
         for suffix in range(1000):
             path = base / (name if suffix == 0 else f"{name}-{suffix}")
@@ -71,8 +78,10 @@ class RunFolder:
 
     @property
     def root(self) -> Path:
-        """The ``tracking.root`` this run lives under (``<root>/<experiment>/<run>``)."""
-        return self.path.resolve().parent.parent
+        """The ``tracking.root`` this run lives under (``<root>/<experiment>/[<run_group>/]<run>``:
+        one level further up for a run in a group, as its config says)."""
+        grouped = self.has_config() and bool(self.read_config().tracking.run_group)
+        return self.path.resolve().parents[2 if grouped else 1]
 
     @property
     def config_file(self) -> Path:

@@ -1,4 +1,4 @@
-"""``python -m vqlab.sweep <sweep.yaml | preset>``: one executed notebook per variant of a study.
+"""``python -m vqlab.sweep <sweep.yaml | preset>``: one executed notebook per variant and seed of a study.
 
 A sweep file is YAML::
 
@@ -12,19 +12,32 @@ A sweep file is YAML::
     grid:                             # dotted key -> values, crossed (and crossed with the variants)
       train.dtype: [fp32, bf16]
       large: {quantizer.name: fsq, imagenet: {optim.lr: 2.0e-4}}   # a scale's own overrides
+    seeds: [0, 1, 2]                  # optional: every variant once per seed (train.seed), each run in
+                                      # runs/<name>[-<scale>]/<variant>/seed<k>/
     scales:                           # named override sets, chosen with --scale (default: the first);
-      photos: {grid: {train.dtype: [fp32]}}   # a scale's ``base`` and ``grid`` replace the sweep's
+      photos: {grid: {train.dtype: [fp32]}}   # a scale's ``base``, ``grid`` and ``seeds`` replace the sweep's
       imagenet: {base: reproduction}
 
-Every variant's config is built and validated before anything runs; an invalid one stops the
-sweep naming the variant and the key. Each variant is one papermill execution of the notebook
-into ``runs/<sweep>/<variant>/run.ipynb`` (``vqlab.notebook.execute``) with ``resume="auto"``
+``seeds`` (or ``--seeds 0,1,2``, which replaces the file's) is a non-empty list of distinct
+non-negative integers; a variant that sets ``train.seed`` itself (its overrides, the grid, the
+sweep's overrides or the command line) while seeds are given is an error naming it. A run is one
+(variant, seed): its folder ``<variant>/seed<k>`` (``tracking.run_group`` the variant,
+``tracking.run_name`` ``seed<k>``), its MLflow run named ``<variant>/seed<k>`` and tagged
+``variant`` (the variant's name) and ``seed`` (the integer, as text). Runs go seed by seed, so the
+first seed of every variant finishes first. Without seeds a run is a variant: its folder
+``<variant>``, no ``seed`` tag, its seed the base's.
+
+Every run's config is built and validated before anything runs; an invalid one stops the sweep
+naming the variant and the key. Each run is one papermill execution of the notebook into
+``runs/<sweep>/<variant>[/seed<k>]/run.ipynb`` (``vqlab.notebook.execute``) with ``resume="auto"``
 semantics, nested in MLflow under one parent run of the sweep (tags ``sweep``, ``variant``,
-``git_commit``). A failed variant becomes a FAILED MLflow run holding the failing cell, the error
-and the traceback's tail (``error.txt``); the others go on and the command exits with status 1
-naming the failures. A rerun skips the variants whose MLflow run FINISHED and continues the others
-from their newest checkpoint. ``--shard k/n`` runs every n-th variant (machines sharing one
-``MLFLOW_TRACKING_URI`` share the sweep); ``--launcher submitit`` submits one job per variant.
+``seed``, ``git_commit``). A failed run becomes a FAILED MLflow run holding the failing cell, the
+error and the traceback's tail (``error.txt``); the others go on and the command exits with status
+1 naming the failures (``<variant>/seed<k>``). A rerun skips the runs whose MLflow run FINISHED
+(matched on their ``variant`` and ``seed`` tags) and continues the others from their newest
+checkpoint. ``--shard k/n`` runs every n-th run (machines sharing one ``MLFLOW_TRACKING_URI``
+share the sweep; the n shards partition its (variant, seed) runs); ``--launcher submitit``
+submits one job per run. ``--dry-run`` lists every run and its folder.
 """
 
 from __future__ import annotations
@@ -51,7 +64,7 @@ from vqlab.schema import ConfigError
 from vqlab.tracking import MlflowRun, client, create_run, experiment_id, mlflow_uri
 
 PRESETS = resources.files("vqlab") / "configs" / "sweeps"
-KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "scales")
+KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "seeds", "scales")
 TRACEBACK_LINES = 40  # the tail of a failing cell's traceback kept on its MLflow run
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -68,9 +81,22 @@ class SweepError(UserError, ValueError):
 # --- the sweep file ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
-    name: str
+    """One run of the sweep: a variant, or one seed of a variant when the sweep gives seeds."""
+
+    name: str  # the variant's name (its ``variant`` tag), the same for each of its seeds
     overrides: dict[str, Any]  # every dotted override the notebook receives
     cfg: RunConfig
+    seed: int | None = None  # the sweep's seed of this run (its ``seed`` tag); None: the sweep gives none
+
+    @property
+    def label(self) -> str:
+        """``<variant>``, or ``<variant>/seed<k>``: the run's folder under the sweep's and its MLflow run name."""
+        return self.name if self.seed is None else f"{self.name}/seed{self.seed}"
+
+    @property
+    def key(self) -> tuple[str, str | None]:
+        """The run's ``variant`` and ``seed`` tags (``None``: no seed tag), what a rerun matches."""
+        return self.name, None if self.seed is None else str(self.seed)
 
     @property
     def run(self) -> RunFolder:
@@ -82,7 +108,8 @@ class Sweep:
     name: str  # the experiment: the sweep's name, with the scale when the file names scales
     base: str  # a preset name or an absolute config path
     notebook: Path
-    variants: list[Variant] = field(default_factory=list)
+    variants: list[Variant] = field(default_factory=list)  # every run: each variant once per seed
+    seeds: list[int] | None = None  # None: one run per variant, its seed the base's
 
 
 def sweep_presets() -> list[str]:
@@ -160,9 +187,40 @@ def variant_overrides(
     return variants
 
 
-def load(source: str, scale: str | None = None, extra: dict[str, Any] | None = None, smoke: bool = False) -> Sweep:
-    """Read a sweep and build every variant's config (``extra``: overrides of every variant, last);
-    the first invalid variant is a ``SweepError`` naming it and the key."""
+def check_seeds(value: Any, key: str) -> list[int]:
+    """A sweep file's ``seeds``: a non-empty list of distinct non-negative integers (not bools)."""
+    if not isinstance(value, list) or not value or any(type(s) is not int or s < 0 for s in value):
+        raise SweepError(f"{key} must be a non-empty list of non-negative integers, e.g. [0, 1, 2]; got {value!r}", key)
+    repeated = [s for i, s in enumerate(value) if s in value[:i]]
+    if repeated:
+        raise SweepError(f"{key} repeats seed {repeated[0]}: {value}", key)
+    return value
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` -> ``[0, 1, 2]``; anything but distinct non-negative integers is an error."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(re.fullmatch(r"[0-9]+", item) for item in items):
+        raise SweepError(
+            f"--seeds {text!r}: give distinct non-negative integers separated by commas, e.g. --seeds 0,1,2"
+        )
+    seeds = [int(item) for item in items]
+    repeated = [s for i, s in enumerate(seeds) if s in seeds[:i]]
+    if repeated:
+        raise SweepError(f"--seeds {text}: repeats seed {repeated[0]}")
+    return seeds
+
+
+def load(
+    source: str,
+    scale: str | None = None,
+    extra: dict[str, Any] | None = None,
+    smoke: bool = False,
+    seeds: list[int] | None = None,
+) -> Sweep:
+    """Read a sweep and build every run's config (``extra``: overrides of every variant, last):
+    each variant once per seed of ``seeds`` (``--seeds``), else of the scale's or the file's
+    ``seeds``, else once; the first invalid variant is a ``SweepError`` naming it and the key."""
     data, folder = read_file(source)
     unknown = sorted(data.keys() - set(KEYS))
     if unknown:
@@ -177,23 +235,44 @@ def load(source: str, scale: str | None = None, extra: dict[str, Any] | None = N
     chosen = dict(mapping(scales, scale) if scale else {})
     base = chosen.pop("base", data.get("base"))
     grid = mapping({"grid": chosen.pop("grid", data.get("grid"))}, "grid")
+    given = {"--seeds": seeds} if seeds is not None else {}
+    if "seeds" in chosen:
+        given.setdefault(f"scales.{scale}.seeds", check_seeds(chosen.pop("seeds"), f"scales.{scale}.seeds"))
+    if "seeds" in data:
+        given.setdefault("seeds", check_seeds(data["seeds"], "seeds"))
+    seeds_from, seeds = next(iter(given.items()), ("", None))  # --seeds, else the scale's, else the file's
     if not isinstance(base, str) or not base:
         raise SweepError(f"sweep {name}: base must name a preset or a config file", "base")
     if folder is not None and (folder / base).is_file():
         base = str(folder / base)
     experiment = f"{name}-{scale}" if scale else name
     common = {**mapping(data, "overrides"), **chosen}
-    variants = []
+    named = []
     for variant, own in variant_overrides(data, scale, grid):
         overrides = {**common, **own, **(extra or {})}
-        try:
-            cfg = notebook.build_config(base, overrides, experiment, variant, smoke=smoke)
-            overrides |= recorded(cfg.tracking)
-            cfg = notebook.build_config(base, overrides, experiment, variant, smoke=smoke)
-        except ConfigError as err:
-            raise SweepError(f"variant {variant}: {err}", err.key) from None
-        variants.append(Variant(variant, overrides, cfg))
-    return Sweep(experiment, base, Path(data.get("notebook") or notebook.NOTEBOOK), variants)
+        if seeds is not None and "train.seed" in overrides:
+            setters = {"the command line": extra or {}, "the variant or the grid": own, "the sweep's overrides": common}
+            by = next(setter for setter, given in setters.items() if "train.seed" in given)
+            raise SweepError(
+                f"variant {variant}: train.seed is set by {by} and by {seeds_from} ({','.join(map(str, seeds))}); "
+                "give the seeds one way",
+                "train.seed",
+            )
+        named.append((variant, overrides))
+    variants = []
+    for seed in seeds or [None]:  # seed by seed: the first seed of every variant runs first
+        for variant, overrides in named:
+            run_name = variant if seed is None else f"seed{seed}"
+            if seed is not None:
+                overrides = {**overrides, "train.seed": seed, "tracking.run_group": variant}
+            try:
+                cfg = notebook.build_config(base, overrides, experiment, run_name, smoke=smoke)
+                overrides |= recorded(cfg.tracking)
+                cfg = notebook.build_config(base, overrides, experiment, run_name, smoke=smoke)
+            except ConfigError as err:
+                raise SweepError(f"variant {variant}: {err}", err.key) from None
+            variants.append(Variant(variant, overrides, cfg, seed))
+    return Sweep(experiment, base, Path(data.get("notebook") or notebook.NOTEBOOK), variants, seeds)
 
 
 def recorded(tracking: TrackingConfig) -> dict[str, Any]:
@@ -214,7 +293,8 @@ def check_data(sweep: Sweep) -> None:
 
 
 def shard(variants: list[Variant], spec: str | None) -> list[Variant]:
-    """``"k/n"``: every n-th variant from the k-th (1-based), so n shards partition the sweep."""
+    """``"k/n"``: every n-th run (variant, or variant and seed) from the k-th (1-based), so n
+    shards partition the sweep's runs."""
     if spec is None:
         return variants
     match = re.fullmatch(r"(\d+)/(\d+)", spec)
@@ -261,18 +341,21 @@ class Tracker:
             self.client.delete_run(made)
         return oldest
 
-    def finished(self) -> set[str]:
-        """The variants whose MLflow run FINISHED."""
+    def finished(self) -> set[tuple[str, str | None]]:
+        """The ``Variant.key`` (variant and seed tags) of every run whose MLflow run FINISHED."""
         return {
-            run.data.tags["variant"]
+            (run.data.tags["variant"], run.data.tags.get("seed"))
             for run in self.search("attributes.status = 'FINISHED'")
             if "variant" in run.data.tags
         }
 
-    def tags(self, variant: str) -> dict[str, str]:
+    def tags(self, variant: Variant) -> dict[str, str]:
+        """The run's MLflow tags: ``variant`` its variant's name, and ``seed`` the sweep's seed of it."""
+        seed = {} if variant.seed is None else {"seed": str(variant.seed)}
         return {
             "sweep": self.sweep,
-            "variant": variant,
+            "variant": variant.name,
+            **seed,
             "git_commit": self.commit,
             "mlflow.source.git.commit": self.commit,
         }
@@ -281,7 +364,7 @@ class Tracker:
 # --- one variant ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Job:
-    """Everything one variant's execution needs, picklable (a submitit job receives it)."""
+    """Everything one run's execution needs, picklable (a submitit job receives it)."""
 
     variant: Variant
     base: str
@@ -295,7 +378,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Outcome:
-    variant: str
+    variant: str  # the run's label: ``<variant>`` or ``<variant>/seed<k>``
     error: str = ""  # empty: the notebook ran to the end
 
     @property
@@ -331,7 +414,7 @@ def variant_run(job: Job) -> MlflowRun:
             return MlflowRun(mlflow_client, run_id)
         except MlflowException:
             pass  # recorded in another store
-    return create_run(tracking, job.variant.name, job.tags, run, job.parent_run_id, mlflow_client)
+    return create_run(tracking, job.variant.label, job.tags, run, job.parent_run_id, mlflow_client)
 
 
 def run_job(job: Job) -> Outcome:
@@ -346,7 +429,7 @@ def run_job(job: Job) -> Outcome:
         "preset": job.base,
         "overrides": overrides,
         "experiment": variant.cfg.tracking.experiment,
-        "run_name": variant.name,
+        "run_name": variant.cfg.tracking.run_name,
         "parent_run_id": job.parent_run_id,
         "nproc": job.nproc,
         "smoke": job.smoke,
@@ -366,19 +449,23 @@ def run_job(job: Job) -> Outcome:
         with contextlib.suppress(MlflowException):
             mlflow_run.client.delete_tag(mlflow_run.run_id, "error")
     mlflow_run.end("FAILED" if summary else "FINISHED")
-    return Outcome(variant.name, summary)
+    return Outcome(variant.label, summary)
 
 
 # --- launchers -----------------------------------------------------------------------------------
+def unit(jobs: list[Job]) -> str:
+    return "run" if any(job.variant.seed is not None for job in jobs) else "variant"
+
+
 def run_local(jobs: list[Job], sweep: str) -> list[Outcome]:
     outcomes = []
-    bar = tqdm(jobs, desc=sweep, unit="variant", dynamic_ncols=True)
+    bar = tqdm(jobs, desc=sweep, unit=unit(jobs), dynamic_ncols=True)
     for job in bar:
-        bar.set_postfix_str(job.variant.name)
+        bar.set_postfix_str(job.variant.label)
         outcomes.append(run_job(job))
         failed = sum(not o.ok for o in outcomes)
         if failed:
-            bar.set_postfix_str(f"{job.variant.name}, {failed} failed")
+            bar.set_postfix_str(f"{job.variant.label}, {failed} failed")
     bar.close()
     return outcomes
 
@@ -386,26 +473,28 @@ def run_local(jobs: list[Job], sweep: str) -> list[Outcome]:
 def run_submitit(
     jobs: list[Job], sweep: str, folder: Path, cluster: str | None, options: dict[str, Any]
 ) -> list[Outcome]:
-    """One submitit job per variant (Slurm through ``AutoExecutor``, or its ``local``/``debug``
-    executors); a variant's ``nproc`` GPUs go to the job, whose notebook runs torchrun over them."""
+    """One submitit job per run, a variant or a variant's seed (Slurm through ``AutoExecutor``, or
+    its ``local``/``debug`` executors); a run's ``nproc`` GPUs go to the job, whose notebook runs
+    torchrun over them."""
     import submitit
 
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     submitted = []
     for job in jobs:
         gpus = 0 if job.variant.cfg.train.device == "cpu" else job.nproc
-        executor.update_parameters(name=f"{sweep}-{job.variant.name}", gpus_per_node=gpus, tasks_per_node=1, **options)
+        name = f"{sweep}-{job.variant.label.replace('/', '-')}"
+        executor.update_parameters(name=name, gpus_per_node=gpus, tasks_per_node=1, **options)
         submitted.append((job, executor.submit(run_job, job)))
     outcomes = []
-    bar = tqdm(total=len(submitted), desc=sweep, unit="variant", dynamic_ncols=True)
+    bar = tqdm(total=len(submitted), desc=sweep, unit=unit(jobs), dynamic_ncols=True)
     pending = list(submitted)
     while pending:
         for job, handle in [p for p in pending if p[1].done()]:
             pending.remove((job, handle))
             try:
                 outcomes.append(handle.result())
-            except Exception as err:  # the job itself died (killed, out of time): its variant failed
-                outcomes.append(Outcome(job.variant.name, describe(err)[0]))
+            except Exception as err:  # the job itself died (killed, out of time): its run failed
+                outcomes.append(Outcome(job.variant.label, describe(err)[0]))
             bar.update()
         time.sleep(0.5 if pending else 0)
     bar.close()
@@ -414,11 +503,15 @@ def run_submitit(
 
 # --- command line --------------------------------------------------------------------------------
 def listing(sweep: Sweep, variants: list[Variant]) -> str:
-    width = max(len(v.name) for v in variants)
-    rows = [f"{len(variants)} of {len(sweep.variants)} variants of {sweep.name} (base {sweep.base}):"]
+    what = "variants"
+    if sweep.seeds is not None:
+        names = len({v.name for v in sweep.variants})
+        what = f"runs ({names} variants x seeds {','.join(map(str, sweep.seeds))})"
+    rows = [f"{len(variants)} of {len(sweep.variants)} {what} of {sweep.name} (base {sweep.base}):"]
+    width = max((len(v.label) for v in variants), default=0)
     for v in variants:
         own = " ".join(f"{k}={val}" for k, val in v.overrides.items() if not k.startswith("tracking."))
-        rows.append(f"  {v.name:<{width}}  {v.run.path}  {own}")
+        rows.append(f"  {v.label:<{width}}  {v.run.path}  {own}")
     return "\n".join(rows)
 
 
@@ -427,8 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help=f"a sweep file or a preset ({', '.join(sweep_presets())})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of every variant")
     parser.add_argument("--scale", help="one of the sweep's scales (default: its first)")
-    parser.add_argument("--dry-run", action="store_true", help="list the variants and their run folders; run nothing")
-    parser.add_argument("--shard", metavar="k/n", help="run every n-th variant from the k-th (1-based)")
+    parser.add_argument(
+        "--seeds", metavar="0,1,2", help="run every variant once per seed (train.seed), in place of the file's seeds"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the runs (variant, seed) and their run folders; run nothing"
+    )
+    parser.add_argument("--shard", metavar="k/n", help="run every n-th run (variant, seed) from the k-th (1-based)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per variant, to check the sweep end to end")
     parser.add_argument(
         "--nproc", type=int, default=1, help="processes (GPUs) per variant; > 1 trains through torchrun"
@@ -446,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.nproc < 1:
             raise SweepError(f"--nproc must be >= 1, got {args.nproc}")
-        sweep = load(args.sweep, args.scale, parse_overrides(args.overrides), args.smoke)
+        seeds = None if args.seeds is None else parse_seeds(args.seeds)
+        sweep = load(args.sweep, args.scale, parse_overrides(args.overrides), args.smoke, seeds)
         chosen = shard(sweep.variants, args.shard)
         if args.dry_run:  # reads nothing and writes nothing, MLflow included
             print(listing(sweep, chosen))
@@ -458,12 +557,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tracker = Tracker(sweep)
     finished = tracker.finished()
-    todo = [v for v in chosen if v.name not in finished]
+    todo = [v for v in chosen if v.key not in finished]
     if len(todo) < len(chosen):
-        print(f"skipping {len(chosen) - len(todo)} finished variants of {sweep.name}", file=sys.stderr)
+        what = "variants" if sweep.seeds is None else "runs (variant, seed)"
+        print(f"skipping {len(chosen) - len(todo)} finished {what} of {sweep.name}", file=sys.stderr)
     parent = tracker.parent()
     jobs = [
-        Job(v, sweep.base, sweep.notebook.resolve(), parent, tracker.tags(v.name), args.nproc, args.smoke, Path.cwd())
+        Job(v, sweep.base, sweep.notebook.resolve(), parent, tracker.tags(v), args.nproc, args.smoke, Path.cwd())
         for v in todo
     ]
     if args.launcher == "submitit":
@@ -477,8 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep {sweep.name}: {done} finished, {len(failures)} failed; mlflow {mlflow_uri(tracker.tracking)}")
     failed = {failure.variant for failure in failures}
     for variant in chosen:
-        if variant.name not in failed:
-            print(f"  {variant.name}: {variant.run.notebook}")
+        if variant.label not in failed:
+            print(f"  {variant.label}: {variant.run.notebook}")
     for failure in failures:
         print(f"failed: {failure.variant}: {failure.error}", file=sys.stderr)
     return 1 if failures else 0

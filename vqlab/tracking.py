@@ -155,10 +155,15 @@ def create_run(
     return MlflowRun(mlflow_client, created.info.run_id)
 
 
+def run_label(cfg: TrackingConfig, name: str) -> str:
+    """A run's MLflow run name: its folder's ``name``, after its group's (``<variant>/seed<k>``)."""
+    return f"{cfg.run_group}/{name}" if cfg.run_group else name
+
+
 def start_run(cfg: TrackingConfig, run: RunFolder, params: dict[str, Any], history: list[dict[str, Any]]) -> MlflowRun:
-    """A new MLflow run for ``run`` (tagged ``cfg.tags``, nested under ``cfg.parent_run_id``)
-    holding ``params`` and the ``history`` rows already logged; a previous MLflow run of the same
-    folder (an interrupted process's) is deleted."""
+    """A new MLflow run for ``run`` (named ``run_label``, tagged ``cfg.tags``, nested under
+    ``cfg.parent_run_id``) holding ``params`` and the ``history`` rows already logged; a previous
+    MLflow run of the same folder (an interrupted process's) is deleted."""
     from mlflow.exceptions import MlflowException
 
     mlflow_client = client(cfg)
@@ -167,7 +172,7 @@ def start_run(cfg: TrackingConfig, run: RunFolder, params: dict[str, Any], histo
         # already deleted, or recorded in another store: nothing to replace
         with contextlib.suppress(MlflowException):
             mlflow_client.delete_run(previous)
-    mlflow_run = create_run(cfg, run.name, cfg.tags, run, cfg.parent_run_id, mlflow_client)
+    mlflow_run = create_run(cfg, run_label(cfg, run.name), cfg.tags, run, cfg.parent_run_id, mlflow_client)
     mlflow_run.log_params(params)
     mlflow_run.log(history)
     return mlflow_run
