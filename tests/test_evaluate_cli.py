@@ -14,6 +14,7 @@ import torch
 import vqlab
 from vqlab.evaluate import main
 from vqlab.models import build_autoencoder
+from vqlab.runfolder import RunFolder
 from vqlab.trainer import fit
 
 ALL_METRICS = ["reconstruction", "codebook", "swd", "lpips", "fid"]
@@ -76,6 +77,13 @@ def test_training_saves_the_code_histogram(smoke_run):
         assert saved["counts"].sum() == 64 * 4 * 4  # val_count images x (32 / 8)^2 tokens
         assert saved["radices"].tolist() == [8, 5, 5, 5]
         assert len(saved["indices"]) / 1000 == pytest.approx(result.metrics["val/codebook_usage"])
+
+
+def test_training_saves_the_per_image_l1_whose_mean_is_val_l1(smoke_run):
+    result, _ = smoke_run
+    per_image = np.load(RunFolder(result.run_dir).per_image_l1())
+    assert per_image.shape == (64,)  # val_count images, in dataset order
+    assert per_image.mean() == pytest.approx(result.metrics["val/l1"], rel=1e-12)
 
 
 def test_evaluate_reproduces_training_validation(smoke_run, capsys):
@@ -215,7 +223,8 @@ def test_evaluate_logs_to_the_runs_mlflow_run(smoke_run, tmp_path, capsys):
     assert {k: logged[k] for k in evaluated} == pytest.approx(evaluated)
     assert {m.step for m in client.get_metric_history(run_id, "eval/l1")} == {4}
     files = {Path(a.path).name for a in client.list_artifacts(run_id, "eval")}
-    assert files == {"eval.json", "eval_codebook_histogram.npz"}
+    assert files == {"eval.json", "eval_codebook_histogram.npz", "eval_per_image_l1.npy"}
+    assert np.load(run_dir / "eval_per_image_l1.npy").mean() == pytest.approx(evaluated["eval/l1"], rel=1e-12)
     (run_dir / "mlflow_run_id").unlink()
     capsys.readouterr()
     assert main([*args, "tracking.mlflow=true", f"tracking.mlflow_uri={uri}"]) == 0  # eval.json only

@@ -18,6 +18,7 @@ from vqlab import evaluators, weights
 from vqlab.evalconfig import EVALUATORS, EvalConfig
 from vqlab.evaluators import CodebookMetrics, CodeHistogram, ReconstructionMetrics, SlicedWasserstein, fidelity
 from vqlab.evaluators import swd as swd_lib
+from vqlab.runfolder import RunFolder
 
 from .helpers import model_output
 
@@ -54,6 +55,24 @@ def test_l1_mse_psnr_by_hand():
     assert out["mse"] == pytest.approx((0.01 + 0.125 + 0) / 3)
     assert out["psnr"] == pytest.approx((10 * math.log10(1 / 0.01) + 10 * math.log10(1 / 0.125) + 100) / 3)
     assert "ssim" not in out  # 4 px images are smaller than the 11 px SSIM window
+
+
+def test_per_image_l1_is_saved_in_dataset_order_and_its_mean_is_l1(tmp_path):
+    x = torch.zeros(3, 3, 4, 4)  # [0, 1] space
+    y = x.clone()
+    y[0] += 0.1  # every pixel off by 0.1
+    y[1, :, :2] += 0.5  # half the pixels off by 0.5; image 2 is exact
+    metrics = ReconstructionMetrics(CPU)
+    metrics.update_pairs(unit_to_model(x[:2]), unit_to_model(y[:2]))
+    metrics.update_pairs(unit_to_model(x[2:]), unit_to_model(y[2:]))
+    (path,) = metrics.save(tmp_path, prefix="ema_")
+    assert path == RunFolder(tmp_path).per_image_l1("ema_") and path.name == "ema_per_image_l1.npy"
+    saved = np.load(path)
+    assert saved.dtype == np.float64 and saved == pytest.approx([0.1, 0.25, 0.0], abs=1e-7)
+    assert saved.mean() == pytest.approx(metrics.compute()["l1"], rel=1e-12)
+    metrics.reset()
+    metrics.update_pairs(unit_to_model(x[2:]), unit_to_model(y[2:]))
+    assert np.load(metrics.save(tmp_path)[0]).tolist() == [0.0]  # a new evaluation starts afresh
 
 
 def test_reconstructions_are_clamped_before_measuring():

@@ -6,7 +6,9 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as ``vqlab.distributed.setup`` expects un
 import json
 import os
 import socket
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -15,6 +17,7 @@ import vqlab
 from vqlab import distributed
 from vqlab.evaluate import evaluate_run
 from vqlab.evaluators import CodebookMetrics, FidelityMetrics, ReconstructionMetrics, SlicedWasserstein
+from vqlab.runfolder import RunFolder
 from vqlab.trainer import fit
 
 from .helpers import model_output
@@ -51,9 +54,10 @@ def dataset():
     return images, reconstructions, codes
 
 
-def evaluate(indices: list[int], batch: int = 3) -> dict[str, float]:
+def evaluate(indices: list[int], batch: int = 3, save_to: Path | None = None) -> dict[str, float]:
     """Every evaluator over the samples ``indices``, keys prefixed by family; the wide codebook
-    sees the same codes with seven zero digits appended."""
+    sees the same codes with seven zero digits appended. With ``save_to``, the pixel metrics'
+    files (the per-image L1) are written there."""
     images, reconstructions, codes = dataset()
     wide = torch.cat([codes, torch.zeros(*codes.shape[:2], len(WIDE) - len(RADICES), dtype=torch.int64)], -1)
     evaluators = {  # prefix: (evaluator, the codes it is fed)
@@ -67,6 +71,8 @@ def evaluate(indices: list[int], batch: int = 3) -> dict[str, float]:
         chunk = indices[start : start + batch]
         for evaluator, fed in evaluators.values():
             evaluator.update(images[chunk], model_output(reconstructions[chunk], fed[chunk]))
+    if save_to is not None:
+        evaluators[""][0].save(save_to)
     return {prefix + k: v for prefix, (evaluator, _) in evaluators.items() for k, v in evaluator.compute().items()}
 
 
@@ -75,7 +81,8 @@ def worker(rank, world, folder, port, run_dir):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     distributed.setup("cpu")
-    torch.save(evaluate(list(range(rank, COUNT, world))), folder / f"rank{rank}of{world}.pt")  # ShardSampler's split
+    shard = list(range(rank, COUNT, world))  # ShardSampler's split
+    torch.save(evaluate(shard, save_to=folder / f"saved{world}"), folder / f"rank{rank}of{world}.pt")
     if run_dir is None:
         distributed.teardown()
     else:
@@ -107,13 +114,14 @@ def results(tmp_path_factory):
         single = evaluate_run(run_dir, out=folder / "one.json")
         evaluated = {n: json.loads((folder / f"{n}.json").read_text()) for n in ("one", "two")}
         local = {
-            "single": evaluate(list(range(COUNT))),
+            "single": evaluate(list(range(COUNT)), save_to=folder / "saved1"),
             "shards": [evaluate(list(range(rank, COUNT, 2))) for rank in range(2)],
         }
     finally:
         torch.set_num_threads(threads)
     ranks = {world: [torch.load(folder / f"rank{rank}of{world}.pt") for rank in range(world)] for world in (2, 3)}
-    return {"ranks": ranks, "evaluated": evaluated, "single_run": single, **local}
+    per_image = {world: np.load(RunFolder(folder / f"saved{world}").per_image_l1()) for world in (1, 2, 3)}
+    return {"ranks": ranks, "evaluated": evaluated, "single_run": single, "per_image": per_image, **local}
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -123,6 +131,14 @@ def test_every_rank_gets_the_single_process_metrics(results, world):
     for rank in range(world):
         assert results["ranks"][world][rank].keys() == single.keys()
         assert results["ranks"][world][rank] == pytest.approx(single, rel=1e-6, abs=1e-9)
+
+
+def test_the_per_image_l1_is_gathered_in_dataset_order(results):
+    images, reconstructions, _ = dataset()
+    by_hand = (images.clamp(-1, 1) - reconstructions.clamp(-1, 1)).abs().div(2).flatten(1).double().mean(1)
+    for world in (1, 2, 3):
+        assert results["per_image"][world] == pytest.approx(by_hand.numpy(), rel=1e-6), world
+        assert results["per_image"][world].mean() == pytest.approx(results["single"]["l1"], rel=1e-12), world
 
 
 def test_the_per_rank_average_would_be_wrong(results):

@@ -135,7 +135,7 @@ def test_markdown_shows_the_stored_numbers_in_the_documented_format(store):
     line = next(line for line in result.markdown.splitlines() if line.startswith("| fsq |"))
     expected = [f"{fsq[key]:.{DECIMALS[column]}f}" if key in fsq else report.MISSING for column, key in SHOWN.items()]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells == ["fsq", "8-5-5-5", *expected]
+    assert cells == ["fsq", "8-5-5-5", "1", *expected]  # one run, n = 1: no interval
 
 
 def test_baseline_rows_one_per_distinct_code_budget(store):
@@ -205,7 +205,7 @@ def test_cli_prints_the_table_writes_files_and_logs_them_to_the_parent(store, tm
     for name in report.FIGURES:
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
-    assert {f"report/{name}" for name in ("table.md", "table.csv", *report.FIGURES)} <= logged
+    assert {f"report/{name}" for name in ("table.md", "table.csv", "seeds.csv", *report.FIGURES)} <= logged
 
 
 def test_cli_names_an_unknown_experiment_in_one_line(store):
@@ -225,18 +225,21 @@ def test_a_sweep_tag_that_matches_no_run_is_a_user_error(store):
 
 
 def test_compare_notebook_executes_and_shows_the_table(store, tmp_path, monkeypatch, capsys):
-    """``--notebook`` runs compare.ipynb through the project's kernel (the one the sweeps use)."""
+    """``--notebook`` runs compare.ipynb through the project's kernel (the one the sweeps use), with
+    the command's ``--reference``."""
     import nbformat
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
     uri, _, _ = store
     out = tmp_path / "report"
-    assert report.main([SWEEP, "--sweep", SWEEP, "--tracking-uri", uri, "--out", str(out), "--notebook"]) == 0
+    command = [SWEEP, "--sweep", SWEEP, "--tracking-uri", uri, "--out", str(out), "--reference", "fsq", "--notebook"]
+    assert report.main(command) == 0
     executed = out / "compare.ipynb"
     assert f"executed {executed}" in capsys.readouterr().out
     outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
     shown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
-    assert shown == [report.render(SWEEP, uri).markdown]
+    assert shown == [report.render(SWEEP, uri, reference="fsq").markdown]  # the table and the paired comparison
+    assert "paired with reference fsq" in shown[0]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == len(report.FIGURES)
 
 
@@ -295,3 +298,289 @@ def test_failed_and_unfinished_runs_are_listed_under_the_table_not_as_rows(tmp_p
     ]
     assert (tmp_path / "report" / "table.md").read_text() == result.markdown + "\n"
     assert set(report.curves(report.fetch_runs("F", uri), uri)["name"]) == {"ok"}
+
+
+# --- seeds: a store made with MlflowClient, no training ---------------------------------------------
+SEEDED = "Z"
+REF_L1 = {0: 0.0610, 1: 0.0600, 2: 0.0620}
+# variant -> seed (None: no seed tag) -> val/l1; built so that ``better`` is resolved against ``ref``
+# at 3 seeds and ``noisy`` is not; ``shifted`` shares no seed with ``ref`` (unpaired); ``partial``
+# shares seeds 1 and 2; ``single`` ran once without a seed tag
+SEEDED_L1 = {
+    "ref": REF_L1,
+    "better": {0: 0.0580, 1: 0.0575, 2: 0.0585},
+    "noisy": {0: 0.0630, 1: 0.0570, 2: 0.0635},
+    "shifted": {3: 0.0700, 4: 0.0710},
+    "partial": {1: 0.0590, 2: 0.0615, 5: 0.0650},
+    "single": {None: 0.0650},
+}
+CROPS = 40
+
+
+def crop_l1(variant: str, seed) -> np.ndarray:
+    """The per-image L1 a run of ``variant`` saved: its val/l1 plus noise of mean 0 over the crops,
+    the same crop pattern for every run (crops are shared) and a little per run."""
+    generator = np.random.default_rng([len(variant), -1 if seed is None else seed])
+    pattern = np.random.default_rng(7).normal(0, 0.02, CROPS)
+    noise = generator.normal(0, 0.002, CROPS)
+    values = pattern + noise
+    return SEEDED_L1[variant][seed] + values - values.mean()
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """``(uri, root)`` of a sweep ``Z`` of ``SEEDED_L1``'s runs, each nested under one parent and
+    tagged as a sweep with seeds tags them; ``ref`` and ``better`` logged their per-image L1 as an
+    MLflow artifact, ``partial`` has it in its run folder only (seeds 1 and 2), ``noisy`` has none.
+    ``shifted`` ran from another commit, ``single`` with 2 threads."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+
+    from vqlab.runfolder import RunFolder
+
+    root = tmp_path_factory.mktemp("seeded")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment(SEEDED, artifact_location=(root / "mlartifacts").as_uri())
+    parent = client.create_run(experiment, run_name=SEEDED).info.run_id
+    start = 1000
+    for variant, by_seed in SEEDED_L1.items():
+        for seed, l1 in by_seed.items():
+            folder = RunFolder(root / SEEDED / variant / ("run" if seed is None else f"seed{seed}"))
+            folder.path.mkdir(parents=True)
+            tags = {
+                "mlflow.parentRunId": parent,
+                "sweep": SEEDED,
+                "variant": variant,
+                "vqlab.run_dir": str(folder.path),
+            }
+            tags |= {"git_commit": "bbbb222" if variant == "shifted" else "aaaa111"}
+            tags |= {"vqlab.threads": "2" if variant == "single" else "1", "vqlab.torch": "2.9", "vqlab.device": "cpu"}
+            if seed is not None:
+                tags["seed"] = str(seed)
+            name = variant if seed is None else f"{variant}/seed{seed}"
+            start += 1
+            run = client.create_run(experiment, run_name=name, tags=tags, start_time=start).info.run_id
+            usage = 0.5 + 0.01 * (seed or 0)  # the same for every variant: differences exactly 0
+            metrics = {"val/l1": l1, "val/psnr": 30 - 100 * l1, "val/ssim": 0.7 - l1, "val/codebook_usage": usage}
+            metrics |= {"model/bits_per_token": 10.0, "baseline/l1": 0.04, "train/l1": 0.1}
+            client.log_batch(
+                run,
+                metrics=[Metric(k, v, 0, 4) for k, v in metrics.items()],
+                params=[Param("quantizer.name", "fsq"), Param("quantizer.levels", "[8, 5, 5, 5]")],
+            )
+            if variant in ("ref", "better", "partial") and not (variant == "partial" and seed == 5):
+                np.save(folder.per_image_l1(), crop_l1(variant, seed))
+                if variant != "partial":
+                    client.log_artifact(run, str(folder.per_image_l1()))
+                    folder.per_image_l1().unlink()  # only in MLflow
+            client.set_terminated(run, "FINISHED")
+    client.set_terminated(parent, "FINISHED")
+    return uri, root
+
+
+def t_interval(values) -> tuple[float, float]:
+    """Mean and 95% half-width, computed here with numpy and scipy.stats.t."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return values.mean(), math.nan
+    return values.mean(), stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+
+
+def markdown_rows(text: str) -> dict[str, dict[str, str]]:
+    """The first markdown table of ``text``: first cell -> column -> cell."""
+    header, _, *lines = text.split("\n\n")[0].splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = [dict(zip(columns, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in lines]
+    return {row[columns[0]]: row for row in rows}
+
+
+def test_seeds_aggregate_to_mean_interval_and_n(seeded, tmp_path):
+    uri, _ = seeded
+    result = report.render(SEEDED, uri, out=tmp_path / "report")
+    rows = result.table.set_index("name")
+    shown = markdown_rows(result.markdown)
+    assert list(result.table["name"])[: len(SEEDED_L1)] == list(SEEDED_L1)  # in the order they started
+    for variant, by_seed in SEEDED_L1.items():
+        mean, width = t_interval(list(by_seed.values()))
+        row = rows.loc[variant]
+        assert row["n"] == len(by_seed) and row["l1_n"] == len(by_seed)
+        assert row["l1"] == pytest.approx(mean, rel=1e-12)
+        assert shown[variant]["n"] == str(len(by_seed))
+        if len(by_seed) > 1:
+            assert row["l1_ci"] == pytest.approx(width, rel=1e-12)
+            assert shown[variant]["l1"] == f"{mean:.4f} ± {width:.4f}"
+            assert row["seeds"] == " ".join(map(str, by_seed))
+        else:  # one seed: no interval, never a made-up one
+            assert pd.isna(row["l1_ci"]) and shown[variant]["l1"] == f"{mean:.4f}" and "±" not in shown[variant]["psnr"]
+    assert rows.loc["ref", "codebook usage_ci"] == pytest.approx(t_interval([0.5, 0.51, 0.52])[1])
+    # the trivial codec rows stay as they are: one row, no n
+    assert shown[report.BLOCK_MEAN]["l1"] == "0.0400" and shown[report.BLOCK_MEAN]["n"] == report.MISSING
+    # the CSVs: mean, half-width and n per metric; the per-seed values in seeds.csv
+    csv = pd.read_csv(tmp_path / "report" / "table.csv").set_index("name")
+    assert csv.loc["better", "l1"] == pytest.approx(t_interval(list(SEEDED_L1["better"].values()))[0], rel=1e-12)
+    assert csv.loc["better", "l1_ci"] == pytest.approx(t_interval(list(SEEDED_L1["better"].values()))[1], rel=1e-12)
+    assert csv.loc["better", "l1_n"] == 3 and pd.isna(csv.loc["single", "l1_ci"])
+    per_seed = pd.read_csv(tmp_path / "report" / "seeds.csv")
+    partial = per_seed[per_seed["name"] == "partial"]
+    assert dict(zip(partial["seed"], partial["l1"], strict=True)) == SEEDED_L1["partial"]
+    assert per_seed.loc[per_seed["name"] == "single", "seed"].isna().all()
+
+
+def test_a_half_width_below_the_columns_decimals_keeps_a_significant_digit():
+    assert report.width_cell("l1", 0.0012) == "0.0012"
+    assert report.width_cell("l1", 0.00004) == "0.00004" and report.width_cell("psnr", 0.004) == "0.004"
+    assert report.width_cell("l1", 0.0) == "0.0000"
+    assert report.estimate("l1", 0.0606, 0.00123, 3, 3) == "0.0606 ± 0.0012"
+    assert report.estimate("train usage", 0.5, math.nan, 1, 3) == "0.5000 (n=1)"  # one seed of three logged it
+
+
+def test_notes_name_mixed_code_versions_and_thread_counts(seeded):
+    uri, _ = seeded
+    text = report.render(SEEDED, uri).markdown
+    below = text.split("\n\n")[1]
+    lines = below.splitlines()
+    assert lines[0].startswith("± is the 95% confidence interval of the mean over the n seeds")
+    assert "note: the rows come from different code versions: git_commit aaaa111 (13 runs), bbbb222 (2 runs)" in lines
+    assert "note: the rows come from different thread counts: vqlab.threads 1 (14 runs), 2 (1 run)" in lines
+    same = report.per_seed(report.fetch_runs(SEEDED, uri)).assign(git_commit="aaaa111", threads="1")
+    assert report.notes(report.comparison(report.fetch_runs(SEEDED, uri), same), same) == [lines[0]]
+
+
+def test_a_rerun_seed_is_one_run_its_newest_and_seeds_of_a_variant_are_one_row():
+    runs = pd.DataFrame(
+        {
+            "run_id": ["p", "a0", "a1", "a0again", "b"],
+            "start_time": [0, 1, 2, 3, 4],
+            "status": ["FINISHED", "FINISHED", "FAILED", "FINISHED", "FINISHED"],
+            "tags.variant": [None, "a", "a", "a", "b"],
+            "tags.seed": [None, "0", "1", "0", None],
+            "tags.mlflow.parentRunId": [None, "p", "p", "p", "p"],
+            "metrics.val/l1": [None, 0.1, 0.2, 0.3, 0.4],
+        }
+    )
+    assert list(report.rows_of(runs)["run_id"]) == ["a0again", "b"]
+    assert list(report.unfinished(runs)["name"]) == ["a/seed1"]
+    table = report.comparison(runs)
+    assert list(table["name"]) == ["a", "b"] and list(table["n"]) == [1, 1] and list(table["seeds"]) == ["0", ""]
+
+
+def test_reference_pairs_differences_by_seed_and_gives_a_verdict(seeded, tmp_path):
+    from scipy import stats
+
+    uri, _ = seeded
+    result = report.render(SEEDED, uri, reference="ref", out=tmp_path / "report")
+    paired = result.paired.set_index(["variant", "metric"])
+    assert set(paired.index.get_level_values("variant")) == set(SEEDED_L1) - {"ref"}
+    assert set(paired.index.get_level_values("metric")) == {"l1", "psnr", "ssim", "codebook usage"}  # the logged ones
+
+    def differences(variant, seeds):
+        return [SEEDED_L1[variant][s] - REF_L1[s] for s in seeds]
+
+    better = paired.loc[("better", "l1")]  # built to be resolved
+    mean, width = t_interval(differences("better", [0, 1, 2]))
+    assert better["difference"] == pytest.approx(mean) and better["ci"] == pytest.approx(width)
+    assert abs(mean) > width and better["verdict"] == "resolved"
+    assert (better["n"], better["pairing"], better["seeds"]) == (3, "paired", "paired: 0, 1, 2")
+    noisy = paired.loc[("noisy", "l1")]  # built not to be
+    mean, width = t_interval(differences("noisy", [0, 1, 2]))
+    assert noisy["difference"] == pytest.approx(mean) and noisy["ci"] == pytest.approx(width)
+    assert abs(mean) < width and noisy["verdict"] == "not resolved at 3 seeds"
+    usage = paired.loc[("better", "codebook usage")]  # equal on every seed: an interval of 0 excludes nothing
+    assert usage["difference"] == 0 and usage["ci"] == 0 and usage["verdict"] == "not resolved at 3 seeds"
+
+    partial = paired.loc[("partial", "l1")]  # seeds 1, 2, 5 against 0, 1, 2: paired on 1 and 2
+    mean, width = t_interval(differences("partial", [1, 2]))
+    assert partial["difference"] == pytest.approx(mean) and partial["ci"] == pytest.approx(width)
+    assert (partial["n"], partial["pairing"]) == (2, "paired on common seeds")
+    assert partial["seeds"] == "paired on the common 1, 2 (of 1, 2, 5 / 0, 1, 2)"
+
+    shifted = paired.loc[("shifted", "l1")]  # no common seed: Welch's interval, unpaired
+    welch = stats.ttest_ind(list(SEEDED_L1["shifted"].values()), list(REF_L1.values()), equal_var=False)
+    low, high = welch.confidence_interval(0.95)
+    assert shifted["difference"] == pytest.approx((low + high) / 2) and shifted["ci"] == pytest.approx((high - low) / 2)
+    assert shifted["pairing"] == "unpaired" and shifted["seeds"].startswith("unpaired (Welch): 3, 4 / 0, 1, 2")
+    single = paired.loc[("single", "l1")]  # one run: no interval, so nothing is resolved
+    assert pd.isna(single["ci"]) and single["verdict"] == "not resolved at 1 and 3 seeds"
+
+    section = result.markdown.split("paired with reference ref:")[1]
+    assert "| better | l1 | -0.0030 ± 0.0012 | 3 | paired: 0, 1, 2 | resolved |" in section
+    assert "| noisy | l1 | +0.0002 ± 0.0068 | 3 | paired: 0, 1, 2 | not resolved at 3 seeds |" in section
+    assert "| shifted | l1 | +0.0095 ± 0.0025 | 2 / 3 | unpaired (Welch): 3, 4 / 0, 1, 2 | resolved |" in section
+    assert (tmp_path / "report" / "table.md").read_text() == result.markdown + "\n"
+    csv = pd.read_csv(tmp_path / "report" / "paired.csv")
+    assert list(csv.columns) == list(report.PAIRED_COLUMNS) and len(csv) == len(result.paired)
+
+
+def test_reference_bootstraps_the_per_image_l1_over_crops(seeded):
+    from scipy import stats
+
+    uri, _ = seeded
+    paired = report.render(SEEDED, uri, reference="ref").paired.set_index(["variant", "metric"])
+    for variant, seeds in (("better", [0, 1, 2]), ("partial", [1, 2])):  # partial's files are in its run folders only
+        crops = np.mean([crop_l1(variant, s) for s in seeds], axis=0) - np.mean(
+            [crop_l1("ref", s) for s in seeds], axis=0
+        )
+        expected = stats.bootstrap(
+            (crops,), np.mean, n_resamples=9999, method="percentile", rng=np.random.default_rng(0)
+        ).confidence_interval
+        row = paired.loc[(variant, "l1")]
+        assert row["crops"] == CROPS and row["crop_difference"] == pytest.approx(crops.mean())
+        assert (row["crop_low"], row["crop_high"]) == pytest.approx((expected.low, expected.high))
+        assert row["crop_note"].endswith(f"over {CROPS} crops, pooled over {len(seeds)} seeds")
+    noisy = paired.loc[("noisy", "l1")]
+    assert (
+        pd.isna(noisy["crop_difference"])
+        and noisy["crop_note"] == "no per-image L1 for noisy/seed0, noisy/seed1, noisy/seed2"
+    )
+    assert pd.isna(paired.loc[("better", "psnr"), "crop_note"])  # the crops are L1's
+
+
+def test_crop_bootstrap_on_a_known_example():
+    differences = np.random.default_rng(3).normal(0.01, 0.02, 4000)
+    mean, low, high = report.crop_bootstrap(differences)
+    normal = 1.959964 * differences.std(ddof=1) / np.sqrt(len(differences))  # the normal-theory half-width
+    assert mean == pytest.approx(differences.mean()) and low < mean < high
+    assert (high - low) / 2 == pytest.approx(normal, rel=0.05) and (low + high) / 2 == pytest.approx(
+        mean, abs=normal / 10
+    )
+    assert report.crop_bootstrap(np.full(10, 0.25)) == (0.25, 0.25, 0.25)  # no spread, no interval to draw
+
+
+def test_a_reference_that_is_no_variant_is_a_one_line_error(seeded, tmp_path, capsys):
+    uri, _ = seeded
+    out = tmp_path / "report"
+    assert report.main([SEEDED, "--tracking-uri", uri, "--out", str(out), "--reference", "nope"]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and not out.exists()
+    variants = ", ".join(SEEDED_L1)
+    assert printed.err.splitlines() == [f"error: --reference 'nope' names no variant of 'Z'; its variants: {variants}"]
+
+
+def test_figures_draw_the_95_percent_intervals_where_n_is_above_one(seeded):
+    uri, _ = seeded
+    result = report.render(SEEDED, uri)
+    with_seeds = {v: by_seed for v, by_seed in SEEDED_L1.items() if len(by_seed) > 1}
+    l1_axes = result.figures["l1_vs_bits.png"].axes[0]
+    (bars,) = l1_axes.containers  # one method, error bars on the variants with seeds only
+    drawn = sorted((low[1], high[1]) for low, high in bars.lines[2][0].get_segments())
+    intervals = [t_interval(list(by_seed.values())) for by_seed in with_seeds.values()]
+    np.testing.assert_allclose(drawn, sorted((m - w, m + w) for m, w in intervals))
+    usage_axes = result.figures["usage.png"].axes[0]  # seaborn's bars over the seeds, the same t interval
+    drawn = [line.get_ydata() for line in usage_axes.lines if not np.isnan(line.get_ydata()).all()]
+    usage = [t_interval([0.5 + 0.01 * seed for seed in by_seed]) for by_seed in with_seeds.values()]
+    np.testing.assert_allclose(sorted(max(y) for y in drawn), sorted(m + w for m, w in usage))
+    np.testing.assert_allclose(sorted(min(y) for y in drawn), sorted(m - w for m, w in usage))
+
+
+def test_reference_on_trained_runs_bootstraps_their_logged_per_image_l1(store):
+    uri, _, _ = store
+    runs = stored(uri)
+    paired = report.render(SWEEP, uri, reference="fsq").paired.set_index(["variant", "metric"])
+    row = paired.loc[("fsq_small", "l1")]
+    logged = runs["fsq_small"].data.metrics["val/l1"] - runs["fsq"].data.metrics["val/l1"]
+    assert row["difference"] == pytest.approx(logged) and row["crop_difference"] == pytest.approx(logged, abs=1e-12)
+    assert row["crops"] == 64 and row["crop_low"] <= row["crop_difference"] <= row["crop_high"]
+    assert (row["n"], row["seeds"], row["verdict"]) == (1, "paired: no seed tag", "not resolved at 1 seed")

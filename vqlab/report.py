@@ -1,44 +1,91 @@
 """Results tables and figures rendered from MLflow: ``python -m vqlab.report <sweep-or-experiment>``.
 
     python -m vqlab.report zoo                          # prints the table; writes runs/zoo/report/
+    python -m vqlab.report zoo --reference fsq          # and each variant's difference to fsq's, paired by seed
     python -m vqlab.report zoo --tracking-uri http://mlflow:5000 --out results/zoo
 
 The rows are the runs of one MLflow experiment (a sweep named S is the experiment S). When some runs
-are nested under a parent (a sweep's variants) only those count, one per variant: the newest run of
-that name. Only runs that FINISHED (MLflow's status) and logged ``val/l1`` are rows: a failed run
+are nested under a parent (a sweep's variants) only those count: the newest run of each variant
+and seed (tags ``variant`` and ``seed``; a sweep without seeds has no ``seed`` tag, one run per
+variant). Only runs that FINISHED (MLflow's status) and logged ``val/l1`` are results: a failed run
 (one that diverged still logged its step-0 metrics) or an unfinished one (still running, or killed
-before it could say) is listed under the table by name and status, never shown as a result; a
-sweep's parent run is neither. Below the runs come the two trivial codecs measured on the same
-validation crops (``baseline/*``, ``baseline_palette/*``): one row each, or one per distinct result
-when the runs differ (a palette row per code budget).
+before it could say) is listed under the table by name (``<variant>/seed<k>`` with seeds) and
+status, never shown as a result; a sweep's parent run is neither. For an experiment that is not a
+sweep, every run is one.
+
+Each row of the table is a variant: its seeds aggregated (runs without a ``seed`` tag are a row
+each, ``n = 1``). For every metric column: the mean over the seeds, the half-width of its 95%
+confidence interval (Student t over seeds: ``t_{0.975, n-1} * s / sqrt(n)``, ``s`` the sample
+standard deviation, ``scipy.stats.t``) and ``n``, the seeds that logged it. The markdown shows
+``0.0606 ± 0.0012`` (the half-width with the column's decimals, or as many as make it non-zero) and
+an ``n`` column (seeds of the variant; a metric logged by fewer says ``(n=k)``); with one seed there
+is no interval, never a made-up one. Below the variants come the two trivial codecs measured on the
+same validation crops (``baseline/*``, ``baseline_palette/*``): one row each, or one per distinct
+result when the runs differ (a palette row per code budget), with no ``n``.
 
 Columns are the seed study's (name, levels, fid, l1, lpips, codebook usage) and then psnr, ssim,
 perplexity and bits/token, all from the final ``val/*`` metrics, and train usage: the codebook
 usage of the final checkpoint on training crops (``eval_train/codebook_usage``). A metric the run did not log
 (``fid`` and ``lpips`` when their weights were absent; bits/token of a continuous quantizer) is
 missing: ``NaN`` in the frame, ``—`` in the table, empty in the CSV; never 0. The markdown rounds
-as ``FORMATS`` says; the CSV keeps every digit MLflow stored.
+as ``FORMATS`` says; the CSVs keep every digit MLflow stored. Under the table: what ``±`` means
+(when some row has seeds), a line when the rows come from different code versions (``git_commit``
+tags) and one when they come from different thread counts (``vqlab.threads``), naming the values.
 
-``notebooks/compare.ipynb`` runs the same functions with ``experiment`` / ``sweep`` parameters.
-MLflow is read through ``MlflowClient`` with an explicit store (``vqlab.tracking.client``), not
-``mlflow.search_runs``, whose process-global tracking URI would rewrite ``$MLFLOW_TRACKING_URI``.
+Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sweep's parent run):
+
+    table.md     what the command prints: the table, the notes, the runs that are no results, the
+                 paired comparison
+    table.csv    one line per row of the table: ``name``, ``levels``, ``n`` (seeds), ``seeds``
+                 (space-separated, empty without seed tags), then per metric ``<m>`` (mean),
+                 ``<m>_ci`` (half-width of the 95% interval; empty for n < 2) and ``<m>_n``; then
+                 ``method`` and ``run_id`` (space-separated in seed order; empty for the codecs)
+    seeds.csv    the per-seed values: one line per run that is a result, ``SEED_COLUMNS``: ``name``,
+                 ``seed`` (empty without a seed tag), ``levels``, ``method``, ``run_id``,
+                 ``git_commit``, ``threads``, ``run_dir`` (tags; empty where not recorded) and
+                 every metric column, as MLflow stored it
+    paired.csv   with ``--reference``: ``PAIRED_COLUMNS``, one line per variant and headline metric
+    l1_vs_bits.png, usage.png, curves.png   error bars are the 95% t intervals, where n > 1
+
+``--reference R`` compares every other variant with variant ``R`` on the ``HEADLINE`` metrics both
+logged: the difference ``variant - R`` per seed, over the seeds both ran (paired by seed), its mean
+and 95% t interval, ``n`` the pairs, and the verdict ``resolved`` only where that interval excludes
+0, else ``not resolved at n seeds``. Different seed sets are paired on the common seeds, and the
+``seeds`` column says so; with no common seed the interval is Welch's (unpaired) and says
+``unpaired``. The seeds measure training noise; the ``crops`` column measures measurement noise:
+the per-image validation L1 of both (``RunFolder.per_image_l1``, read from each run's MLflow
+artifacts, else from its run folder), crops paired by index, each crop's difference averaged over
+the seeds used (pooled), and a 95% percentile bootstrap of its mean over the crops
+(``scipy.stats.bootstrap``). A run without that file says so in the column.
+
+``notebooks/compare.ipynb`` runs the same functions with ``experiment`` / ``sweep`` / ``reference``
+parameters. MLflow is read through ``MlflowClient`` with an explicit store
+(``vqlab.tracking.client``), not ``mlflow.search_runs``, whose process-global tracking URI would
+rewrite ``$MLFLOW_TRACKING_URI``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import math
+import os
 import sys
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from vqlab import tables
 from vqlab.config import TrackingConfig
 from vqlab.errors import UserError
 from vqlab.notebook import execute
+from vqlab.runfolder import RunFolder
 from vqlab.tracking import client, mlflow_uri
 
 # table column -> the MLflow metric it shows
@@ -55,7 +102,11 @@ METRICS = {
     # run.ipynb runs): tells a dead code from one the held-out validation photos do not need
     "train usage": "eval_train/codebook_usage",
 }
-COLUMNS = ("name", "levels", *METRICS)
+COLUMNS = ("name", "levels", "n", *METRICS)  # the markdown table's
+# table.csv's: per metric its mean, the half-width of its 95% interval and its number of seeds
+CSV_COLUMNS = ("name", "levels", "n", "seeds", *(f"{m}{s}" for m in METRICS for s in ("", "_ci", "_n")))
+CSV_COLUMNS += ("method", "run_id")
+SEED_COLUMNS = ("name", "seed", "levels", "method", "run_id", "git_commit", "threads", "run_dir", *METRICS)
 # decimals shown in the markdown table
 FORMATS = {
     "fid": 2,
@@ -69,18 +120,40 @@ FORMATS = {
     "train usage": 4,
 }
 MISSING = tables.MISSING
+# columns that a config sets rather than a measurement: the same over seeds, shown without "± 0"
+SETTINGS = ("bits/token",)
 BASELINE_METRICS = {"l1": "l1", "psnr": "psnr", "ssim": "ssim"}
 BLOCK_MEAN, PALETTE = "block mean colour", "palette (same code budget)"
 CURVE_KEYS = ("train/l1", "train/loss")  # the first one a run logged is its training curve
 FIGURES = ("l1_vs_bits.png", "usage.png", "curves.png")
 FINISHED = "FINISHED"  # MLflow's status of a run that ended well; only those are results
-
+CONFIDENCE = 0.95  # of every interval the report shows
+# the metrics ``--reference`` compares (those both variants logged)
+HEADLINE = ("l1", "psnr", "ssim", "codebook usage", "lpips", "fid")
+BOOTSTRAP_RESAMPLES = 9999
+PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download progress bars
+PAIRED_COLUMNS = (
+    "variant",
+    "metric",
+    "difference",  # mean of variant - reference over the pairs (unpaired: difference of the means)
+    "ci",  # half-width of its 95% t interval (Welch's when unpaired); NaN when it has none
+    "n",  # pairs of seeds (unpaired: the variant's seeds)
+    "n_reference",  # the reference's seeds it was compared with
+    "pairing",  # "paired", "paired on common seeds" or "unpaired"
+    "seeds",  # which seeds, in words
+    "verdict",  # "resolved" or "not resolved at n seeds"
+    "crop_difference",  # l1 only: mean over the crops of the per-crop L1 difference (seeds pooled)
+    "crop_low",  # its 95% bootstrap interval over the crops
+    "crop_high",
+    "crops",  # the number of crops
+    "crop_note",  # what the crops column shows: the interval, or why there is none
+)
 
 COMPARE_NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "compare.ipynb"
 
 
 class ReportError(UserError, LookupError):
-    """No experiment of that name, or no run in it that validated."""
+    """No experiment of that name, or no run in it that validated, or no variant to compare with."""
 
 
 # --- reading MLflow -------------------------------------------------------------------------------
@@ -136,13 +209,26 @@ def flat_run(run) -> dict:
 
 def results_and_others(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs that are results if they finished, oldest first (a sweep's order), with a ``name``
-    column: a sweep's variants (runs with a parent), the newest run of each name; for an experiment
-    that is not a sweep, every run."""
-    runs = runs.assign(name=[run_name(run) for _, run in runs.iterrows()])
+    column and a ``seed`` column (the ``seed`` tag as an integer; ``<NA>`` without one): a sweep's
+    variants (runs with a parent), the newest run of each name and seed; for an experiment that is
+    not a sweep, every run."""
+    runs = runs.assign(name=[run_name(run) for _, run in runs.iterrows()], seed=seeds_of(runs))
     if "tags.mlflow.parentRunId" in runs and runs["tags.mlflow.parentRunId"].notna().any():
         runs = runs[runs["tags.mlflow.parentRunId"].notna()]
-        runs = runs.sort_values("start_time", ascending=False, kind="stable").drop_duplicates("name")
+        runs = runs.sort_values("start_time", ascending=False, kind="stable").drop_duplicates(["name", "seed"])
     return runs.sort_values("start_time", kind="stable").reset_index(drop=True)
+
+
+def seeds_of(runs: pd.DataFrame) -> pd.Series:
+    """The ``seed`` tag of each run as an integer, ``<NA>`` where there is none."""
+    tags = runs["tags.seed"] if "tags.seed" in runs else pd.Series(None, index=runs.index, dtype=object)
+    seeds = [int(tag) if isinstance(tag, str) and tag.strip() else pd.NA for tag in tags]
+    return pd.Series(seeds, index=runs.index, dtype="Int64")
+
+
+def label(name: str, seed) -> str:
+    """A run of a variant in words: ``<variant>/seed<k>``, or the variant's name without a seed."""
+    return name if pd.isna(seed) else f"{name}/seed{seed}"
 
 
 def finished(runs: pd.DataFrame) -> pd.Series:
@@ -157,9 +243,11 @@ def rows_of(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def unfinished(runs: pd.DataFrame) -> pd.DataFrame:
-    """``name``, ``status`` and ``run_id`` of the runs that would be rows but did not finish
-    (``FAILED``, ``KILLED``, or ``RUNNING``/``SCHEDULED`` still or forever), oldest first."""
+    """``name`` (``<variant>/seed<k>`` with seeds), ``status`` and ``run_id`` of the runs that would
+    be results but did not finish (``FAILED``, ``KILLED``, or ``RUNNING``/``SCHEDULED`` still or
+    forever), oldest first."""
     runs = results_and_others(runs)
+    runs = runs.assign(name=[label(r.name, r.seed) for r in runs.itertuples()])
     return runs.loc[~finished(runs), ["name", "status", "run_id"]].reset_index(drop=True)
 
 
@@ -203,26 +291,67 @@ def metric(run: pd.Series, key: str) -> float:
     return float(value) if value is not None and not pd.isna(value) else math.nan
 
 
-def comparison(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per run (``rows_of``) and then the trivial codecs: ``COLUMNS`` plus ``method`` (the
-    quantizer, or the codec) and ``run_id`` (empty for the codecs). Missing metrics are ``NaN``."""
-    runs = rows_of(runs)
+def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run that is a result (``rows_of``), oldest first: ``SEED_COLUMNS`` (``seed``
+    ``<NA>`` without a seed tag; ``git_commit``, ``threads`` and ``run_dir`` from the tags, ``None``
+    when not recorded). Missing metrics are ``NaN``."""
     rows = []
-    for _, run in runs.iterrows():
+    for _, run in rows_of(runs).iterrows():
         params = {
             k.removeprefix("params."): v for k, v in run.items() if k.startswith("params.") and isinstance(v, str)
         }
-        row = {"name": run["name"], "levels": describe(params)}
-        row |= {column: metric(run, key) for column, key in METRICS.items()}
-        rows.append(row | {"method": params.get("quantizer.name", MISSING), "run_id": run["run_id"]})
-    rows += baseline_rows(runs)
-    return pd.DataFrame(rows, columns=[*COLUMNS, "method", "run_id"])
+        row = {"name": run["name"], "seed": run["seed"], "levels": describe(params)}
+        row |= {"method": params.get("quantizer.name", MISSING), "run_id": run["run_id"]}
+        row |= {"git_commit": tag(run, "git_commit"), "threads": tag(run, "vqlab.threads")}
+        row |= {"run_dir": tag(run, "vqlab.run_dir")}
+        rows.append(row | {column: metric(run, key) for column, key in METRICS.items()})
+    frame = pd.DataFrame(rows, columns=list(SEED_COLUMNS))
+    return frame.astype({"seed": "Int64"})
+
+
+def tag(run: pd.Series, key: str) -> str | None:
+    value = run.get(f"tags.{key}")
+    return value if isinstance(value, str) and value else None
+
+
+def variants(seeds: pd.DataFrame) -> list[pd.DataFrame]:
+    """``seeds`` (from ``per_seed``) split into the table's rows, in the order they first started:
+    the seeded runs of one name together, in seed order; a run without a seed tag on its own."""
+    groups: dict[str, list[int]] = {}
+    for i, run in seeds.iterrows():
+        groups.setdefault(run["name"] if not pd.isna(run["seed"]) else f"run {run['run_id']}", []).append(i)
+    return [seeds.loc[rows].sort_values("seed", kind="stable") for rows in groups.values()]
+
+
+def comparison(runs: pd.DataFrame, seeds: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per variant (its seeds aggregated, ``aggregate``) and then the trivial codecs,
+    as ``CSV_COLUMNS``: ``method`` is the quantizer or the codec, ``run_id`` empty for the codecs.
+    ``seeds``: ``per_seed(runs)``, when the caller has it. Missing metrics are ``NaN``."""
+    seeds = per_seed(runs) if seeds is None else seeds
+    rows = [aggregate(group) for group in variants(seeds)]
+    rows += baseline_rows(rows_of(runs))
+    counts = ["n", *(f"{column}_n" for column in METRICS)]
+    return pd.DataFrame(rows, columns=list(CSV_COLUMNS)).astype(dict.fromkeys(counts, "Int64"))
+
+
+def aggregate(group: pd.DataFrame) -> dict:
+    """One variant's row from its runs: per metric the mean over the seeds that logged it, the
+    half-width of its 95% t interval (``half_width``) and their number."""
+    first = group.iloc[0]
+    seeds = " ".join(str(seed) for seed in group["seed"] if not pd.isna(seed))
+    row = {"name": first["name"], "levels": first["levels"], "n": len(group), "seeds": seeds}
+    for column in METRICS:
+        values = group[column].dropna().to_numpy(dtype=float)
+        row[column] = float(values.mean()) if len(values) else math.nan
+        row[f"{column}_ci"] = half_width(values)
+        row[f"{column}_n"] = len(values)
+    return row | {"method": first["method"], "run_id": " ".join(group["run_id"])}
 
 
 def baseline_rows(runs: pd.DataFrame) -> list[dict]:
     """The block mean colour codec and the palette codec, one row per distinct result over the runs."""
     rows = []
-    for prefix, label in (("baseline", BLOCK_MEAN), ("baseline_palette", PALETTE)):
+    for prefix, label_ in (("baseline", BLOCK_MEAN), ("baseline_palette", PALETTE)):
         seen: list[dict] = []
         for _, run in runs.iterrows():
             values = {column: metric(run, f"{prefix}/{key}") for column, key in BASELINE_METRICS.items()}
@@ -234,24 +363,306 @@ def baseline_rows(runs: pd.DataFrame) -> list[dict]:
             if values not in seen:
                 seen.append(values)
         seen.sort(key=lambda values: values.get("bits/token", 0.0))
-        rows += [{"name": label, "levels": MISSING, **values, "method": label, "run_id": ""} for values in seen]
+        rows += [{"name": label_, "levels": MISSING, **values, "method": label_, "run_id": ""} for values in seen]
     return rows
 
 
+# --- intervals ------------------------------------------------------------------------------------
+def t_quantile(dof: float) -> float:
+    """The two-sided ``CONFIDENCE`` quantile of Student's t with ``dof`` degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, dof))
+
+
+def half_width(values: Sequence[float]) -> float:
+    """The half-width of the 95% confidence interval of the mean of ``values`` (Student t over the
+    seeds: ``t_{0.975, n-1} * s / sqrt(n)``, ``s`` with ``n - 1``); ``NaN`` for fewer than 2."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return math.nan
+    return t_quantile(len(values) - 1) * float(values.std(ddof=1)) / math.sqrt(len(values))
+
+
+def t_bounds(values: Sequence[float]) -> tuple[float, float]:
+    """``(mean - half_width, mean + half_width)``: seaborn's ``errorbar`` for the 95% t interval."""
+    mean, width = float(np.mean(values)), half_width(values)
+    return mean - width, mean + width
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """``mean(a) - mean(b)`` and the half-width of its 95% Welch interval (unequal variances,
+    Welch-Satterthwaite degrees of freedom); ``NaN`` half-width when either has fewer than 2."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    difference = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return difference, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return difference, 0.0
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return difference, t_quantile(dof) * math.sqrt(va + vb)
+
+
+def resolved(difference: float, width: float) -> bool:
+    """Whether the interval ``difference ± width`` excludes 0 (never without an interval)."""
+    return not math.isnan(width) and abs(difference) > width
+
+
+def crop_bootstrap(differences: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0):
+    """The mean of per-crop ``differences`` and its 95% percentile bootstrap interval over the
+    crops (``scipy.stats.bootstrap``, resampling crops; a fixed generator, so a report renders the
+    same twice): ``(mean, low, high)``. Equal differences have the interval of their value."""
+    from scipy import stats
+
+    differences = np.asarray(differences, dtype=float)
+    mean = float(differences.mean())
+    if np.ptp(differences) == 0:
+        return mean, mean, mean
+    found = stats.bootstrap(
+        (differences,),
+        np.mean,
+        n_resamples=resamples,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        batch=max(1, 2**21 // len(differences)),  # about 16 MB of resampled crops at a time
+        rng=np.random.default_rng(seed),
+    )
+    return mean, float(found.confidence_interval.low), float(found.confidence_interval.high)
+
+
+# --- markdown -------------------------------------------------------------------------------------
 def cell(column: str, value) -> str:
     """A value of ``column`` as the markdown table shows it (``FORMATS``)."""
     return tables.cell(value, f".{FORMATS[column]}f" if column in FORMATS else "")
 
 
+def width_cell(column: str, width: float) -> str:
+    """A half-width with ``column``'s decimals, or with as many as make it non-zero."""
+    decimals = FORMATS.get(column, 4)
+    if 0 < width < 0.5 * 10**-decimals:
+        decimals = -math.floor(math.log10(width))
+    return f"{width:.{decimals}f}"
+
+
+def estimate(column: str, mean: float, width: float, count: float = 1, n: float = 1, sign: str = "") -> str:
+    """``mean ± width`` as the markdown shows it (no ``±`` without an interval), and ``(n=k)``
+    when ``count`` seeds of the row's ``n`` logged it; ``sign="+"`` writes a difference's sign."""
+    if pd.isna(mean):
+        return MISSING
+    text = tables.cell(mean, f"{sign}.{FORMATS[column]}f" if column in FORMATS else "")
+    if not pd.isna(width) and not (column in SETTINGS and width == 0):
+        text += f" ± {width_cell(column, width)}"
+    if not pd.isna(count) and not pd.isna(n) and count < n:
+        text += f" (n={int(count)})"
+    return text
+
+
 def markdown(table: pd.DataFrame) -> str:
-    """``table`` (from ``comparison``) as a markdown table of ``COLUMNS``; missing values are ``—``."""
-    return tables.markdown(COLUMNS, ([cell(c, row[c]) for c in COLUMNS] for _, row in table.iterrows()))
+    """``table`` (from ``comparison``) as a markdown table of ``COLUMNS``: each metric as ``mean ±
+    half-width`` (``estimate``), ``n`` the seeds of the row; missing values are ``—``."""
+    lines = []
+    for _, row in table.iterrows():
+        cells = [row["name"], row["levels"], tables.cell(None if pd.isna(row["n"]) else int(row["n"]))]
+        cells += [estimate(c, row[c], row[f"{c}_ci"], row[f"{c}_n"], row["n"]) for c in METRICS]
+        lines.append(cells)
+    return tables.markdown(COLUMNS, lines)
+
+
+def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
+    """The lines under the table: what ``±`` means (when a row has more than one seed), and one
+    line each when the runs come from different code versions (``git_commit``) or thread counts
+    (``vqlab.threads``), naming the values and how many runs have each."""
+    lines = []
+    if (table["n"] > 1).any():
+        lines.append(
+            "± is the 95% confidence interval of the mean over the n seeds (Student t); n = 1 has no interval."
+        )
+    for column, what, key in (
+        ("git_commit", "code versions", "git_commit"),
+        ("threads", "thread counts", "vqlab.threads"),
+    ):
+        counts = seeds[column].dropna().value_counts(sort=False)
+        if len(counts) > 1:
+            values = ", ".join(f"{value} ({count} run{'s' * (count > 1)})" for value, count in counts.items())
+            unknown = seeds[column].isna().sum()
+            values += f", not recorded ({unknown} run{'s' * (unknown > 1)})" if unknown else ""
+            lines.append(f"note: the rows come from different {what}: {key} {values}")
+    return lines
+
+
+# --- paired comparisons --------------------------------------------------------------------------
+def reference_check(reference: str, seeds: pd.DataFrame, experiment: str) -> None:
+    """``ReportError`` naming ``--reference`` and the variants when ``reference`` is none of them."""
+    names = list(dict.fromkeys(seeds["name"]))
+    if reference not in names:
+        raise ReportError(
+            f"--reference {reference!r} names no variant of {experiment!r}; its variants: {', '.join(names)}"
+        )
+
+
+def seed_list(seeds: Sequence) -> str:
+    return ", ".join("no seed tag" if pd.isna(seed) else str(seed) for seed in seeds)
+
+
+def compare(variant: pd.DataFrame, reference: pd.DataFrame, column: str) -> dict | None:
+    """``variant - reference`` on ``column`` (each the ``per_seed`` rows of one variant): paired
+    by seed over the seeds both ran and logged it, else unpaired (Welch); ``PAIRED_COLUMNS``'
+    ``difference`` to ``verdict``, and ``used``: the variant's and the reference's seeds it used.
+    ``None`` when either logged no value."""
+    ours, theirs = values_by_seed(variant, column), values_by_seed(reference, column)
+    if not ours or not theirs:
+        return None
+    common = [seed for seed in ours if seed in theirs]
+    if common:
+        differences = [ours[seed] - theirs[seed] for seed in common]
+        mean, width, n, n_reference = float(np.mean(differences)), half_width(differences), len(common), len(common)
+        if set(ours) == set(theirs):
+            pairing, words = "paired", f"paired: {seed_list(common)}"
+        else:
+            pairing = "paired on common seeds"
+            words = f"paired on the common {seed_list(common)} (of {seed_list(ours)} / {seed_list(theirs)})"
+        used, counted = (common, common), f"{n} seed{'s' * (n != 1)}"
+    else:
+        mean, width = welch(list(ours.values()), list(theirs.values()))
+        n, n_reference = len(ours), len(theirs)
+        pairing, words = "unpaired", f"unpaired (Welch): {seed_list(ours)} / {seed_list(theirs)}"
+        used, counted = (list(ours), list(theirs)), f"{n} and {n_reference} seeds"
+    verdict = "resolved" if resolved(mean, width) else f"not resolved at {counted}"
+    found = {"difference": mean, "ci": width, "n": n, "n_reference": n_reference, "pairing": pairing}
+    return found | {"seeds": words, "verdict": verdict, "used": used}
+
+
+def values_by_seed(runs: pd.DataFrame, column: str) -> dict:
+    """``seed -> value`` of the runs that logged ``column`` (no seed tag: ``None``)."""
+    return {seed_key(seed): value for seed, value in zip(runs["seed"], runs[column], strict=True) if not pd.isna(value)}
+
+
+def seed_key(seed):
+    """A seed as a dict key (``<NA>``, no seed tag, is ``None``)."""
+    return None if pd.isna(seed) else int(seed)
+
+
+def paired(seeds: pd.DataFrame, reference: str, per_image: Callable[[str], np.ndarray | None]) -> pd.DataFrame:
+    """Every other variant against ``reference`` on the ``HEADLINE`` metrics both logged, as
+    ``PAIRED_COLUMNS`` (see the module docstring); ``per_image(run_id)``: a run's per-image
+    validation L1, ``None`` when it has none. ``seeds``: ``per_seed``'s rows."""
+    groups: dict[str, pd.DataFrame] = {}
+    for group in variants(seeds):  # of an experiment's runs without seeds that share a name, the first
+        groups.setdefault(group.iloc[0]["name"], group)
+    base = groups[reference]
+    rows = []
+    for name, group in groups.items():
+        if name == reference:
+            continue
+        for column in HEADLINE:
+            found = compare(group, base, column)
+            if found is None:
+                continue
+            used = found.pop("used")
+            row = {"variant": name, "metric": column, **found}
+            if column == "l1":
+                row |= crop_comparison(group, base, *used, per_image)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=list(PAIRED_COLUMNS))
+
+
+def crop_comparison(variant, reference, variant_seeds, reference_seeds, per_image) -> dict:
+    """The ``crop_*`` columns of a variant against the reference: the per-image L1 of the seeds
+    used, crops paired by index, each crop's difference averaged over those seeds (pooled), and
+    ``crop_bootstrap`` of its mean; ``crop_note`` says why there is none where a file is missing
+    or the runs were validated on different crops."""
+    arrays, missing = {}, []
+    for group, used in ((variant, variant_seeds), (reference, reference_seeds)):
+        name = group.iloc[0]["name"]
+        for _, run in group.iterrows():
+            if seed_key(run["seed"]) not in used:
+                continue
+            values = per_image(run["run_id"])
+            if values is None:
+                missing.append(label(name, run["seed"]))
+            else:
+                arrays.setdefault(name, []).append(values)
+    if missing:
+        return {"crop_note": f"no per-image L1 for {', '.join(missing)}"}
+    ours, theirs = arrays[variant.iloc[0]["name"]], arrays[reference.iloc[0]["name"]]
+    sizes = sorted({len(values) for values in ours + theirs})
+    if len(sizes) > 1:
+        return {"crop_note": f"different crops ({' vs '.join(map(str, sizes))} images)"}
+    differences = np.mean(ours, axis=0) - np.mean(theirs, axis=0)
+    mean, low, high = crop_bootstrap(differences)
+    pooled = "pooled over " + (
+        f"{len(ours)} seeds" if len(ours) == len(theirs) else f"{len(ours)} / {len(theirs)} seeds"
+    )
+    note = f"{mean:+.{FORMATS['l1']}f} [{low:+.{FORMATS['l1']}f}, {high:+.{FORMATS['l1']}f}] over {sizes[0]} crops"
+    note += f", {pooled}" if len(ours) + len(theirs) > 2 else ""
+    return {"crop_difference": mean, "crop_low": low, "crop_high": high, "crops": sizes[0], "crop_note": note}
+
+
+def paired_markdown(table: pd.DataFrame, reference: str) -> str:
+    """The paired comparison under the report's table: a heading line, the table, and what the
+    crops column measures."""
+    heading = (
+        f"paired with reference {reference}: difference = variant - {reference}, mean ± 95% t interval over the "
+        "seeds (paired by seed); resolved where that interval excludes 0"
+    )
+    if table.empty:
+        return f"{heading}\n\nno other variant logged a headline metric"
+    header = ("variant", "metric", "difference", "n", "seeds", "verdict", "crops (l1, bootstrap)")
+    lines = []
+    for _, row in table.iterrows():
+        n = str(row["n"]) if row["pairing"] != "unpaired" else f"{row['n']} / {row['n_reference']}"
+        crops = row["crop_note"] if isinstance(row["crop_note"], str) else MISSING
+        difference = estimate(row["metric"], row["difference"], row["ci"], sign="+")
+        lines.append([row["variant"], row["metric"], difference, n, row["seeds"], row["verdict"], crops])
+    footer = (
+        "crops: the per-crop val L1 difference, averaged over the seeds used (pooled), and the 95% percentile "
+        f"bootstrap interval of its mean over the shared validation crops (scipy.stats.bootstrap, "
+        f"{BOOTSTRAP_RESAMPLES} resamples): measurement noise, where the t interval over seeds is training noise"
+    )
+    return "\n\n".join([heading, tables.markdown(header, lines), footer])
+
+
+def per_image_reader(tracking_uri: str, seeds: pd.DataFrame) -> Callable[[str], np.ndarray | None]:
+    """``run_id -> per-image validation L1`` (``RunFolder.per_image_l1``): the run's MLflow
+    artifact of that name, else the file in the run folder its ``vqlab.run_dir`` tag names;
+    ``None`` where neither is there. Each run is read once."""
+    mlflow_client = client(tracking_uri, create=False)
+    name = RunFolder.per_image_l1_name()
+    folders = dict(zip(seeds["run_id"], seeds["run_dir"], strict=True))
+
+    @functools.cache
+    def read(run_id: str) -> np.ndarray | None:
+        if name in {artifact.path for artifact in mlflow_client.list_artifacts(run_id)}:
+            with tempfile.TemporaryDirectory() as scratch, quiet_downloads():
+                return np.load(mlflow_client.download_artifacts(run_id, name, scratch))
+        folder = folders.get(run_id)
+        if isinstance(folder, str) and RunFolder(folder).per_image_l1().is_file():
+            return np.load(RunFolder(folder).per_image_l1())
+        return None
+
+    return read
+
+
+@contextlib.contextmanager
+def quiet_downloads():
+    """No MLflow progress bar (one per file, on stderr) while the report downloads."""
+    saved = os.environ.get(PROGRESS_BAR)
+    os.environ[PROGRESS_BAR] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(PROGRESS_BAR, None)
+        else:
+            os.environ[PROGRESS_BAR] = saved
 
 
 # --- figures --------------------------------------------------------------------------------------
 def curves(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
-    """Training curves from MLflow's metric history: ``name``, ``metric``, ``step``, ``value`` for
-    each row run, its first logged key of ``CURVE_KEYS``."""
+    """Training curves from MLflow's metric history: ``name`` (``<variant>/seed<k>`` with seeds),
+    ``metric``, ``step``, ``value`` for each run that is a result, its first logged key of
+    ``CURVE_KEYS``."""
     mlflow_client = client(tracking_uri, create=False)  # reading never creates a store
     points = []
     for _, run in rows_of(runs).iterrows():
@@ -259,14 +670,18 @@ def curves(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
         if key is None:
             continue
         history = sorted(mlflow_client.get_metric_history(run["run_id"], key), key=lambda m: m.step)
-        points += [{"name": run["name"], "metric": key, "step": m.step, "value": m.value} for m in history]
+        name = label(run["name"], run["seed"])
+        points += [{"name": name, "metric": key, "step": m.step, "value": m.value} for m in history]
     return pd.DataFrame(points, columns=["name", "metric", "step", "value"])
 
 
-def figures(table: pd.DataFrame, history: pd.DataFrame) -> dict:
+def figures(table: pd.DataFrame, history: pd.DataFrame, seeds: pd.DataFrame | None = None) -> dict:
     """``FIGURES`` name -> matplotlib Figure: L1 against bits per token with one line per method
-    (points sorted by bits; the palette codec is a method too), codebook usage of each run coloured
-    by method, and the training curves. Figures are made without pyplot, so nothing is shown."""
+    (points sorted by bits; the palette codec is a method too), codebook usage of each variant
+    coloured by method, and the training curves. Where a variant has more than one seed, its L1
+    and usage are the mean over the seeds with the 95% t interval as an error bar (``seeds``:
+    ``per_seed``'s rows, from which seaborn draws the usage bars; without it, the table's means).
+    Figures are made without pyplot, so nothing is shown."""
     import seaborn as sns
     from matplotlib.figure import Figure
 
@@ -275,16 +690,32 @@ def figures(table: pd.DataFrame, history: pd.DataFrame) -> dict:
     for method, points in table.dropna(subset=["bits/token", "l1"]).groupby("method", sort=False):
         points = points.sort_values("bits/token")
         codec = method in (BLOCK_MEAN, PALETTE)
-        ax.plot(points["bits/token"], points["l1"], marker="o", label=method, linestyle="--" if codec else "-")
+        (line,) = ax.plot(
+            points["bits/token"], points["l1"], marker="o", label=method, linestyle="--" if codec else "-"
+        )
+        bars = points[points["l1_ci"].notna()]
+        if not bars.empty:
+            ax.errorbar(
+                bars["bits/token"], bars["l1"], yerr=bars["l1_ci"], fmt="none", capsize=3, color=line.get_color()
+            )
     for _, run in table[table["bits/token"].isna() & (table["run_id"] != "")].iterrows():
-        ax.axhline(run["l1"], linestyle=":", color="grey", label=f"{run['name']} (continuous)")
-    ax.set(xlabel="bits per token", ylabel="val L1 (lower is better)", title="L1 vs bits per token")
+        line = ax.axhline(run["l1"], linestyle=":", color="grey", label=f"{run['name']} (continuous)")
+        if not pd.isna(run["l1_ci"]):
+            ax.axhspan(run["l1"] - run["l1_ci"], run["l1"] + run["l1_ci"], color="grey", alpha=0.15, linewidth=0)
+    title = "L1 vs bits per token" + (" (95% CI over seeds)" if table["l1_ci"].notna().any() else "")
+    ax.set(xlabel="bits per token", ylabel="val L1 (lower is better)", title=title)
     ax.legend(fontsize="small")
 
     ax = made["usage.png"].subplots()
-    runs = table[(table["run_id"] != "") & table["codebook usage"].notna()]
-    sns.barplot(runs, x="name", y="codebook usage", hue="method", dodge=False, ax=ax)
-    ax.set(ylim=(0, 1), xlabel="", title="codebook usage")
+    if seeds is None:
+        seeds = table[table["run_id"] != ""]
+    runs = seeds[seeds["codebook usage"].notna()]
+    sns.barplot(runs, x="name", y="codebook usage", hue="method", dodge=False, errorbar=t_bounds, capsize=0.2, ax=ax)
+    ax.set(
+        ylim=(0, 1),
+        xlabel="",
+        title="codebook usage" + (" (95% CI over seeds)" if runs["name"].duplicated().any() else ""),
+    )
     ax.tick_params(axis="x", labelrotation=45)
 
     ax = made["curves.png"].subplots()
@@ -299,12 +730,15 @@ def figures(table: pd.DataFrame, history: pd.DataFrame) -> dict:
 # --- the report -----------------------------------------------------------------------------------
 @dataclass
 class Report:
-    table: pd.DataFrame
+    table: pd.DataFrame  # ``comparison``: one row per variant, then the codecs (table.csv)
     markdown: str
     figures: dict
     files: list[Path]
     parent_run_ids: list[str]
     unfinished: pd.DataFrame  # name, status, run_id of the runs that failed or did not finish
+    seeds: pd.DataFrame = field(default_factory=pd.DataFrame)  # ``per_seed``: one row per run (seeds.csv)
+    paired: pd.DataFrame | None = None  # ``paired`` with ``--reference`` (paired.csv)
+    notes: list[str] = field(default_factory=list)  # the lines under the table
 
 
 def render(
@@ -313,17 +747,27 @@ def render(
     sweep: str | None = None,
     out: str | Path | None = None,
     root: str | Path = "runs",
+    reference: str | None = None,
 ) -> Report:
-    """Read the runs, build the table and figures and, with ``out``, write ``table.md``,
-    ``table.csv`` and the figures there. ``parent_run_ids``: the parents of the rows' runs."""
+    """Read the runs, build the table, its notes, the paired comparison with ``reference`` (a
+    variant's name; ``ReportError`` when it is none) and the figures and, with ``out``, write them
+    there (the module docstring lists the files). ``parent_run_ids``: the parents of the rows' runs."""
     uri = store(tracking_uri, root)
     runs = fetch_runs(experiment, uri, sweep)
-    table = comparison(runs)
-    made = figures(table, curves(runs, uri))
+    seeds = per_seed(runs)
+    if reference:
+        reference_check(reference, seeds, experiment)
+    table = comparison(runs, seeds)
+    compared = paired(seeds, reference, per_image_reader(uri, seeds)) if reference else None
+    made = figures(table, curves(runs, uri), seeds)
     parents = sorted(set(rows_of(runs).get("tags.mlflow.parentRunId", pd.Series(dtype=object)).dropna()))
     others = unfinished(runs)
-    text = "\n\n".join(part for part in (markdown(table), unfinished_markdown(others)) if part)
-    result = Report(table, text, made, [], parents, others)
+    below = notes(table, seeds)
+    parts = [markdown(table), "\n".join(below), unfinished_markdown(others)]
+    parts += [paired_markdown(compared, reference)] if compared is not None else []
+    result = Report(
+        table, "\n\n".join(part for part in parts if part), made, [], parents, others, seeds, compared, below
+    )
     if out is not None:
         result.files = write(result, Path(out))
     return result
@@ -331,11 +775,16 @@ def render(
 
 def write(result: Report, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
+    files = [out / "table.md", out / "table.csv", out / "seeds.csv"]
     (out / "table.md").write_text(result.markdown + "\n")
     result.table.to_csv(out / "table.csv", index=False)
+    result.seeds.to_csv(out / "seeds.csv", index=False)
+    if result.paired is not None:
+        result.paired.to_csv(out / "paired.csv", index=False)
+        files.append(out / "paired.csv")
     for name, figure in result.figures.items():
         figure.savefig(out / name, dpi=120)
-    return [out / "table.md", out / "table.csv", *(out / name for name in result.figures)]
+    return [*files, *(out / name for name in result.figures)]
 
 
 def log_to_parents(result: Report, tracking_uri: str) -> None:
@@ -359,12 +808,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="runs", help="the runs root (default: runs)")
     parser.add_argument("--out", type=Path, help="where the files go (default: <root>/<experiment>/report)")
     parser.add_argument(
+        "--reference",
+        metavar="VARIANT",
+        help="compare every other variant with this one: differences paired by seed, their 95%% intervals, "
+        "and a bootstrap over the validation crops",
+    )
+    parser.add_argument(
         "--notebook", action="store_true", help="also execute notebooks/compare.ipynb into <out>/compare.ipynb"
     )
     args = parser.parse_args(argv)
     out = args.out or Path(args.root) / args.experiment / "report"
     try:
-        result = render(args.experiment, args.tracking_uri, args.sweep, out, args.root)
+        result = render(args.experiment, args.tracking_uri, args.sweep, out, args.root, args.reference)
     except UserError as err:  # bad input is one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -374,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.notebook:
         executed = out / "compare.ipynb"
         parameters = {"experiment": args.experiment, "sweep": args.sweep or "", "root": str(args.root)}
-        parameters |= {"tracking_uri": args.tracking_uri or "", "out": str(out)}
+        parameters |= {"tracking_uri": args.tracking_uri or "", "out": str(out), "reference": args.reference or ""}
         execute(parameters, executed, notebook=COMPARE_NOTEBOOK)
         print(f"executed {executed}")
     return 0

@@ -9,6 +9,7 @@ for a run in a group (a sweep's variant whose runs are its seeds: ``<variant>/se
     checkpoints/                ``step_*.pt`` and the ``last`` pointer (``vqlab.checkpoint``)
     figures/                    figures shown to people
     <prefix>codebook_histogram.npz   code histograms of the final validation (``ema_`` for the model EMA)
+    <prefix>per_image_l1.npy    the final validation's L1 of each image, in dataset order (float64)
     eval.json                   ``python -m vqlab.evaluate``'s results
     eval_train.json             the same on training crops (``--split train``)
     run.ipynb                   the executed notebook, when a notebook ran the run
@@ -126,6 +127,16 @@ class RunFolder:
     def histogram(self, prefix: str = "") -> Path:
         """The code histogram of a validation pass: ``""`` for the model, ``"ema_"`` for its EMA."""
         return self.path / f"{prefix}codebook_histogram.npz"
+
+    def per_image_l1(self, prefix: str = "") -> Path:
+        """The L1 of each validation image of a validation pass (``ReconstructionMetrics.save``),
+        ``""`` for the model, ``"ema_"`` for its EMA; also the run's MLflow artifact of that name."""
+        return self.path / self.per_image_l1_name(prefix)
+
+    @staticmethod
+    def per_image_l1_name(prefix: str = "") -> str:
+        """The file name of ``per_image_l1``: the name of the MLflow artifact, which has no folder."""
+        return f"{prefix}per_image_l1.npy"
 
     def figure(self, name: str) -> Path:
         return self.figures / name

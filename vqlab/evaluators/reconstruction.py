@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from vqlab.distributed import all_reduce_sum
+from vqlab.distributed import all_gather_cat, all_reduce_sum, rank, world_size
 from vqlab.evalconfig import EvalConfig
 from vqlab.evaluators.base import Evaluator, PairEvaluator, registry, to_unit
+from vqlab.runfolder import RunFolder
 
 # skimage's and torchmetrics' Gaussian window: sigma 1.5 truncated at 3.5 sigma.
 SSIM_WINDOW = 11
@@ -46,6 +50,12 @@ class ReconstructionMetrics(PairEvaluator):
     psnr 10 log10(1 / mse) per image, dB   (higher is better; an exact image counts as 100 dB)
     ssim structural similarity, data range 1 (at most 1, which is perfect; images of at least
          11 x 11 pixels, the window; smaller images report no ssim)
+
+    ``save`` writes the L1 of every image, ``<prefix>per_image_l1.npy`` (``RunFolder.per_image_l1``):
+    a float64 array in dataset order, gathered from every rank (rank ``r`` of ``w`` holds images
+    ``r, r + w, ...`` in that order, as ``data.ShardSampler`` deals them to the validation loader),
+    whose mean is ``l1``. It pairs two runs' images by index when they were validated on the same
+    crops (``vqlab.report``'s bootstrap over crops).
     """
 
     def __init__(self, device: torch.device):
@@ -55,6 +65,7 @@ class ReconstructionMetrics(PairEvaluator):
     def reset(self) -> None:
         # l1, mse, psnr, ssim, images, images with ssim
         self.sums = torch.zeros(6, dtype=torch.float64, device=self.device)
+        self.l1: list[torch.Tensor] = []  # each batch's per-image L1, in the order the batches came
 
     @torch.no_grad()
     def update_pairs(self, images: torch.Tensor, reconstructions: torch.Tensor) -> None:
@@ -66,8 +77,10 @@ class ReconstructionMetrics(PairEvaluator):
         ssim, with_ssim = zero, zero
         if min(x.shape[-2:]) >= SSIM_WINDOW:
             ssim, with_ssim = ssim_per_image(x, y).double().sum(), zero + len(x)
-        batch = torch.stack([diff.abs().mean(1).sum(), mse.sum(), psnr.sum(), ssim, zero + len(x), with_ssim])
+        l1 = diff.abs().mean(1)
+        batch = torch.stack([l1.sum(), mse.sum(), psnr.sum(), ssim, zero + len(x), with_ssim])
         self.sums += batch.to(self.device)
+        self.l1.append(l1.to(self.device))
 
     def compute(self) -> dict[str, float]:
         l1, mse, psnr, ssim, count, with_ssim = all_reduce_sum(self.sums).tolist()
@@ -77,6 +90,23 @@ class ReconstructionMetrics(PairEvaluator):
         if with_ssim:
             metrics["ssim"] = ssim / with_ssim
         return metrics
+
+    def per_image_l1(self) -> torch.Tensor:
+        """The L1 of every image of all ranks, in dataset order (a collective: every rank calls it)."""
+        local = torch.cat(self.l1) if self.l1 else torch.zeros(0, dtype=torch.float64, device=self.device)
+        where = rank() + world_size() * torch.arange(len(local), device=self.device)
+        values, indices = all_gather_cat(local), all_gather_cat(where)
+        return values[torch.argsort(indices)]
+
+    def save(self, folder: Path, prefix: str = "") -> list[Path]:
+        """``<prefix>per_image_l1.npy``: ``per_image_l1`` (rank 0 writes it)."""
+        values = self.per_image_l1()
+        if rank() != 0:
+            return []
+        path = RunFolder(folder).per_image_l1(prefix)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, values.cpu().numpy())
+        return [path]
 
 
 @registry.register("reconstruction")
