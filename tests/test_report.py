@@ -584,3 +584,17 @@ def test_reference_on_trained_runs_bootstraps_their_logged_per_image_l1(store):
     assert row["difference"] == pytest.approx(logged) and row["crop_difference"] == pytest.approx(logged, abs=1e-12)
     assert row["crops"] == 64 and row["crop_low"] <= row["crop_difference"] <= row["crop_high"]
     assert (row["n"], row["seeds"], row["verdict"]) == (1, "paired: no seed tag", "not resolved at 1 seed")
+
+
+def test_readme_numbers_renders_the_demo_block_from_the_store(seeded, tmp_path):
+    from vqlab import readme_numbers
+
+    uri, root = seeded
+    readme = tmp_path / "README.md"
+    readme.write_text("a <!-- numbers:demo -->old<!-- /numbers:demo --> b\n")
+    args = ["--readme", str(readme), "--blocks", "demo", "--experiment", SEEDED, "--tracking-uri", uri]
+    assert readme_numbers.main([*args, "--root", str(root)]) == 0
+    text = readme.read_text()
+    rows = markdown_rows(text.split("<!-- numbers:demo -->")[1].strip())
+    assert rows["ref"]["n"] == "3" and "±" in rows["ref"]["l1"]
+    assert f"`python -m vqlab.report {SEEDED}` at commit" in text and text.endswith("<!-- /numbers:demo --> b\n")

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import copy
 import random
+import subprocess
 from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -74,4 +76,12 @@ def runtime_record(device: torch.device, world_size: int) -> dict[str, str]:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "world_size": str(world_size),
+        "commit": git_commit(),
     }
+
+
+def git_commit() -> str:
+    """The commit of the vqlab checkout that runs (``unknown`` outside a git checkout)."""
+    folder = Path(__file__).resolve().parent
+    found = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else "unknown"

@@ -46,7 +46,6 @@ import argparse
 import contextlib
 import itertools
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -60,6 +59,7 @@ from vqlab import notebook
 from vqlab.config import RunConfig, TrackingConfig, parse_overrides, parse_yaml
 from vqlab.errors import UserError
 from vqlab.runfolder import RunFolder
+from vqlab.runtime import git_commit
 from vqlab.schema import ConfigError
 from vqlab.tracking import MlflowRun, client, create_run, experiment_id, mlflow_uri
 
@@ -305,13 +305,6 @@ def shard(variants: list[Variant], spec: str | None) -> list[Variant]:
 
 
 # --- MLflow ------------------------------------------------------------------------------------
-def git_commit() -> str:
-    """The commit of the vqlab checkout that runs (``unknown`` outside a git checkout)."""
-    folder = Path(__file__).resolve().parent
-    found = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return found.stdout.strip() if found.returncode == 0 else "unknown"
-
-
 class Tracker:
     """The sweep's MLflow records: its parent run and what is known of each variant."""
 
