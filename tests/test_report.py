@@ -110,7 +110,7 @@ def test_metrics_that_were_not_logged_are_missing_not_zero(store):
     result = report.render(SWEEP, uri)
     assert not any(key in run.data.metrics for run in stored(uri).values() for key in ("val/fid", "val/lpips"))
     assert result.table["fid"].isna().all() and result.table["lpips"].isna().all()
-    header, _, *lines = result.markdown.splitlines()
+    header, _, *lines = result.markdown.split("\n\n")[0].splitlines()  # the table, not the notes under it
     columns = [c.strip() for c in header.strip("|").split("|")]
     for line in lines:
         cells = dict(zip(columns, (c.strip() for c in line.strip("|").split("|")), strict=True))
@@ -288,8 +288,9 @@ def test_failed_and_unfinished_runs_are_listed_under_the_table_not_as_rows(tmp_p
     assert list(runs["name"]) == ["ok"]
     assert list(result.unfinished["name"]) == ["diverged", "killed", "crashed"]
     assert list(result.unfinished["status"]) == ["FAILED", "RUNNING", "FAILED"]
-    table, _, listed = result.markdown.partition("\n\n")
+    table, made, listed = result.markdown.split("\n\n")
     assert table == report.markdown(result.table)
+    assert made == "runs made at commit not recorded, threads not recorded"
     assert listed.splitlines() == [
         "failed or unfinished, not results:",
         "- diverged (FAILED)",
@@ -446,7 +447,9 @@ def test_notes_name_mixed_code_versions_and_thread_counts(seeded):
     assert "note: the rows come from different code versions: git_commit aaaa111 (13 runs), bbbb222 (2 runs)" in lines
     assert "note: the rows come from different thread counts: vqlab.threads 1 (14 runs), 2 (1 run)" in lines
     same = report.per_seed(report.fetch_runs(SEEDED, uri)).assign(git_commit="aaaa111", threads="1")
-    assert report.notes(report.comparison(report.fetch_runs(SEEDED, uri), same), same) == [lines[0]]
+    assert lines[-1] == "runs made at commit aaaa111, bbbb222, threads 1, 2"
+    made = "runs made at commit aaaa111, threads 1"
+    assert report.notes(report.comparison(report.fetch_runs(SEEDED, uri), same), same) == [lines[0], made]
 
 
 def test_a_rerun_seed_is_one_run_its_newest_and_seeds_of_a_variant_are_one_row():

@@ -488,7 +488,18 @@ def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
             unknown = seeds[column].isna().sum()
             values += f", not recorded ({unknown} run{'s' * (unknown > 1)})" if unknown else ""
             lines.append(f"note: the rows come from different {what}: {key} {values}")
+    lines.append(made_by(seeds))
     return lines
+
+
+def made_by(seeds: pd.DataFrame) -> str:
+    """Which code and thread count made the rows: a number is rerun only at the same ones."""
+
+    def shown(column: str, width: int | None = None) -> str:
+        values = sorted({str(v)[:width] for v in seeds[column].dropna()})
+        return ", ".join(values) if values else "not recorded"
+
+    return f"runs made at commit {shown('git_commit', 10)}, threads {shown('threads')}"
 
 
 # --- paired comparisons --------------------------------------------------------------------------
