@@ -68,7 +68,14 @@ def variants(device: str, with_compile: bool) -> dict[str, tuple[list[str], list
 
 
 def run_variant(
-    command: list[str], steps: int, image_size: int, batch: int, root: Path, name: str, extra: list[str]
+    command: list[str],
+    steps: int,
+    image_size: int,
+    batch: int,
+    root: Path,
+    name: str,
+    extra: list[str],
+    val_count: int = 64,
 ) -> dict:
     run_name = name.replace(" ", "-").replace("+", "with")
     overrides = [
@@ -77,7 +84,7 @@ def run_variant(
         "data.name=synthetic",
         f"data.image_size={image_size}",
         f"data.batch_size={batch}",
-        "data.val_count=64",
+        f"data.val_count={val_count}",
         f"data.train_count={max(steps * batch, 1024)}",
         f"train.steps={steps}",
         f"train.log_every={max(steps // 10, 1)}",
@@ -136,6 +143,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="also time bf16 with torch.compile")
     parser.add_argument("--variants", nargs="+", help="only these variants (names as in the table)")
+    parser.add_argument(
+        "--val-count", type=int, default=64, help="validation crops of each run (untimed; bf16 on a CPU is slow)"
+    )
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: PEAK_TFLOPS by name)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "train_step.json")
     args = parser.parse_args()
@@ -160,7 +170,7 @@ def main() -> int:
         report = {"device": card, "torch": torch.__version__, "steps": steps, "batch": args.batch}
         report |= {"image_size": args.image_size, "flops_per_image": flops, "stand_ins": stand_ins}
         for name, (launcher, options) in chosen.items():
-            row = run_variant(launcher, steps, args.image_size, args.batch, Path(tmp), name, options)
+            row = run_variant(launcher, steps, args.image_size, args.batch, Path(tmp), name, options, args.val_count)
             peak = peaks.get("bf16" if "bf16" in name else "fp32")
             if "images_per_s" in row and peak:
                 row["mfu"] = row["images_per_s"] * flops / (peak * 1e12)
