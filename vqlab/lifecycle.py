@@ -248,11 +248,11 @@ class RunLifecycle:
         self.logger.print(validation_line(step, metrics))
         return metrics
 
-    def save(self, state: TrainState, guard: FiniteGuard) -> None:
-        """Write the step's checkpoint, after checking that the ranks agree and that every weight
-        is finite (a checkpoint is only ever a good one)."""
+    def save(self, state: TrainState) -> None:
+        """Write the step's checkpoint, after checking that every weight is finite (a checkpoint is
+        only ever a good one) and that the ranks agree."""
+        FiniteGuard.check_weights(state, self.run.checkpoints)
         saved = state.state_dict()  # gathers every rank's RNG state
-        guard.check_weights(state, self.run.checkpoints)
         distributed.check_in_sync(state.model, f"step {state.step}")
         if state.adversary is not None:
             distributed.check_in_sync(state.adversary, f"step {state.step} (discriminator)")

@@ -50,19 +50,16 @@ def lock_file(database: Path) -> Path:
 def locked(path: Path, create: bool) -> Iterator[None]:
     """``create``: hold an exclusive lock on ``path``, made if missing; else a shared lock on it if
     it exists (nothing is created)."""
+    if not create and not path.exists():
+        yield
+        return
     try:
         import fcntl
     except ImportError:  # no flock (Windows): filelock's lock, exclusive either way
-        if not create and not path.exists():
-            yield
-            return
         from filelock import FileLock
 
         with FileLock(path):
             yield
-        return
-    if not create and not path.exists():
-        yield
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT if create else os.O_RDONLY, 0o666)
     try:

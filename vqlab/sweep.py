@@ -191,10 +191,14 @@ def check_seeds(value: Any, key: str) -> list[int]:
     """A sweep file's ``seeds``: a non-empty list of distinct non-negative integers (not bools)."""
     if not isinstance(value, list) or not value or any(type(s) is not int or s < 0 for s in value):
         raise SweepError(f"{key} must be a non-empty list of non-negative integers, e.g. [0, 1, 2]; got {value!r}", key)
-    repeated = [s for i, s in enumerate(value) if s in value[:i]]
-    if repeated:
-        raise SweepError(f"{key} repeats seed {repeated[0]}: {value}", key)
+    if (again := repeated_seed(value)) is not None:
+        raise SweepError(f"{key} repeats seed {again}: {value}", key)
     return value
+
+
+def repeated_seed(seeds: list[int]) -> int | None:
+    """The first seed that occurs twice, or ``None``."""
+    return next((s for i, s in enumerate(seeds) if s in seeds[:i]), None)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -205,9 +209,8 @@ def parse_seeds(text: str) -> list[int]:
             f"--seeds {text!r}: give distinct non-negative integers separated by commas, e.g. --seeds 0,1,2"
         )
     seeds = [int(item) for item in items]
-    repeated = [s for i, s in enumerate(seeds) if s in seeds[:i]]
-    if repeated:
-        raise SweepError(f"--seeds {text}: repeats seed {repeated[0]}")
+    if (again := repeated_seed(seeds)) is not None:
+        raise SweepError(f"--seeds {text}: repeats seed {again}")
     return seeds
 
 

@@ -228,7 +228,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                 if eval_now:
                     run.validate(step, model, state.ema.module if state.ema is not None else None)
                 if save_now:
-                    run.save(state, guard)
+                    run.save(state)
             return run.finish(state, grid_images, baseline)
     finally:
         distributed.teardown()

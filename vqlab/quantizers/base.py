@@ -164,14 +164,12 @@ class Quantizer(nn.Module):
         self._check_tokens(z, "forward", finite=not watched)
         if self.training and not self._hooks_driven_by_caller and self.has_pending_updates():
             self._drive_own_hook()
-        if watched:  # non-finite tokens quantized as zeros, their NaN/inf added back (no gradient)
-            clean = torch.where(torch.isfinite(z), z, torch.zeros((), dtype=z.dtype, device=z.device))
-            with fp32_island(z.device):
-                out = self.quantize(clean.float())  # (B, N, D) fp32 in, fp32 out
+        # watched: non-finite tokens are quantized as zeros and their NaN/inf added back (no gradient)
+        clean = torch.where(torch.isfinite(z), z, torch.zeros((), dtype=z.dtype, device=z.device)) if watched else z
+        with fp32_island(z.device):
+            out = self.quantize(clean.float())  # (B, N, D) fp32 in, fp32 out
+            if watched:
                 out.z_q = out.z_q + (z.float() - clean.float()).detach()
-        else:
-            with fp32_island(z.device):
-                out = self.quantize(z.float())  # (B, N, D) fp32 in, fp32 out
         out.z_q = out.z_q.to(z.dtype)
         out.stats = {**batch_stats(out.codes, self.radices), **out.stats}
         return out
