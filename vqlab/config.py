@@ -41,6 +41,9 @@ class DataConfig:
     num_workers: int = 0
     flip: bool = True
     on_device: bool = False  # photos / synthetic: training batches made on the training device, no workers
+    # photos: validate on crops of training photos held out from training (data.TUNING_PHOTOS), never on
+    # the validation photos; recipes are tuned this way, so the validation crops stay unseen
+    tuning: bool = False
 
     def __post_init__(self):
         require(self.image_size >= 8, "image_size", f"must be >= 8, got {self.image_size}")
@@ -56,6 +59,11 @@ class DataConfig:
             "on_device",
             f"only photos and synthetic make their batches on the device; {self.name} decodes on the CPU "
             "(raise data.num_workers instead)",
+        )
+        require(
+            not self.tuning or self.name == "photos",
+            "tuning",
+            f"only photos hold training photos out for tuning; {self.name} has no tuning split",
         )
 
 

@@ -52,6 +52,8 @@ VAL_PHOTOS = (
     ("sklearn", "datasets/images/flower.jpg"),
     ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
 )
+# Held out of training when ``data.tuning`` is set: recipes are tuned on their crops, not on VAL_PHOTOS'.
+TUNING_PHOTOS = (("skimage", "data/chelsea.png"), ("skimage", "data/rocket.jpg"))
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 TRAIN, VAL = 0, 1
 
@@ -369,8 +371,10 @@ class Splits:
 def build_datasets(cfg: DataConfig, seed: int) -> Splits:
     size = cfg.image_size
     if cfg.name == "photos":
-        train = PhotoCrops([load_photo(*p) for p in TRAIN_PHOTOS], size, cfg.train_count, seed, cfg.flip)
-        return Splits(train, GridCrops([load_photo(*p) for p in VAL_PHOTOS], size, cfg.val_count))
+        fit = [p for p in TRAIN_PHOTOS if p not in TUNING_PHOTOS] if cfg.tuning else TRAIN_PHOTOS
+        train = PhotoCrops([load_photo(*p) for p in fit], size, cfg.train_count, seed, cfg.flip)
+        held_out = TUNING_PHOTOS if cfg.tuning else VAL_PHOTOS
+        return Splits(train, GridCrops([load_photo(*p) for p in held_out], size, cfg.val_count))
     if cfg.name == "synthetic":
         return Splits(Synthetic(size, cfg.train_count, seed, TRAIN), Synthetic(size, cfg.val_count, seed, VAL))
     if cfg.name == "shapes":
