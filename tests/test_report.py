@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 import vqlab
 from vqlab import report
@@ -135,7 +136,7 @@ def test_markdown_shows_the_stored_numbers_in_the_documented_format(store):
     line = next(line for line in result.markdown.splitlines() if line.startswith("| fsq |"))
     expected = [f"{fsq[key]:.{DECIMALS[column]}f}" if key in fsq else report.MISSING for column, key in SHOWN.items()]
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells == ["fsq", "8-5-5-5", "1", *expected]  # one run, n = 1: no interval
+    assert cells == ["fsq", "8-5-5-5", "1", *expected, report.MISSING]  # n = 1: no interval; no floor: no gap
 
 
 def test_baseline_rows_one_per_distinct_code_budget(store):
@@ -601,3 +602,31 @@ def test_readme_numbers_renders_the_demo_block_from_the_store(seeded, tmp_path):
     rows = markdown_rows(text.split("<!-- numbers:demo -->")[1].strip())
     assert rows["ref"]["n"] == "3" and "±" in rows["ref"]["l1"]
     assert f"`python -m vqlab.report {SEEDED}` at commit" in text and text.endswith("<!-- /numbers:demo --> b\n")
+
+
+def test_the_quantization_gap_is_the_l1_above_the_floor_paired_by_seed():
+    l1 = {("q", 0): 0.30, ("q", 1): 0.34, ("q", 2): 0.29, ("f", 0): 0.20, ("f", 1): 0.21, ("f", 2): 0.22}
+    names = ["q", "f"]
+    runs = pd.DataFrame(
+        {
+            "run_id": ["p", *(f"{n}{s}" for s in range(3) for n in names)],
+            "start_time": range(7),
+            "status": "FINISHED",
+            "tags.variant": [None, *(n for s in range(3) for n in names)],
+            "tags.seed": [None, *(str(s) for s in range(3) for n in names)],
+            "tags.floor": [None, *("f" if n == "q" else None for s in range(3) for n in names)],
+            "tags.mlflow.parentRunId": [None, *("p" for s in range(3) for n in names)],
+            "metrics.val/l1": [None, *(l1[n, s] for s in range(3) for n in names)],
+        }
+    )
+    table = report.comparison(runs).set_index("name")
+    gaps = [l1["q", s] - l1["f", s] for s in range(3)]
+    assert table.loc["q", report.GAP] == pytest.approx(np.mean(gaps))
+    assert table.loc["q", f"{report.GAP}_ci"] == pytest.approx(
+        stats.t.ppf(0.975, 2) * np.std(gaps, ddof=1) / np.sqrt(3)
+    )
+    assert table.loc["q", f"{report.GAP}_n"] == 3 and pd.isna(table.loc["f", report.GAP])
+    assert any("q → f" in line for line in report.notes(report.comparison(runs), report.per_seed(runs)))
+    # a seed whose floor run is missing has no gap: the interval is over the pairs that exist
+    partial = runs[runs["run_id"] != "f2"]
+    assert report.comparison(partial).set_index("name").loc["q", f"{report.GAP}_n"] == 2

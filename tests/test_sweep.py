@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -440,3 +441,40 @@ def test_a_seeded_sweep_nests_one_tagged_run_per_variant_and_seed_and_a_rerun_sk
     assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in found)  # nothing new ran
     for label in labels:
         assert (tmp_path / "runs" / "tiny" / label / "run.ipynb").stat().st_mtime_ns == notebooks[label]
+
+
+def test_controls_add_one_floor_per_latent_width_and_recipe_at_every_seed(tmp_path):
+    variants = {
+        "fsq": {"quantizer.name": "fsq", "quantizer.levels": [8, 5, 5, 5]},
+        "fsq_lr": {"quantizer.name": "fsq", "quantizer.levels": [8, 5, 5, 5], "optim.lr": 1e-3},
+        "vq": {"quantizer.name": "vq_ema", "quantizer.codebook_size": 16, "quantizer.dim": 8},
+        "own_floor": {"quantizer.name": "identity", "quantizer.dim": 8},
+    }
+    source = write_sweep(tmp_path, variants=variants, seeds=[0, 1], controls="identity")
+    loaded = sweep.load(source, extra=root_override(tmp_path))
+    runs = {(v.name, v.seed): v for v in loaded.variants}
+    names = list(dict.fromkeys(v.name for v in loaded.variants))
+    # fsq_lr's recipe differs from fsq's, so its floor at width 4 is a run of its own
+    assert names == ["fsq", "fsq_lr", "vq", "own_floor", "identity-d4", "identity-d4-fsq_lr"]
+    assert {name: runs[name, 0].floor for name in names} == {
+        "fsq": "identity-d4",
+        "fsq_lr": "identity-d4-fsq_lr",
+        "vq": "own_floor",  # the sweep's own identity run at width 8 with the same recipe serves
+        "own_floor": "",
+        "identity-d4": "",
+        "identity-d4-fsq_lr": "",
+    }
+    floor = runs["identity-d4-fsq_lr", 1].cfg
+    assert (floor.quantizer.name, floor.quantizer.dim, floor.optim.lr, floor.train.seed) == ("identity", 4, 1e-3, 1)
+    assert [v.control for v in loaded.variants[:6]] == [False, False, False, True, True, True]
+    tags = sweep.Tracker.tags(SimpleNamespace(sweep="s", commit="c"), runs["fsq", 1])
+    assert tags["floor"] == "identity-d4" and "control" not in tags
+    assert sweep.Tracker.tags(SimpleNamespace(sweep="s", commit="c"), runs["identity-d4", 1])["control"] == "true"
+
+
+@pytest.mark.parametrize("controls", ["fsq", [], 3, ["identity", "vq"]])
+def test_controls_naming_no_continuous_control_are_a_one_line_error(tmp_path, capsys, controls):
+    source = write_sweep(tmp_path, variants={"a": {}}, controls=controls)
+    assert sweep.main([source, "--dry-run", f"tracking.root={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: controls must name a continuous control") and err.count("\n") == 1

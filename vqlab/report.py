@@ -102,11 +102,15 @@ METRICS = {
     # run.ipynb runs): tells a dead code from one the held-out validation photos do not need
     "train usage": "eval_train/codebook_usage",
 }
-COLUMNS = ("name", "levels", "n", *METRICS)  # the markdown table's
+# l1 minus the l1 of the variant's continuous floor (its ``floor`` tag: the identity run of the same
+# recipe at the same latent width), paired by seed: what quantizing costs beyond the bottleneck
+GAP = "quantization gap"
+VALUES = (*METRICS, GAP)  # every column aggregated over seeds
+COLUMNS = ("name", "levels", "n", *VALUES)  # the markdown table's
 # table.csv's: per metric its mean, the half-width of its 95% interval and its number of seeds
-CSV_COLUMNS = ("name", "levels", "n", "seeds", *(f"{m}{s}" for m in METRICS for s in ("", "_ci", "_n")))
+CSV_COLUMNS = ("name", "levels", "n", "seeds", *(f"{m}{s}" for m in VALUES for s in ("", "_ci", "_n")))
 CSV_COLUMNS += ("method", "run_id")
-SEED_COLUMNS = ("name", "seed", "levels", "method", "run_id", "git_commit", "threads", "run_dir", *METRICS)
+SEED_COLUMNS = ("name", "seed", "levels", "method", "run_id", "git_commit", "threads", "run_dir", "floor", *VALUES)
 # decimals shown in the markdown table
 FORMATS = {
     "fid": 2,
@@ -118,6 +122,7 @@ FORMATS = {
     "perplexity": 1,
     "bits/token": 2,
     "train usage": 4,
+    GAP: 4,
 }
 MISSING = tables.MISSING
 # columns that a config sets rather than a measurement: the same over seeds, shown without "± 0"
@@ -303,10 +308,19 @@ def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
         row = {"name": run["name"], "seed": run["seed"], "levels": describe(params)}
         row |= {"method": params.get("quantizer.name", MISSING), "run_id": run["run_id"]}
         row |= {"git_commit": tag(run, "git_commit"), "threads": tag(run, "vqlab.threads")}
-        row |= {"run_dir": tag(run, "vqlab.run_dir")}
+        row |= {"run_dir": tag(run, "vqlab.run_dir"), "floor": tag(run, "floor")}
         rows.append(row | {column: metric(run, key) for column, key in METRICS.items()})
-    frame = pd.DataFrame(rows, columns=list(SEED_COLUMNS))
-    return frame.astype({"seed": "Int64"})
+    frame = pd.DataFrame(rows, columns=list(SEED_COLUMNS)).astype({"seed": "Int64"})
+    return frame.assign(**{GAP: quantization_gaps(frame)})
+
+
+def quantization_gaps(seeds: pd.DataFrame) -> list[float]:
+    """Each run's l1 minus its floor's at the same seed (``NaN`` without a floor run of that seed)."""
+    floor_l1 = {(run.name, seed_key(run.seed)): run.l1 for run in seeds.itertuples()}
+    return [
+        run.l1 - floor_l1.get((run.floor, seed_key(run.seed)), math.nan) if run.floor else math.nan
+        for run in seeds.itertuples()
+    ]
 
 
 def tag(run: pd.Series, key: str) -> str | None:
@@ -330,7 +344,7 @@ def comparison(runs: pd.DataFrame, seeds: pd.DataFrame | None = None) -> pd.Data
     seeds = per_seed(runs) if seeds is None else seeds
     rows = [aggregate(group) for group in variants(seeds)]
     rows += baseline_rows(rows_of(runs))
-    counts = ["n", *(f"{column}_n" for column in METRICS)]
+    counts = ["n", *(f"{column}_n" for column in VALUES)]
     return pd.DataFrame(rows, columns=list(CSV_COLUMNS)).astype(dict.fromkeys(counts, "Int64"))
 
 
@@ -340,7 +354,7 @@ def aggregate(group: pd.DataFrame) -> dict:
     first = group.iloc[0]
     seeds = " ".join(str(seed) for seed in group["seed"] if not pd.isna(seed))
     row = {"name": first["name"], "levels": first["levels"], "n": len(group), "seeds": seeds}
-    for column in METRICS:
+    for column in VALUES:
         values = group[column].dropna().to_numpy(dtype=float)
         row[column] = float(values.mean()) if len(values) else math.nan
         row[f"{column}_ci"] = half_width(values)
@@ -464,7 +478,7 @@ def markdown(table: pd.DataFrame) -> str:
     lines = []
     for _, row in table.iterrows():
         cells = [row["name"], row["levels"], tables.cell(None if pd.isna(row["n"]) else int(row["n"]))]
-        cells += [estimate(c, row[c], row[f"{c}_ci"], row[f"{c}_n"], row["n"]) for c in METRICS]
+        cells += [estimate(c, row[c], row[f"{c}_ci"], row[f"{c}_n"], row["n"]) for c in VALUES]
         lines.append(cells)
     return tables.markdown(COLUMNS, lines)
 
@@ -477,6 +491,13 @@ def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
     if (table["n"] > 1).any():
         lines.append(
             "± is the 95% confidence interval of the mean over the n seeds (Student t); n = 1 has no interval."
+        )
+    floors = seeds.dropna(subset=["floor"]).drop_duplicates("name")
+    if len(floors):
+        named = ", ".join(f"{run.name} → {run.floor}" for run in floors.itertuples())
+        lines.append(
+            f"{GAP}: l1 minus the l1 of the variant's continuous floor at the same seed, the mean of the "
+            f"paired differences ({named})."
         )
     for column, what, key in (
         ("git_commit", "code versions", "git_commit"),

@@ -14,6 +14,7 @@ A sweep file is YAML::
       large: {quantizer.name: fsq, imagenet: {optim.lr: 2.0e-4}}   # a scale's own overrides
     seeds: [0, 1, 2]                  # optional: every variant once per seed (train.seed), each run in
                                       # runs/<name>[-<scale>]/<variant>/seed<k>/
+    controls: identity                # optional: each variant's continuous floor, run beside it
     scales:                           # named override sets, chosen with --scale (default: the first);
       photos: {grid: {train.dtype: [fp32]}}   # a scale's ``base``, ``grid`` and ``seeds`` replace the sweep's
       imagenet: {base: reproduction}
@@ -26,6 +27,13 @@ sweep's overrides or the command line) while seeds are given is an error naming 
 ``variant`` (the variant's name) and ``seed`` (the integer, as text). Runs go seed by seed, so the
 first seed of every variant finishes first. Without seeds a run is a variant: its folder
 ``<variant>``, no ``seed`` tag, its seed the base's.
+
+``controls: identity`` adds, for every variant, its continuous floor: the same recipe (every
+override but the quantizer's) with the quantizer replaced by ``identity`` at the variant's latent
+width, as a variant ``identity-d<width>`` (one per distinct width and recipe, at every seed; a
+variant of the sweep that already is that run serves instead). Each quantized variant's runs are
+tagged ``floor`` with its floor's name, each floor's ``control``; the report pairs them by seed
+into the "quantization gap" column.
 
 Every run's config is built and validated before anything runs; an invalid one stops the sweep
 naming the variant and the key. Each run is one papermill execution of the notebook into
@@ -64,7 +72,8 @@ from vqlab.schema import ConfigError
 from vqlab.tracking import MlflowRun, client, create_run, experiment_id, mlflow_uri
 
 PRESETS = resources.files("vqlab") / "configs" / "sweeps"
-KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "seeds", "scales")
+KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "seeds", "controls", "scales")
+CONTROLS = ("identity",)  # the quantizers a sweep's ``controls`` may name: continuous, of any width
 TRACEBACK_LINES = 40  # the tail of a failing cell's traceback kept on its MLflow run
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -87,6 +96,8 @@ class Variant:
     overrides: dict[str, Any]  # every dotted override the notebook receives
     cfg: RunConfig
     seed: int | None = None  # the sweep's seed of this run (its ``seed`` tag); None: the sweep gives none
+    floor: str = ""  # the variant that is this one's continuous floor (its ``floor`` tag); empty: none
+    control: bool = False  # a floor the sweep's ``controls`` added or named (its ``control`` tag)
 
     @property
     def label(self) -> str:
@@ -187,6 +198,49 @@ def variant_overrides(
     return variants
 
 
+def check_controls(value: Any) -> list[str]:
+    """A sweep file's ``controls``: one name of ``CONTROLS``, or a list of them."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or any(name not in CONTROLS for name in names):
+        raise SweepError(f"controls must name a continuous control ({', '.join(CONTROLS)}); got {value!r}", "controls")
+    return names
+
+
+def latent_width(base: str, overrides: dict[str, Any], variant: str) -> int:
+    """The width of the tokens a variant's quantizer takes (``quantizer.dim``), from its config."""
+    from vqlab import quantizers
+
+    cfg = notebook.build_config(base, overrides, "width", "width", smoke=False)
+    try:
+        return quantizers.build(cfg.quantizer).dim
+    except Exception as err:
+        raise SweepError(f"variant {variant}: its quantizer does not build: {err}", "quantizer") from None
+
+
+def with_controls(
+    named: list[tuple[str, dict[str, Any]]], controls: list[str], base: str
+) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str], set[str]]:
+    """The sweep's variants with their floors added: every variant, then each floor not among them;
+    the floor of each quantized variant by name; and the names of the floors."""
+    floors: dict[str, str] = {}
+    added: dict[str, dict[str, Any]] = {}
+    for control in controls:
+        for variant, overrides in named:
+            if overrides.get("quantizer.name") == control:
+                continue  # a control itself has no floor
+            recipe = {k: v for k, v in overrides.items() if not k.startswith("quantizer.")}
+            width = latent_width(base, overrides, variant)
+            floor = recipe | {"quantizer.name": control, "quantizer.dim": width}
+            same = [name for name, given in [*named, *added.items()] if given == floor]
+            if not same:
+                name = f"{control}-d{width}"
+                name = name if name not in added and name not in dict(named) else f"{name}-{variant}"
+                added[name] = floor
+                same = [name]
+            floors[variant] = same[0]
+    return [*named, *added.items()], floors, set(floors.values())
+
+
 def check_seeds(value: Any, key: str) -> list[int]:
     """A sweep file's ``seeds``: a non-empty list of distinct non-negative integers (not bools)."""
     if not isinstance(value, list) or not value or any(type(s) is not int or s < 0 for s in value):
@@ -262,6 +316,9 @@ def load(
                 "train.seed",
             )
         named.append((variant, overrides))
+    floors, controls = {}, set()
+    if data.get("controls") is not None:
+        named, floors, controls = with_controls(named, check_controls(data["controls"]), base)
     variants = []
     for seed in seeds or [None]:  # seed by seed: the first seed of every variant runs first
         for variant, overrides in named:
@@ -274,7 +331,7 @@ def load(
                 cfg = notebook.build_config(base, overrides, experiment, run_name, smoke=smoke)
             except ConfigError as err:
                 raise SweepError(f"variant {variant}: {err}", err.key) from None
-            variants.append(Variant(variant, overrides, cfg, seed))
+            variants.append(Variant(variant, overrides, cfg, seed, floors.get(variant, ""), variant in controls))
     return Sweep(experiment, base, Path(data.get("notebook") or notebook.NOTEBOOK), variants, seeds)
 
 
@@ -348,10 +405,14 @@ class Tracker:
     def tags(self, variant: Variant) -> dict[str, str]:
         """The run's MLflow tags: ``variant`` its variant's name, and ``seed`` the sweep's seed of it."""
         seed = {} if variant.seed is None else {"seed": str(variant.seed)}
+        floor = {"floor": variant.floor} if variant.floor else {}
+        control = {"control": "true"} if variant.control else {}
         return {
             "sweep": self.sweep,
             "variant": variant.name,
             **seed,
+            **floor,
+            **control,
             "git_commit": self.commit,
             "mlflow.source.git.commit": self.commit,
         }
@@ -507,7 +568,8 @@ def listing(sweep: Sweep, variants: list[Variant]) -> str:
     width = max((len(v.label) for v in variants), default=0)
     for v in variants:
         own = " ".join(f"{k}={val}" for k, val in v.overrides.items() if not k.startswith("tracking."))
-        rows.append(f"  {v.label:<{width}}  {v.run.path}  {own}")
+        role = f"  [floor: {v.floor}]" if v.floor else "  [control]" if v.control else ""
+        rows.append(f"  {v.label:<{width}}  {v.run.path}  {own}{role}")
     return "\n".join(rows)
 
 

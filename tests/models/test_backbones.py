@@ -121,6 +121,23 @@ def test_resnet_factor_is_configurable():
     assert model(x).reconstruction.shape == x.shape
 
 
+def test_conv_blocks_add_residual_blocks_at_the_latent_resolution_on_both_sides():
+    plain, deep = build_autoencoder(tiny("conv"), fsq()), build_autoencoder(tiny("conv", blocks=2), fsq())
+    w = TINY["conv"]["width"]
+    per_block = (9 * w * w + w) + (w * w + w)  # a 3x3 and a 1x1 convolution with biases
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert count(deep) - count(plain) == 2 * 2 * per_block
+    x = images(32)
+    out = deep(x)
+    assert out.reconstruction.shape == x.shape and out.latents.shape[-2:] == plain(x).latents.shape[-2:]
+    out.reconstruction.abs().mean().backward()
+    blocks = [m for m in deep.modules() if type(m).__name__ == "ResidualBlock"]
+    assert len(blocks) == 4 and all(p.grad.abs().sum() > 0 for b in blocks for p in b.parameters())
+
+
 def test_last_layer_is_the_decoder_output():
     assert build_autoencoder(tiny("resnet"), fsq()).last_layer().shape == (3, 8, 3, 3)
     assert build_autoencoder(tiny("vit"), fsq()).last_layer().shape == (3 * 8 * 8, 32)
@@ -151,6 +168,7 @@ def test_indivisible_images_are_refused_naming_the_factor(name):
         ({"name": "resnet", "multipliers": []}, "multipliers"),
         ({"name": "resnet", "factor": 3}, "factor"),
         ({"name": "resnet", "factor": 16}, "factor"),
+        ({"name": "conv", "blocks": -1}, "blocks"),
         ({"name": "vit", "width": 30}, "width"),
         ({"name": "vit", "heads": 3}, "width"),
         ({"name": "vit", "attention": "performer"}, "attention"),
