@@ -1,5 +1,6 @@
 """Gradient accumulation, exact resume after SIGKILL (1 and 2 processes), DDP, model EMA, NaN stop."""
 
+import json
 import os
 import signal
 import subprocess
@@ -225,3 +226,27 @@ def test_the_command_line_stops_a_diverging_run_with_one_line(smoke_cfg, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and err[0].startswith("error: non-finite") and "Traceback" not in err[0]
+
+
+def test_training_forwards_count_codes_only_at_the_steps_that_log_them(smoke_cfg, monkeypatch):
+    from vqlab.quantizers import base
+
+    step, counted = {"now": None}, []
+    real_set_step, real_stats = base.Quantizer.set_step, base.batch_stats
+
+    def set_step(self, current, total):
+        step["now"] = current
+        real_set_step(self, current, total)
+
+    def batch_stats(codes, radices):
+        counted.append(step["now"])
+        return real_stats(codes, radices)
+
+    monkeypatch.setattr(base.Quantizer, "set_step", set_step)
+    monkeypatch.setattr(base, "batch_stats", batch_stats)
+    result = fit(smoke_cfg(**{"train.steps": 7, "train.log_every": 3, "train.grad_accum": 2}))
+    # steps 3 and 6 log, and step 7 is the last: two micro-batches each; validation forwards come after
+    assert [s for s in counted if s is not None and s < 7][:6] == [2, 2, 5, 5, 6, 6]
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [row["step"] for row in rows if "train/perplexity" in row]
+    assert logged == [3, 6, 7]

@@ -180,6 +180,8 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                 # --- one optimizer step: micro-batches, clip, step, the quantizer's and EMA's updates
                 step = state.step
                 quantizer.set_step(step, steps)
+                # the batch statistics are read at log lines only (a train/ mean over that step's batches)
+                quantizer.batch_stats_wanted(step + 1 == steps or (step + 1) % cfg.train.log_every == 0)
                 window: dict[str, torch.Tensor] = {}
                 pairs = []  # (real, reconstruction) micro-batches for the discriminator
                 for micro in range(accum):

@@ -124,6 +124,7 @@ class Quantizer(nn.Module):
         self._hooks_driven_by_caller = False
         self._finiteness_checked_by_caller = False
         self._warned_self_driven = False
+        self._batch_stats_wanted = True
 
     @property
     def codebook_size(self) -> int:
@@ -154,6 +155,13 @@ class Quantizer(nn.Module):
         self._finiteness_checked_by_caller = True
         return self
 
+    def batch_stats_wanted(self, wanted: bool) -> Quantizer:
+        """Whether the next training forwards add the batch statistics (``batch_stats``) to
+        ``stats``. The trainer reads them only at log steps and asks for them only there: on a CPU
+        they cost as much as FSQ's own rounding. Eval forwards always add them; returns self."""
+        self._batch_stats_wanted = wanted
+        return self
+
     def has_pending_updates(self) -> bool:
         """Whether training forwards gathered statistics that ``on_optimizer_step()`` has not applied;
         a host-side flag, so asking costs no device sync."""
@@ -171,7 +179,8 @@ class Quantizer(nn.Module):
             if watched:
                 out.z_q = out.z_q + (z.float() - clean.float()).detach()
         out.z_q = out.z_q.to(z.dtype)
-        out.stats = {**batch_stats(out.codes, self.radices), **out.stats}
+        if self._batch_stats_wanted or not self.training:
+            out.stats = {**batch_stats(out.codes, self.radices), **out.stats}
         return out
 
     def encode(self, z: torch.Tensor) -> torch.Tensor:
