@@ -630,3 +630,43 @@ def test_the_quantization_gap_is_the_l1_above_the_floor_paired_by_seed():
     # a seed whose floor run is missing has no gap: the interval is over the pairs that exist
     partial = runs[runs["run_id"] != "f2"]
     assert report.comparison(partial).set_index("name").loc["q", f"{report.GAP}_n"] == 2
+
+
+def test_a_ladder_of_step_budgets_draws_the_convergence_figure_with_the_codecs():
+    rows = []
+    for method in ("fsq", "identity"):
+        for steps in (100, 200, 400):
+            for seed in (0, 1):
+                rows.append(
+                    {
+                        "run_id": f"{method}{steps}{seed}",
+                        "start_time": len(rows) * 1000,
+                        "end_time": len(rows) * 1000 + steps * 100,
+                        "status": "FINISHED",
+                        "tags.variant": f"{method},steps={steps}",
+                        "tags.seed": str(seed),
+                        "tags.mlflow.parentRunId": "p",
+                        "params.quantizer.name": method,
+                        "params.train.steps": str(steps),
+                        "metrics.val/l1": 0.1 / steps**0.5 + 0.001 * seed,
+                        "metrics.baseline/l1": 0.004,
+                    }
+                )
+    runs = pd.DataFrame(rows)
+    seeds = report.per_seed(runs)
+    assert list(seeds["wall_s"][:2]) == [10.0, 10.0] and set(seeds["steps"]) == {100, 200, 400}
+    made = report.figures(
+        report.comparison(runs, seeds), pd.DataFrame(columns=["name", "metric", "step", "value"]), seeds
+    )
+    by_steps, by_time = made[report.CONVERGENCE].axes
+    lines = {line.get_label(): line for line in by_steps.get_lines()}
+    fsq = lines["fsq"]
+    assert list(fsq.get_xdata()) == [100, 200, 400]
+    assert list(fsq.get_ydata()) == pytest.approx([0.1 / s**0.5 + 0.0005 for s in (100, 200, 400)])
+    assert any(label.startswith(report.BLOCK_MEAN) for label in lines)
+    assert list(by_time.get_lines()[0].get_xdata()) == pytest.approx([s * 100 / 1000 / 60 for s in (100, 200, 400)])
+    # one budget per method: no ladder, no figure
+    single = runs[runs["params.train.steps"] == "100"]
+    assert report.CONVERGENCE not in report.figures(
+        report.comparison(single), pd.DataFrame(columns=["name", "metric", "step", "value"]), report.per_seed(single)
+    )

@@ -42,10 +42,13 @@ Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sw
                  ``method`` and ``run_id`` (space-separated in seed order; empty for the codecs)
     seeds.csv    the per-seed values: one line per run that is a result, ``SEED_COLUMNS``: ``name``,
                  ``seed`` (empty without a seed tag), ``levels``, ``method``, ``run_id``,
-                 ``git_commit``, ``threads``, ``run_dir`` (tags; empty where not recorded) and
-                 every metric column, as MLflow stored it
+                 ``git_commit``, ``threads``, ``run_dir``, ``floor`` (tags; empty where not
+                 recorded), ``steps`` (train.steps), ``wall_s`` (the MLflow run's start to end)
+                 and every metric column, as MLflow stored it, and the quantization gap
     paired.csv   with ``--reference``: ``PAIRED_COLUMNS``, one line per variant and headline metric
     l1_vs_bits.png, usage.png, curves.png   error bars are the 95% t intervals, where n > 1
+    convergence.png                     where a method ran at several train.steps: val L1 against
+                                        the budget and the wall time, with the trivial codecs
 
 ``--reference R`` compares every other variant with variant ``R`` on the ``HEADLINE`` metrics both
 logged: the difference ``variant - R`` per seed, over the seeds both ran (paired by seed), its mean
@@ -77,6 +80,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -87,6 +91,9 @@ from vqlab.errors import UserError
 from vqlab.notebook import execute
 from vqlab.runfolder import RunFolder
 from vqlab.tracking import client, mlflow_uri
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # table column -> the MLflow metric it shows
 METRICS = {
@@ -110,7 +117,8 @@ COLUMNS = ("name", "levels", "n", *VALUES)  # the markdown table's
 # table.csv's: per metric its mean, the half-width of its 95% interval and its number of seeds
 CSV_COLUMNS = ("name", "levels", "n", "seeds", *(f"{m}{s}" for m in VALUES for s in ("", "_ci", "_n")))
 CSV_COLUMNS += ("method", "run_id")
-SEED_COLUMNS = ("name", "seed", "levels", "method", "run_id", "git_commit", "threads", "run_dir", "floor", *VALUES)
+SEED_COLUMNS = ("name", "seed", "levels", "method", "run_id", "git_commit", "threads", "run_dir", "floor")
+SEED_COLUMNS += ("steps", "wall_s", *VALUES)  # train.steps; the MLflow run's start to end, in seconds
 # decimals shown in the markdown table
 FORMATS = {
     "fid": 2,
@@ -130,7 +138,8 @@ SETTINGS = ("bits/token",)
 BASELINE_METRICS = {"l1": "l1", "psnr": "psnr", "ssim": "ssim"}
 BLOCK_MEAN, PALETTE = "block mean colour", "palette (same code budget)"
 CURVE_KEYS = ("train/l1", "train/loss")  # the first one a run logged is its training curve
-FIGURES = ("l1_vs_bits.png", "usage.png", "curves.png")
+FIGURES = ("l1_vs_bits.png", "usage.png", "curves.png")  # every report's
+CONVERGENCE = "convergence.png"  # a report's whose methods ran at several step budgets
 FINISHED = "FINISHED"  # MLflow's status of a run that ended well; only those are results
 CONFIDENCE = 0.95  # of every interval the report shows
 # the metrics ``--reference`` compares (those both variants logged)
@@ -205,6 +214,7 @@ def flat_run(run) -> dict:
     return {
         "run_id": run.info.run_id,
         "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
         "status": run.info.status,
         **{f"metrics.{k}": v for k, v in run.data.metrics.items()},
         **{f"params.{k}": v for k, v in run.data.params.items()},
@@ -309,6 +319,7 @@ def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
         row |= {"method": params.get("quantizer.name", MISSING), "run_id": run["run_id"]}
         row |= {"git_commit": tag(run, "git_commit"), "threads": tag(run, "vqlab.threads")}
         row |= {"run_dir": tag(run, "vqlab.run_dir"), "floor": tag(run, "floor")}
+        row |= {"steps": float(params.get("train.steps", math.nan)), "wall_s": wall_seconds(run)}
         rows.append(row | {column: metric(run, key) for column, key in METRICS.items()})
     frame = pd.DataFrame(rows, columns=list(SEED_COLUMNS)).astype({"seed": "Int64"})
     return frame.assign(**{GAP: quantization_gaps(frame)})
@@ -321,6 +332,11 @@ def quantization_gaps(seeds: pd.DataFrame) -> list[float]:
         run.l1 - floor_l1.get((run.floor, seed_key(run.seed)), math.nan) if run.floor else math.nan
         for run in seeds.itertuples()
     ]
+
+
+def wall_seconds(run: pd.Series) -> float:
+    start, end = run.get("start_time"), run.get("end_time")
+    return (end - start) / 1000 if start is not None and end is not None and not pd.isna(end) else math.nan
 
 
 def tag(run: pd.Series, key: str) -> str | None:
@@ -756,7 +772,40 @@ def figures(table: pd.DataFrame, history: pd.DataFrame, seeds: pd.DataFrame | No
     ax.set(xlabel="step", ylabel=", ".join(history["metric"].unique()), yscale="log", title="training curves")
     if not history.empty:
         ax.legend(fontsize="small")
+    if (ladder := convergence(table, seeds)) is not None:
+        made[CONVERGENCE] = ladder
     return made
+
+
+def convergence(table: pd.DataFrame, seeds: pd.DataFrame) -> Figure | None:
+    """Where a method ran at several step budgets (a ladder such as the ``convergence`` sweep's):
+    final val L1 against the budget and against the run's wall time, the mean over seeds with its
+    95% t interval, and the trivial codecs as horizontal lines; ``None`` without a ladder."""
+    from matplotlib.figure import Figure
+
+    runs = seeds.dropna(subset=["l1", "steps"])
+    if "steps" not in runs or not (runs.groupby("method")["steps"].nunique() > 1).any():
+        return None
+    points = (
+        runs.groupby(["method", "steps"], sort=True)
+        .agg(l1=("l1", "mean"), ci=("l1", half_width), wall=("wall_s", "mean"))
+        .reset_index()
+    )
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    by_steps, by_time = figure.subplots(1, 2, sharey=True)
+    for method, line in points.groupby("method", sort=False):
+        for ax, x in ((by_steps, line["steps"]), (by_time, line["wall"] / 60)):
+            (drawn,) = ax.plot(x, line["l1"], marker="o", label=method)
+            ax.errorbar(x, line["l1"], yerr=line["ci"].fillna(0), fmt="none", capsize=3, color=drawn.get_color())
+    for i, (_, codec) in enumerate(table[table["run_id"] == ""].iterrows()):
+        for ax in (by_steps, by_time):
+            ax.axhline(codec["l1"], linestyle="--", color=f"C{7 + i % 3}", label=f"{codec['name']} ({codec['levels']})")
+    by_steps.set(xscale="log", xlabel="training steps (each point a run of that budget)", ylabel="val L1")
+    by_time.set(xscale="log", xlabel="wall time of the run (minutes)")
+    n = int(runs.groupby(["method", "steps"]).size().max())
+    figure.suptitle("convergence: val L1 against budget" + (f" (95% CI over {n} seeds)" if n > 1 else ""))
+    by_time.legend(fontsize="small")
+    return figure
 
 
 # --- the report -----------------------------------------------------------------------------------
