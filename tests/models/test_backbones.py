@@ -138,6 +138,19 @@ def test_conv_blocks_add_residual_blocks_at_the_latent_resolution_on_both_sides(
     assert len(blocks) == 4 and all(p.grad.abs().sum() > 0 for b in blocks for p in b.parameters())
 
 
+def test_conv_nearest_upsampling_doubles_by_repeating_then_convolves():
+    model = build_autoencoder(tiny("conv", upsample="nearest"), fsq())
+    kinds = [type(m).__name__ for m in model.decoder.modules()]
+    assert "ConvTranspose2d" not in kinds and kinds.count("Upsample") == 3
+    x = images(32)
+    out = model(x)
+    assert out.reconstruction.shape == x.shape
+    # the output layer is the last 3x3 convolution, where the adversarial weight reads its gradient
+    assert model.last_layer() is model.decoder[-1][1].weight and model.last_layer().shape[-2:] == (3, 3)
+    out.reconstruction.abs().mean().backward()
+    assert all(p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
 def test_last_layer_is_the_decoder_output():
     assert build_autoencoder(tiny("resnet"), fsq()).last_layer().shape == (3, 8, 3, 3)
     assert build_autoencoder(tiny("vit"), fsq()).last_layer().shape == (3 * 8 * 8, 32)
@@ -169,6 +182,7 @@ def test_indivisible_images_are_refused_naming_the_factor(name):
         ({"name": "resnet", "factor": 3}, "factor"),
         ({"name": "resnet", "factor": 16}, "factor"),
         ({"name": "conv", "blocks": -1}, "blocks"),
+        ({"name": "conv", "upsample": "bilinear"}, "upsample"),
         ({"name": "vit", "width": 30}, "width"),
         ({"name": "vit", "heads": 3}, "width"),
         ({"name": "vit", "attention": "performer"}, "attention"),

@@ -4,11 +4,15 @@
 ``blocks`` adds residual blocks at the latent resolution to both sides, as VQ-VAE's encoder and
 decoder have them (Neural Discrete Representation Learning, van den Oord et al., 2017,
 https://arxiv.org/abs/1711.00937: ReLU, 3x3 conv, ReLU, 1x1 conv, added to the input). At 1/8 of
-the image's side they cost little and let each token's code depend on its neighbours'."""
+the image's side they cost little and let each token's code depend on its neighbours'.
+``upsample: nearest`` replaces each 4x4 transposed convolution of the decoder with a nearest-neighbour
+doubling and a 3x3 convolution (2.25x its multiply-adds), which has no checkerboard pattern to unlearn
+(Odena et al., 2016, https://distill.pub/2016/deconv-checkerboard/)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -22,6 +26,7 @@ class ConvConfig(BackboneConfig):
     width: int = 128
     channels: int = 128  # output of the 1x1 conv, before the projection to the quantizer width
     blocks: int = 0  # residual blocks at the latent resolution, in the encoder and in the decoder
+    upsample: Literal["transposed", "nearest"] = "transposed"  # the decoder's doublings
 
     def __post_init__(self):
         require(self.width >= 1, "width", f"must be >= 1, got {self.width}")
@@ -44,6 +49,14 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+def doubling(cfg: ConvConfig, channels_in: int, channels_out: int) -> nn.Module:
+    if cfg.upsample == "nearest":
+        return nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels_in, channels_out, 3, padding=1)
+        )
+    return nn.ConvTranspose2d(channels_in, channels_out, 4, stride=2, padding=1)
+
+
 @registry.register("conv", ConvConfig)
 def build_conv(cfg: ConvConfig, in_channels: int = 3) -> Backbone:
     w = cfg.width
@@ -61,10 +74,10 @@ def build_conv(cfg: ConvConfig, in_channels: int = 3) -> Backbone:
         nn.Conv2d(cfg.channels, w, 1),
         *(ResidualBlock(w) for _ in range(cfg.blocks)),
         nn.ReLU(),
-        nn.ConvTranspose2d(w, w, 4, stride=2, padding=1),
+        doubling(cfg, w, w),
         nn.ReLU(),
-        nn.ConvTranspose2d(w, w, 4, stride=2, padding=1),
+        doubling(cfg, w, w),
         nn.ReLU(),
-        nn.ConvTranspose2d(w, in_channels, 4, stride=2, padding=1),
+        doubling(cfg, w, in_channels),
     )
     return Backbone(encoder=encoder, decoder=decoder, channels=cfg.channels, downsample=cfg.downsample)
