@@ -10,10 +10,21 @@ from vqlab.schema import flatten, to_dict
 
 
 def run_folders(root: str | Path = "runs", experiment: str | None = None) -> list[RunFolder]:
-    """Every run folder (one holding a config) under ``root/<experiment>/``, sorted by path."""
+    """Every run folder (one holding a config) under ``root/<experiment>/``, sorted by path: the
+    experiment's runs, and the seed runs of a seeded sweep's variant folders (``<variant>/seed<k>``)."""
     experiments = [Path(root) / experiment] if experiment else sorted(p for p in Path(root).iterdir() if p.is_dir())
-    folders = (RunFolder(p) for base in experiments if base.is_dir() for p in sorted(base.iterdir()) if p.is_dir())
-    return [run for run in folders if run.has_config()]
+    runs = []
+    for base in (e for e in experiments if e.is_dir()):
+        for child in (RunFolder(p) for p in sorted(base.iterdir()) if p.is_dir()):
+            if child.has_config():
+                runs.append(child)
+            else:  # a run group: a seeded sweep's variant, its runs the seeds
+                runs += [
+                    run
+                    for run in (RunFolder(p) for p in sorted(child.path.iterdir()) if p.is_dir())
+                    if run.has_config()
+                ]
+    return runs
 
 
 def collect(root: str | Path = "runs", experiment: str | None = None) -> list[dict[str, Any]]:
@@ -21,8 +32,9 @@ def collect(root: str | Path = "runs", experiment: str | None = None) -> list[di
     every flattened config key and every last metric."""
     rows = []
     for run in run_folders(root, experiment):
-        row = {"experiment": run.path.parent.name, "run": run.name}
-        row |= flatten(to_dict(run.read_config()))
+        cfg = run.read_config()
+        row = {"experiment": cfg.tracking.experiment, "run": run.name}
+        row |= flatten(to_dict(cfg))
         row |= run.last_metrics()
         rows.append(row)
     return rows

@@ -12,3 +12,17 @@ def test_collect_reads_config_and_last_metrics(smoke_cfg, tmp_path):
     assert row["val/l1"] == result.metrics["val/l1"]
     assert collect(tmp_path / "runs", experiment="other") == []
     assert list(table(tmp_path / "runs")["run"]) == ["a"]
+
+
+def test_collect_finds_the_seed_runs_of_a_seeded_sweeps_variant_folders(smoke_cfg, tmp_path):
+    base = {"train.steps": 2, "optim.warmup_steps": 1}
+    fit(smoke_cfg(**base, **{"tracking.run_name": "alone"}))
+    for seed in (0, 1):
+        fit(smoke_cfg(**base, **{"tracking.run_group": "fsq", "tracking.run_name": f"seed{seed}", "train.seed": seed}))
+    rows = collect(tmp_path / "runs")
+    assert [(r["run"], r["tracking.run_group"], r["train.seed"]) for r in rows] == [
+        ("alone", "", 0),
+        ("seed0", "fsq", 0),
+        ("seed1", "fsq", 1),
+    ]
+    assert {r["experiment"] for r in rows} == {"smoke"}
