@@ -19,6 +19,7 @@ from scipy import stats
 import vqlab
 from vqlab import report
 from vqlab.evaluate import evaluate_run
+from vqlab.tracking import TRIVIAL_CODECS
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = "S"
@@ -139,28 +140,32 @@ def test_markdown_shows_the_stored_numbers_in_the_documented_format(store):
     assert cells == ["fsq", "8-5-5-5", "1", *expected, report.MISSING]  # n = 1: no interval; no floor: no gap
 
 
-def test_baseline_rows_one_per_distinct_code_budget(store):
+@pytest.mark.parametrize("prefix", ["baseline_palette", "baseline_kmeans"])
+def test_baseline_rows_one_per_distinct_code_budget(store, prefix):
     uri, _, _ = store
-    table = report.render(SWEEP, uri).table
+    result = report.render(SWEEP, uri)
+    table = result.table
     runs = stored(uri)
-    block = table[table["name"] == report.BLOCK_MEAN]
+    block = table[table["name"] == TRIVIAL_CODECS["baseline"]]
     assert len(block) == 1  # the same crops and downsampling for every variant
     assert block["l1"].item() == runs["fsq"].data.metrics["baseline/l1"]
-    palette = table[table["name"] == report.PALETTE]
-    budgets = {runs[v].data.metrics["baseline_palette/colors"]: runs[v].data.metrics for v in VARIANTS}
+    palette = table[table["name"] == TRIVIAL_CODECS[prefix]]
+    budgets = {runs[v].data.metrics[f"{prefix}/colors"]: runs[v].data.metrics for v in VARIANTS}
     assert len(palette) == len(budgets) >= 2
     for _, row in palette.iterrows():
         colors = float(row["levels"].split()[0])
-        assert row["l1"] == budgets[colors]["baseline_palette/l1"]
-        assert row["psnr"] == budgets[colors]["baseline_palette/psnr"]
+        assert row["l1"] == budgets[colors][f"{prefix}/l1"]
+        assert row["psnr"] == budgets[colors][f"{prefix}/psnr"]
         assert row["bits/token"] == math.log2(colors)
         assert pd.isna(row["codebook usage"]) and pd.isna(row["fid"])
+    lines = {line.get_label(): line for line in result.figures["l1_vs_bits.png"].axes[0].lines}
+    assert lines[TRIVIAL_CODECS[prefix]].get_linestyle() == "--"  # a codec, beside the quantizers' lines
 
 
 def test_an_experiment_that_is_not_a_sweep_has_every_run_as_a_row(store):
     uri, _, _ = store
     table = report.render("single", uri).table
-    assert list(table["name"]) == ["alone", report.BLOCK_MEAN, report.PALETTE]
+    assert list(table["name"]) == ["alone", *TRIVIAL_CODECS.values()]
     assert table["l1"].iloc[0] == stored(uri)["alone"].data.metrics["val/l1"]
 
 
@@ -419,7 +424,8 @@ def test_seeds_aggregate_to_mean_interval_and_n(seeded, tmp_path):
             assert pd.isna(row["l1_ci"]) and shown[variant]["l1"] == f"{mean:.4f}" and "±" not in shown[variant]["psnr"]
     assert rows.loc["ref", "codebook usage_ci"] == pytest.approx(t_interval([0.5, 0.51, 0.52])[1])
     # the trivial codec rows stay as they are: one row, no n
-    assert shown[report.BLOCK_MEAN]["l1"] == "0.0400" and shown[report.BLOCK_MEAN]["n"] == report.MISSING
+    block = TRIVIAL_CODECS["baseline"]
+    assert shown[block]["l1"] == "0.0400" and shown[block]["n"] == report.MISSING
     # the CSVs: mean, half-width and n per metric; the per-seed values in seeds.csv
     csv = pd.read_csv(tmp_path / "report" / "table.csv").set_index("name")
     assert csv.loc["better", "l1"] == pytest.approx(t_interval(list(SEEDED_L1["better"].values()))[0], rel=1e-12)

@@ -15,7 +15,7 @@ from vqlab.codes import perplexity
 from vqlab.config import TrackingConfig
 from vqlab.evaluators.codebook import CodeHistogram
 from vqlab.runfolder import RunFolder
-from vqlab.tracking import existing_run, headline, summary_table
+from vqlab.tracking import TRIVIAL_CODECS, existing_run, headline, summary_table
 
 # The loss terms the objective (vqlab.losses) and the quantizers log under train/; the other
 # train/ metrics are statistics (perplexity, distinct codes), rates and resources.
@@ -93,9 +93,7 @@ def metrics_table(run: RunFolder, evaluation: dict[str, float]) -> str:
         "evaluation, EMA": headline(evaluation, "eval_ema"),
         "training crops": headline(evaluation, "eval_train"),
         "training crops, EMA": headline(evaluation, "eval_train_ema"),
-        "block mean colour": headline(recorded, "baseline"),
-        "block mean, palette": headline(recorded, "baseline_palette"),
-    }
+    } | {label: headline(recorded, prefix) for prefix, label in TRIVIAL_CODECS.items()}
     return summary_table({label: values for label, values in rows.items() if values})
 
 

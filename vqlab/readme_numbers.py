@@ -29,6 +29,7 @@ from vqlab import config, report
 from vqlab.errors import UserError
 from vqlab.runfolder import RunFolder
 from vqlab.runtime import git_commit
+from vqlab.tracking import TRIVIAL_CODECS
 
 BLOCKS = ("default", "demo")
 
@@ -52,19 +53,24 @@ def provenance(command: str) -> str:
 
 
 def default_numbers(preset: str, root: Path) -> str:
-    """One run of ``preset`` trained now; its final validation beside the palette codec."""
+    """One run of ``preset`` trained now; its final validation beside the palette codecs."""
     from vqlab.trainer import fit
 
     cfg = config.load(preset, {"tracking.root": str(root), "tracking.run_name": "readme", "tracking.mlflow": False})
     result = fit(cfg, restart=RunFolder.of(cfg).has_config())
     run = RunFolder(result.run_dir)
     first = next(row for row in run.read_metrics() if "val/l1" in row)
-    val, palette = result.metrics, result.baseline
+    val, codecs = result.metrics, result.baseline
+    palettes = "; ".join(
+        f"{label}: L1 {codecs[f'{prefix}/l1']:.4f}, MSE {codecs[f'{prefix}/mse']:.4f}, "
+        f"PSNR {codecs[f'{prefix}/psnr']:.1f} dB"
+        for prefix, label in TRIVIAL_CODECS.items()
+        if f"{prefix}/colors" in codecs
+    )
     return (
         f"ends at val L1 {val['val/l1']:.4f}, MSE {val['val/mse']:.4f}, PSNR {val['val/psnr']:.1f} dB, "
-        f"codebook usage {val['val/codebook_usage']:.3f} (from L1 {first['val/l1']:.3f} at step 0; palette codec: "
-        f"L1 {palette['baseline_palette/l1']:.4f}, MSE {palette['baseline_palette/mse']:.4f}, "
-        f"PSNR {palette['baseline_palette/psnr']:.1f} dB; {provenance(f'python -m vqlab.train --config {preset}')})"
+        f"codebook usage {val['val/codebook_usage']:.3f} (from L1 {first['val/l1']:.3f} at step 0; {palettes}; "
+        f"{provenance(f'python -m vqlab.train --config {preset}')})"
     )
 
 

@@ -19,9 +19,10 @@ confidence interval (Student t over seeds: ``t_{0.975, n-1} * s / sqrt(n)``, ``s
 standard deviation, ``scipy.stats.t``) and ``n``, the seeds that logged it. The markdown shows
 ``0.0606 ± 0.0012`` (the half-width with the column's decimals, or as many as make it non-zero) and
 an ``n`` column (seeds of the variant; a metric logged by fewer says ``(n=k)``); with one seed there
-is no interval, never a made-up one. Below the variants come the two trivial codecs measured on the
-same validation crops (``baseline/*``, ``baseline_palette/*``): one row each, or one per distinct
-result when the runs differ (a palette row per code budget), with no ``n``.
+is no interval, never a made-up one. Below the variants come the three trivial codecs measured on the
+same validation crops (``baseline/*``, ``baseline_palette/*``, ``baseline_kmeans/*``; named as
+``vqlab.tracking.TRIVIAL_CODECS`` says): one row each, or one per distinct result when the runs
+differ (a palette row per code budget), with no ``n``.
 
 Columns are the seed study's (name, levels, fid, l1, lpips, codebook usage) and then psnr, ssim,
 perplexity and bits/token, all from the final ``val/*`` metrics, and train usage: the codebook
@@ -90,7 +91,7 @@ from vqlab.config import TrackingConfig
 from vqlab.errors import UserError
 from vqlab.notebook import execute
 from vqlab.runfolder import RunFolder
-from vqlab.tracking import client, mlflow_uri
+from vqlab.tracking import TRIVIAL_CODECS, client, mlflow_uri
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -136,7 +137,6 @@ MISSING = tables.MISSING
 # columns that a config sets rather than a measurement: the same over seeds, shown without "± 0"
 SETTINGS = ("bits/token",)
 BASELINE_METRICS = {"l1": "l1", "psnr": "psnr", "ssim": "ssim"}
-BLOCK_MEAN, PALETTE = "block mean colour", "palette (same code budget)"
 CURVE_KEYS = ("train/l1", "train/loss")  # the first one a run logged is its training curve
 FIGURES = ("l1_vs_bits.png", "usage.png", "curves.png")  # every report's
 CONVERGENCE = "convergence.png"  # a report's whose methods ran at several step budgets
@@ -379,16 +379,17 @@ def aggregate(group: pd.DataFrame) -> dict:
 
 
 def baseline_rows(runs: pd.DataFrame) -> list[dict]:
-    """The block mean colour codec and the palette codec, one row per distinct result over the runs."""
+    """The trivial codecs (block mean colour, the uniform and the k-means palette), one row per
+    distinct result over the runs."""
     rows = []
-    for prefix, label_ in (("baseline", BLOCK_MEAN), ("baseline_palette", PALETTE)):
+    for prefix, label_ in TRIVIAL_CODECS.items():
         seen: list[dict] = []
         for _, run in runs.iterrows():
             values = {column: metric(run, f"{prefix}/{key}") for column, key in BASELINE_METRICS.items()}
             if math.isnan(values["l1"]):
-                continue  # a run from before the baselines were logged
-            if prefix == "baseline_palette":
-                colors = metric(run, "baseline_palette/colors")
+                continue  # a run from before this codec was logged
+            colors = metric(run, f"{prefix}/colors")
+            if not math.isnan(colors):  # a palette: one code per block
                 values |= {"levels": f"{colors:.0f} colours", "bits/token": math.log2(colors)}
             if values not in seen:
                 seen.append(values)
@@ -737,7 +738,7 @@ def figures(table: pd.DataFrame, history: pd.DataFrame, seeds: pd.DataFrame | No
     ax = made["l1_vs_bits.png"].subplots()
     for method, points in table.dropna(subset=["bits/token", "l1"]).groupby("method", sort=False):
         points = points.sort_values("bits/token")
-        codec = method in (BLOCK_MEAN, PALETTE)
+        codec = method in TRIVIAL_CODECS.values()
         (line,) = ax.plot(
             points["bits/token"], points["l1"], marker="o", label=method, linestyle="--" if codec else "-"
         )

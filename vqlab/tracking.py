@@ -34,6 +34,13 @@ from vqlab.runfolder import RunFolder
 PROGRESS_KEYS = {"train/loss": "loss", "train/lr": "lr", "train/images_per_s": "img/s"}
 # The metrics a validation line and the final table show, in this order; per-digit detail is in the files.
 HEADLINE = ("l1", "mse", "psnr", "ssim", "lpips", "fid", "codebook_usage", "perplexity")
+# The trivial codecs' metric prefixes (``vqlab/evaluators/baselines.py``) and the one name every
+# table, figure, notebook and report gives each, so that a row reads the same wherever it shows.
+TRIVIAL_CODECS = {
+    "baseline": "block mean colour",
+    "baseline_palette": "palette (same code budget)",
+    "baseline_kmeans": "palette, k-means (same code budget)",
+}
 BATCH = 1000  # MLflow accepts at most 1000 metrics and 100 params per log_batch call
 PARAM_BATCH = 100
 

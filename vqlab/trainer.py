@@ -24,14 +24,14 @@ from torch.utils.data import DataLoader
 from vqlab import data, distributed, evaluators, quantizers
 from vqlab.config import OptimConfig, RunConfig, load, presets
 from vqlab.errors import UserError
-from vqlab.evaluators import block_mean_baseline
+from vqlab.evaluators import block_mean_baseline, kmeans_palette
 from vqlab.lifecycle import FiniteGuard, NonFiniteLossError, RunLifecycle, TrainResult, Validation
 from vqlab.losses import Objective
 from vqlab.models import build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
 from vqlab.runtime import ModelEMA, autocast, seed_everything
 from vqlab.state import TrainState
-from vqlab.tracking import headline, mlflow_uri, summary_table
+from vqlab.tracking import TRIVIAL_CODECS, headline, mlflow_uri, summary_table
 
 __all__ = ["FiniteGuard", "NonFiniteLossError", "TrainResult", "fit", "main"]
 
@@ -164,7 +164,8 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
     stream = batches(train_loader, *state.position, device if cfg.data.on_device else None)
     # one code per token: compare with one palette colour per token-sized block
     budget = quantizer.codebook_size if quantizer.discrete else 2**24
-    baseline = block_mean_baseline(val_loader, device, model.downsample, budget)
+    palette = kmeans_palette(splits.train, model.downsample, budget, cfg.train.seed)
+    baseline = block_mean_baseline(val_loader, device, model.downsample, budget, palette)
     grid_images = torch.stack([splits.val[i] for i in range(min(cfg.eval.grid_images, len(splits.val)))]).to(device)
 
     # --- open, loop, finish --------------------------------------------------------------------------
@@ -237,12 +238,11 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
 
 
 def final_table(result: TrainResult) -> str:
-    """The final headline metrics beside the two trivial codecs, as an aligned table."""
+    """The final headline metrics beside the trivial codecs, as an aligned table."""
     rows = {"model": headline(result.metrics, "val")}
     if any(k.startswith("val_ema/") for k in result.metrics):
         rows["model EMA"] = headline(result.metrics, "val_ema")
-    rows["block mean colour"] = headline(result.baseline, "baseline")
-    rows["block mean, palette"] = headline(result.baseline, "baseline_palette")
+    rows |= {label: headline(result.baseline, prefix) for prefix, label in TRIVIAL_CODECS.items()}
     return summary_table(rows)
 
 

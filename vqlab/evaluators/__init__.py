@@ -26,7 +26,13 @@ take the uint8 [0, 255] images a PNG would hold.
 """
 
 from vqlab.evaluators.base import Evaluator, PairEvaluator, Suite, build, image_digests, registry, to_uint8, to_unit
-from vqlab.evaluators.baselines import block_mean, block_mean_baseline, palette_levels
+from vqlab.evaluators.baselines import (
+    block_mean,
+    block_mean_baseline,
+    block_mean_from_palette,
+    kmeans_palette,
+    palette_levels,
+)
 from vqlab.evaluators.codebook import DENSE_HISTOGRAM_LIMIT, CodebookMetrics, CodeHistogram
 from vqlab.evaluators.fidelity import FidelityMetrics
 from vqlab.evaluators.loop import measure, measure_with_ema
@@ -47,8 +53,10 @@ __all__ = [
     "Suite",
     "block_mean",
     "block_mean_baseline",
+    "block_mean_from_palette",
     "build",
     "image_digests",
+    "kmeans_palette",
     "measure",
     "measure_with_ema",
     "palette_levels",
