@@ -14,8 +14,8 @@ from vqlab.evaluators.reconstruction import ReconstructionMetrics
 
 # Above this many colours the k-means palette is capped (its row says how many it has): greedy
 # k-means++ seeding takes one step per colour, 0.8 s for 1024 colours on one CPU core but 13 s for
-# 4096, and at the continuous model's nominal budget (2^24) it would never end.
-KMEANS_MAX_COLOURS = 4096
+# 4096, which every run above 2^10 codes (and every continuous run) would pay before training.
+KMEANS_MAX_COLOURS = 1024
 BLOCKS_PER_COLOUR = 8  # training blocks the k-means palette is fitted on, per colour
 KMEANS_ITERS = 10
 
