@@ -18,6 +18,7 @@ from vqlab import evaluators, weights
 from vqlab.evalconfig import EVALUATORS, EvalConfig
 from vqlab.evaluators import CodebookMetrics, CodeHistogram, ReconstructionMetrics, SlicedWasserstein, fidelity
 from vqlab.evaluators import swd as swd_lib
+from vqlab.evaluators.codebook import measured_rate
 from vqlab.runfolder import RunFolder
 
 from .helpers import model_output
@@ -219,6 +220,62 @@ def test_reset_starts_a_new_evaluation():
     metrics.reset()
     metrics.update(None, model_output(codes=torch.zeros(1, 3, 2, dtype=torch.int64)))
     assert metrics.compute()["codebook_usage"] == 1 / 8
+
+
+def miller_madow_by_hand(counts) -> float:
+    """Plug-in entropy in bits plus (m - 1) / (2 N ln 2), written out with numpy alone."""
+    counts = np.asarray([c for c in counts if c > 0], dtype=float)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum() + (len(counts) - 1) / (2 * counts.sum() * math.log(2)))
+
+
+@pytest.mark.parametrize("dense_limit", [2**18, 1])
+def test_measured_bits_is_the_miller_madow_entropy_of_every_token(dense_limit):
+    metrics = CodebookMetrics((2, 4), CPU, dense_limit=dense_limit)
+    codes = known_codes()  # 2 crops of 4 tokens: {0: 4}, then {1: 2, 5: 1, 7: 1}
+    metrics.update(None, model_output(codes=codes[:1]))
+    metrics.update(None, model_output(codes=codes[1:]))
+    out = metrics.compute()
+    assert out["measured_bits"] == pytest.approx(miller_madow_by_hand([4, 2, 1, 1]), rel=1e-12)
+    assert out["measured_bits"] == pytest.approx(1.75 + 3 / (16 * math.log(2)), rel=1e-12)
+    # resampling 2 crops: both the first (0 bits), both the second, or one of each (the estimate)
+    assert out["measured_bits_low"] <= out["measured_bits"] <= out["measured_bits_high"]
+
+
+def test_measured_bits_of_codes_beyond_int64_count_digit_rows():
+    metrics = CodebookMetrics(WIDE, CPU)
+    metrics.update(None, model_output(codes=wide_codes()))
+    assert metrics.compute()["measured_bits"] == pytest.approx(miller_madow_by_hand([3, 2, 1, 1]), rel=1e-12)
+
+
+def test_one_crop_has_a_measured_rate_but_no_interval():
+    metrics = CodebookMetrics((2, 4), CPU)
+    metrics.update(None, model_output(codes=known_codes()[:1]))
+    out = metrics.compute()
+    assert out["measured_bits"] == 0 and "measured_bits_low" not in out and "measured_bits_high" not in out
+
+
+def zipf_crops(crops: int, tokens: int = 16, codes: int = 2**14, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(crop of each token, code of each token)``: codes drawn from a Zipf law over ``codes``."""
+    p = 1 / np.arange(1, codes + 1)
+    drawn = np.random.default_rng(seed).choice(codes, size=crops * tokens, p=p / p.sum())
+    return np.repeat(np.arange(crops), tokens), drawn
+
+
+def test_the_rate_interval_holds_the_estimate_and_narrows_with_more_crops():
+    few, many = measured_rate(*zipf_crops(64)), measured_rate(*zipf_crops(1024))
+    for estimate, low, high in (few, many):
+        assert low < estimate < high
+    assert many[2] - many[1] < 0.5 * (few[2] - few[1])  # 16 times the crops: about a quarter of the width
+
+
+def test_the_rate_is_deterministic_and_does_not_depend_on_the_order_of_tokens():
+    crops, codes = zipf_crops(256)
+    order = np.random.default_rng(1).permutation(len(codes))
+    assert measured_rate(crops, codes) == measured_rate(crops, codes) == measured_rate(crops[order], codes[order])
+    # the same codes under other integers (or digit rows) measure the same, up to the order of the sums
+    relabelled = measured_rate(crops * 3 + 7, np.stack([codes % 7, codes // 7], -1))
+    assert relabelled == pytest.approx(measured_rate(crops, codes), rel=1e-12)
 
 
 # --- sliced Wasserstein distance -----------------------------------------------------------------

@@ -21,6 +21,8 @@ from vqlab import report
 from vqlab.evaluate import evaluate_run
 from vqlab.tracking import TRIVIAL_CODECS
 
+BLOCK_MEAN, PALETTE = TRIVIAL_CODECS["baseline"], TRIVIAL_CODECS["baseline_palette"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = "S"
 # the table's columns and the MLflow metrics they show, written out independently of vqlab.report
@@ -33,10 +35,11 @@ SHOWN = {
     "ssim": "val/ssim",
     "perplexity": "val/perplexity",
     "bits/token": "model/bits_per_token",
+    "measured bits": "val/measured_bits",
     "train usage": "eval_train/codebook_usage",
 }
 DECIMALS = {"fid": 2, "l1": 4, "lpips": 4, "codebook usage": 4, "psnr": 2, "ssim": 4, "perplexity": 1, "bits/token": 2}
-DECIMALS["train usage"] = 4
+DECIMALS |= {"measured bits": 2, "train usage": 4}
 VARIANTS = {
     "fsq": {},
     "fsq_small": {"quantizer.levels": [8, 5, 5]},
@@ -104,6 +107,9 @@ def test_table_numbers_are_the_metrics_mlflow_stored(store):
     assert by_name.loc["fsq", "levels"] == "8-5-5-5" and by_name.loc["fsq_small", "levels"] == "8-5-5"
     assert by_name.loc["lfq", "levels"] == "6 bits" and by_name.loc["lfq", "method"] == "lfq"
     assert by_name.loc["fsq", "bits/token"] == pytest.approx(math.log2(1000))
+    # Miller-Madow adds to the plug-in entropy (log2 perplexity); a 4-step model uses a few codes
+    for _, row in by_name.iterrows():
+        assert math.log2(row["perplexity"]) < row["measured bits"] < row["bits/token"]
     assert by_name.loc["fsq", "train usage"] > 0 and by_name.drop(index="fsq")["train usage"].isna().all()
 
 
@@ -212,6 +218,57 @@ def test_cli_prints_the_table_writes_files_and_logs_them_to_the_parent(store, tm
         assert (out / name).read_bytes().startswith(b"\x89PNG")
     logged = {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
     assert {f"report/{name}" for name in ("table.md", "table.csv", "seeds.csv", *report.FIGURES)} <= logged
+
+
+def test_l1_against_bits_puts_each_trained_run_at_its_measured_bits(store):
+    uri, _, _ = store
+    result = report.render(SWEEP, uri)
+    runs = stored(uri)
+    axes = result.figures["l1_vs_bits.png"].axes[0]
+    lines = {line.get_label(): line for line in axes.lines}
+    drawn = sorted(x for method in ("fsq", "lfq") for x in lines[method].get_xdata())  # a line per method
+    assert drawn == sorted(runs[v].data.metrics["val/measured_bits"] for v in VARIANTS)
+    assert not set(drawn) & {runs[v].data.metrics["model/bits_per_token"] for v in VARIANTS}
+    # one seed: the x error bar is the run's bootstrap interval over the crops
+    drawn = sorted(tuple(segment[:, 0]) for bars in axes.containers for segment in bars.lines[2][0].get_segments())
+    logged = [
+        (runs[v].data.metrics["val/measured_bits_low"], runs[v].data.metrics["val/measured_bits_high"])
+        for v in VARIANTS
+    ]
+    np.testing.assert_allclose(drawn, sorted(logged))
+    assert "measured bits" in axes.get_xlabel()
+
+
+def test_l1_against_bits_draws_intervals_over_seeds_codecs_and_floors():
+    """A hand-made table: ``a`` at 3 seeds, ``b`` at one (its bootstrap interval), ``c`` continuous,
+    the palette codec (no measured rate: its log2 colours) and the block mean colour."""
+    rows = []
+    for name, seed, measured, low, high in (("a", 0, 7.0, 6.9, 7.1), ("a", 1, 7.2, 7.1, 7.3), ("a", 2, 7.4, 7.3, 7.5)):
+        rows.append({"name": name, "seed": seed, "measured bits": measured, "measured bits low": low})
+        rows[-1] |= {"measured bits high": high, "bits/token": 10.0, "l1": 0.05 + seed / 1000}
+    rows.append({"name": "b", "seed": pd.NA, "measured bits": 8.0, "measured bits low": 7.9, "measured bits high": 8.2})
+    rows[-1] |= {"bits/token": 12.0, "l1": 0.045}
+    rows.append({"name": "c", "seed": pd.NA, "l1": 0.03})
+    seeds = pd.DataFrame(rows, columns=list(report.SEED_COLUMNS)).astype({"seed": "Int64"})
+    seeds = seeds.assign(run_id=[f"r{i}" for i in range(len(seeds))], method=["fsq"] * 4 + ["identity"], levels="x")
+    codecs = [{"name": PALETTE, "method": PALETTE, "bits/token": 9.0, "l1": 0.06, "run_id": ""}]
+    codecs.append({"name": BLOCK_MEAN, "method": BLOCK_MEAN, "l1": 0.04, "run_id": ""})
+    table = pd.DataFrame([report.aggregate(group) for group in report.variants(seeds)] + codecs)
+    table = table.reindex(columns=list(report.CSV_COLUMNS))
+    history = pd.DataFrame(columns=["name", "metric", "step", "value"])
+    axes = report.figures(table, history, seeds)["l1_vs_bits.png"].axes[0]
+    lines = {line.get_label(): line for line in axes.lines}
+    assert list(lines["fsq"].get_xdata()) == pytest.approx([7.2, 8.0])  # measured, not log2 K
+    assert list(lines[PALETTE].get_xdata()) == [9.0]  # the codec's log2 colours
+    floors = {label: line.get_ydata()[0] for label, line in lines.items() if label.endswith("quantized)")}
+    floors |= {label: line.get_ydata()[0] for label, line in lines.items() if label.endswith("continuous)")}
+    assert floors == {"c (continuous)": 0.03, f"{BLOCK_MEAN} (unquantized)": 0.04}
+    mean, width = t_interval([7.0, 7.2, 7.4])
+    y_bars, x_bars = axes.containers  # L1 over a's seeds, then the bits of a (seeds) and b (bootstrap)
+    y_drawn = [segment[:, 1] for segment in y_bars.lines[2][0].get_segments()]
+    np.testing.assert_allclose(y_drawn, [t_bounds([0.05, 0.051, 0.052])])
+    x_drawn = [segment[:, 0] for segment in x_bars.lines[2][0].get_segments()]
+    np.testing.assert_allclose(x_drawn, [(mean - width, mean + width), (7.9, 8.2)])
 
 
 def test_cli_names_an_unknown_experiment_in_one_line(store):
@@ -394,6 +451,11 @@ def t_interval(values) -> tuple[float, float]:
     if len(values) < 2:
         return values.mean(), math.nan
     return values.mean(), stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+
+
+def t_bounds(values) -> tuple[float, float]:
+    mean, width = t_interval(values)
+    return mean - width, mean + width
 
 
 def markdown_rows(text: str) -> dict[str, dict[str, str]]:
@@ -669,7 +731,7 @@ def test_a_ladder_of_step_budgets_draws_the_convergence_figure_with_the_codecs()
     fsq = lines["fsq"]
     assert list(fsq.get_xdata()) == [100, 200, 400]
     assert list(fsq.get_ydata()) == pytest.approx([0.1 / s**0.5 + 0.0005 for s in (100, 200, 400)])
-    assert any(label.startswith(report.BLOCK_MEAN) for label in lines)
+    assert any(label.startswith(BLOCK_MEAN) for label in lines)
     assert list(by_time.get_lines()[0].get_xdata()) == pytest.approx([s * 100 / 1000 / 60 for s in (100, 200, 400)])
     # one budget per method: no ladder, no figure
     single = runs[runs["params.train.steps"] == "100"]

@@ -25,13 +25,17 @@ same validation crops (``baseline/*``, ``baseline_palette/*``, ``baseline_kmeans
 differ (a palette row per code budget), with no ``n``.
 
 Columns are the seed study's (name, levels, fid, l1, lpips, codebook usage) and then psnr, ssim,
-perplexity and bits/token, all from the final ``val/*`` metrics, and train usage: the codebook
-usage of the final checkpoint on training crops (``eval_train/codebook_usage``). A metric the run did not log
-(``fid`` and ``lpips`` when their weights were absent; bits/token of a continuous quantizer) is
-missing: ``NaN`` in the frame, ``—`` in the table, empty in the CSV; never 0. The markdown rounds
-as ``FORMATS`` says; the CSVs keep every digit MLflow stored. Under the table: what ``±`` means
-(when some row has seeds), a line when the rows come from different code versions (``git_commit``
-tags) and one when they come from different thread counts (``vqlab.threads``), naming the values.
+perplexity, bits/token (log2 K, what the codebook could carry) and measured bits (what the codes
+carry: ``val/measured_bits``, the Miller-Madow entropy of the validation codes in bits per token),
+all from the final ``val/*`` metrics, and train usage: the codebook usage of the final checkpoint on
+training crops (``eval_train/codebook_usage``). Codebook usage, perplexity and measured bits are
+bounded by the validation set's tokens (the photos' 8192: at most 13 bits of plug-in entropy). A
+metric the run did not log (``fid`` and ``lpips`` when their weights were absent; bits/token and
+measured bits of a continuous quantizer) is missing: ``NaN`` in the frame, ``—`` in the table,
+empty in the CSV; never 0. The markdown rounds as ``FORMATS`` says; the CSVs keep every digit
+MLflow stored. Under the table: what ``±`` means (when some row has seeds), a line when the rows
+come from different code versions (``git_commit`` tags) and one when they come from different
+thread counts (``vqlab.threads``), naming the values.
 
 Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sweep's parent run):
 
@@ -44,10 +48,13 @@ Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sw
     seeds.csv    the per-seed values: one line per run that is a result, ``SEED_COLUMNS``: ``name``,
                  ``seed`` (empty without a seed tag), ``levels``, ``method``, ``run_id``,
                  ``git_commit``, ``threads``, ``run_dir``, ``floor`` (tags; empty where not
-                 recorded), ``steps`` (train.steps), ``wall_s`` (the MLflow run's start to end)
-                 and every metric column, as MLflow stored it, and the quantization gap
+                 recorded), ``steps`` (train.steps), ``wall_s`` (the MLflow run's start to end),
+                 every metric column, as MLflow stored it, the quantization gap, and
+                 ``RATE_INTERVAL``: the run's 95% bootstrap interval of its measured bits over the
+                 validation crops
     paired.csv   with ``--reference``: ``PAIRED_COLUMNS``, one line per variant and headline metric
-    l1_vs_bits.png, usage.png, curves.png   error bars are the 95% t intervals, where n > 1
+    l1_vs_bits.png, usage.png, curves.png   error bars are the 95% t intervals, where n > 1 (and
+                 a single run's bootstrap interval of its measured bits)
     convergence.png                     where a method ran at several train.steps: val L1 against
                                         the budget and the wall time, with the trivial codecs
 
@@ -106,6 +113,9 @@ METRICS = {
     "ssim": "val/ssim",
     "perplexity": "val/perplexity",
     "bits/token": "model/bits_per_token",
+    # the rate the codes carry: the Miller-Madow entropy of the validation codes (CodebookMetrics),
+    # bounded by the validation set's tokens however large the codebook
+    "measured bits": "val/measured_bits",
     # the final checkpoint's usage on training crops (``vqlab.evaluate --split train``, which
     # run.ipynb runs): tells a dead code from one the held-out validation photos do not need
     "train usage": "eval_train/codebook_usage",
@@ -114,12 +124,14 @@ METRICS = {
 # recipe at the same latent width), paired by seed: what quantizing costs beyond the bottleneck
 GAP = "quantization gap"
 VALUES = (*METRICS, GAP)  # every column aggregated over seeds
+# seeds.csv's: each run's 95% bootstrap interval of its measured bits over the validation crops
+RATE_INTERVAL = {"measured bits low": "val/measured_bits_low", "measured bits high": "val/measured_bits_high"}
 COLUMNS = ("name", "levels", "n", *VALUES)  # the markdown table's
 # table.csv's: per metric its mean, the half-width of its 95% interval and its number of seeds
 CSV_COLUMNS = ("name", "levels", "n", "seeds", *(f"{m}{s}" for m in VALUES for s in ("", "_ci", "_n")))
 CSV_COLUMNS += ("method", "run_id")
 SEED_COLUMNS = ("name", "seed", "levels", "method", "run_id", "git_commit", "threads", "run_dir", "floor")
-SEED_COLUMNS += ("steps", "wall_s", *VALUES)  # train.steps; the MLflow run's start to end, in seconds
+SEED_COLUMNS += ("steps", "wall_s", *VALUES, *RATE_INTERVAL)  # train.steps; the MLflow run's start to end (s)
 # decimals shown in the markdown table
 FORMATS = {
     "fid": 2,
@@ -130,6 +142,7 @@ FORMATS = {
     "ssim": 4,
     "perplexity": 1,
     "bits/token": 2,
+    "measured bits": 2,
     "train usage": 4,
     GAP: 4,
 }
@@ -320,7 +333,7 @@ def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
         row |= {"git_commit": tag(run, "git_commit"), "threads": tag(run, "vqlab.threads")}
         row |= {"run_dir": tag(run, "vqlab.run_dir"), "floor": tag(run, "floor")}
         row |= {"steps": float(params.get("train.steps", math.nan)), "wall_s": wall_seconds(run)}
-        rows.append(row | {column: metric(run, key) for column, key in METRICS.items()})
+        rows.append(row | {column: metric(run, key) for column, key in (METRICS | RATE_INTERVAL).items()})
     frame = pd.DataFrame(rows, columns=list(SEED_COLUMNS)).astype({"seed": "Int64"})
     return frame.assign(**{GAP: quantization_gaps(frame)})
 
@@ -730,29 +743,39 @@ def figures(table: pd.DataFrame, history: pd.DataFrame, seeds: pd.DataFrame | No
     coloured by method, and the training curves. Where a variant has more than one seed, its L1
     and usage are the mean over the seeds with the 95% t interval as an error bar (``seeds``:
     ``per_seed``'s rows, from which seaborn draws the usage bars; without it, the table's means).
-    Figures are made without pyplot, so nothing is shown."""
+    Figures are made without pyplot, so nothing is shown.
+
+    The bits of the L1 figure are the measured bits where a row has them, else bits/token (the
+    palette codec's log2 colours, a run from before the rate was measured); their error bar is the
+    t interval over the seeds, or a single run's bootstrap interval over the crops (from
+    ``seeds``). Unquantized rows (continuous quantizers, the block mean colour) are horizontal
+    lines: floors at no finite rate."""
     import seaborn as sns
     from matplotlib.figure import Figure
 
     made = {name: Figure(figsize=(6, 4), layout="constrained") for name in FIGURES}
     ax = made["l1_vs_bits.png"].subplots()
-    for method, points in table.dropna(subset=["bits/token", "l1"]).groupby("method", sort=False):
-        points = points.sort_values("bits/token")
+    bits = table.assign(bits=table["measured bits"].fillna(table["bits/token"]), **rate_errors(table, seeds))
+    for method, points in bits.dropna(subset=["bits", "l1"]).groupby("method", sort=False):
+        points = points.sort_values("bits")
         codec = method in TRIVIAL_CODECS.values()
-        (line,) = ax.plot(
-            points["bits/token"], points["l1"], marker="o", label=method, linestyle="--" if codec else "-"
-        )
+        (line,) = ax.plot(points["bits"], points["l1"], marker="o", label=method, linestyle="--" if codec else "-")
         bars = points[points["l1_ci"].notna()]
         if not bars.empty:
-            ax.errorbar(
-                bars["bits/token"], bars["l1"], yerr=bars["l1_ci"], fmt="none", capsize=3, color=line.get_color()
-            )
-    for _, run in table[table["bits/token"].isna() & (table["run_id"] != "")].iterrows():
-        line = ax.axhline(run["l1"], linestyle=":", color="grey", label=f"{run['name']} (continuous)")
-        if not pd.isna(run["l1_ci"]):
-            ax.axhspan(run["l1"] - run["l1_ci"], run["l1"] + run["l1_ci"], color="grey", alpha=0.15, linewidth=0)
-    title = "L1 vs bits per token" + (" (95% CI over seeds)" if table["l1_ci"].notna().any() else "")
-    ax.set(xlabel="bits per token", ylabel="val L1 (lower is better)", title=title)
+            ax.errorbar(bars["bits"], bars["l1"], yerr=bars["l1_ci"], fmt="none", capsize=3, color=line.get_color())
+        bars = points[points["bits_below"].notna()]
+        if not bars.empty:
+            spread = [bars["bits_below"], bars["bits_above"]]
+            ax.errorbar(bars["bits"], bars["l1"], xerr=spread, fmt="none", capsize=3, color=line.get_color())
+    for _, row in bits[bits["bits"].isna() & bits["l1"].notna()].iterrows():
+        model = row["run_id"] != ""
+        style = {"linestyle": ":" if model else "--", "color": "grey" if model else "black"}
+        ax.axhline(row["l1"], label=f"{row['name']} ({'continuous' if model else 'unquantized'})", **style)
+        if not pd.isna(row["l1_ci"]):
+            ax.axhspan(row["l1"] - row["l1_ci"], row["l1"] + row["l1_ci"], color="grey", alpha=0.15, linewidth=0)
+    title = "L1 vs measured bits per token" + (" (95% CI over seeds)" if table["l1_ci"].notna().any() else "")
+    ax.set(xlabel="measured bits per token (log2 K where not measured)", ylabel="val L1 (lower is better)")
+    ax.set(title=title)
     ax.legend(fontsize="small")
 
     ax = made["usage.png"].subplots()
@@ -807,6 +830,24 @@ def convergence(table: pd.DataFrame, seeds: pd.DataFrame) -> Figure | None:
     figure.suptitle("convergence: val L1 against budget" + (f" (95% CI over {n} seeds)" if n > 1 else ""))
     by_time.legend(fontsize="small")
     return figure
+
+
+def rate_errors(table: pd.DataFrame, seeds: pd.DataFrame | None) -> dict[str, list[float]]:
+    """``bits_below`` and ``bits_above``: how far each row's error bar on its measured bits reaches
+    either side, the t interval over its seeds where it has one, else its single run's bootstrap
+    interval over the crops (in ``seeds``, found by run id); ``NaN`` where it has neither."""
+    runs = seeds.set_index("run_id") if seeds is not None and "measured bits low" in seeds else None
+    below, above = [], []
+    for _, row in table.iterrows():
+        reach = (math.nan, math.nan)
+        if not pd.isna(row["measured bits_ci"]):
+            reach = (row["measured bits_ci"], row["measured bits_ci"])
+        elif runs is not None and row["run_id"] in runs.index:
+            run = runs.loc[row["run_id"]]
+            reach = (row["measured bits"] - run["measured bits low"], run["measured bits high"] - row["measured bits"])
+        below.append(reach[0])
+        above.append(reach[1])
+    return {"bits_below": below, "bits_above": above}
 
 
 # --- the report -----------------------------------------------------------------------------------

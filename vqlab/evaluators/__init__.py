@@ -6,7 +6,8 @@ The same evaluators serve training-time validation and ``python -m vqlab.evaluat
 ``eval.metrics``:
 
     reconstruction  l1, mse, psnr, ssim          pixel metrics on [0, 1] images
-    codebook        codebook_usage, perplexity, dead_codes (+ per digit)
+    codebook        codebook_usage, perplexity, dead_codes (+ per digit); measured_bits (+ _low,
+                    _high: its bootstrap interval over crops)
     lpips           lpips (alex) | lpips_vgg | lpips_squeeze, on [-1, 1] images (``perceptual``)
     fid             fid, isc, isc_std, kid, kid_std (torch-fidelity's Inception; ``fidelity``)
     swd             swd_<size> per pyramid level and swd, their mean (no weights needed)
