@@ -21,8 +21,9 @@ demo: $(STAMP)
 	$(BIN)/python -m vqlab.sweep demo
 	$(BIN)/python -m vqlab.report demo-photos --notebook
 
+# two pytest-xdist workers: the suite's subprocesses and notebooks wait on I/O and startup a good share
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

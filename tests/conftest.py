@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,9 @@ import torch
 
 import vqlab
 
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on the 2 cores CI has: a thread each keeps them from
+# contending; run alone (`pytest tests/...`), a test has both
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture
