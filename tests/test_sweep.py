@@ -149,10 +149,15 @@ def test_the_quantizer_sweep_has_every_registered_quantizer_at_about_1k_codes(tm
         assert not q.discrete or 1000 <= q.codebook_size <= 1024, variant.name
 
 
-def test_the_demo_runs_its_four_quantizers_at_three_seeds(tmp_path):
+def test_the_demo_runs_fsq_and_vq_ema_beside_their_floor_at_three_seeds(tmp_path):
     loaded = sweep.load("demo", extra=root_override(tmp_path))
-    assert loaded.seeds == [0, 1, 2] and len(loaded.variants) == 12
-    assert sorted({v.name for v in loaded.variants}) == ["fsq", "lfq", "sfsq", "vq_ema"]
+    assert loaded.seeds == [0, 1, 2] and len(loaded.variants) == 9
+    assert list(dict.fromkeys(v.name for v in loaded.variants)) == ["fsq", "vq_ema", "identity-d4"]
+    assert {v.name: v.floor for v in loaded.variants} == {
+        "fsq": "identity-d4",
+        "vq_ema": "identity-d4",
+        "identity-d4": "",
+    }
     for variant in loaded.variants:
         assert variant.cfg.train.steps % variant.cfg.eval.every == 0
 
