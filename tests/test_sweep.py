@@ -54,7 +54,8 @@ def test_a_scale_chooses_the_base_and_its_own_variant_overrides(tmp_path):
     big_sweep = sweep.load(source, "big", extra=root_override(tmp_path))
     big = big_sweep.variants[0].cfg
     assert (small.train.steps, small.optim.lr, small.model.width) == (7, 2e-3, 32)
-    assert (big.optim.lr, big.model.width, big_sweep.name) == (5e-4, 128, "tiny-big")
+    default = load("default")
+    assert (big.optim.lr, big.model.width, big_sweep.name) == (5e-4, default.model.width, "tiny-big")
     with pytest.raises(sweep.SweepError, match="no scale 'huge'"):
         sweep.load(source, "huge")
 
@@ -486,3 +487,28 @@ def test_controls_naming_no_continuous_control_are_a_one_line_error(tmp_path, ca
     assert sweep.main([source, "--dry-run", f"tracking.root={tmp_path / 'runs'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: controls must name a continuous control") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("given", "limit"), [({}, sweep.SUBMITIT_TIMEOUT_MIN), ({"timeout_min": 30}, 30)])
+def test_submitit_jobs_get_a_day_unless_a_time_limit_is_given(tmp_path, monkeypatch, given, limit):
+    """submitit's own limits (2 minutes on its local executor) would kill a default-recipe run."""
+    import submitit
+
+    parameters = []
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            pass
+
+        def update_parameters(self, **options):
+            parameters.append(options)
+
+        def submit(self, fn, job):
+            return SimpleNamespace(done=lambda: True, result=lambda: sweep.Outcome(job.variant.label))
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Executor)
+    loaded = sweep.load(write_sweep(tmp_path, variants={"a": {}, "b": {}}), extra=root_override(tmp_path))
+    jobs = [sweep.Job(v, loaded.base, loaded.notebook, "p", {}, 1, True, tmp_path) for v in loaded.variants]
+    outcomes = sweep.run_submitit(jobs, "tiny", tmp_path / "submitit", "local", given)
+    assert [o.ok for o in outcomes] == [True, True]
+    assert [p["timeout_min"] for p in parameters] == [limit, limit]

@@ -74,6 +74,7 @@ from vqlab.tracking import MlflowRun, client, create_run, experiment_id, mlflow_
 PRESETS = resources.files("vqlab") / "configs" / "sweeps"
 KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "seeds", "controls", "scales")
 CONTROLS = ("identity",)  # the quantizers a sweep's ``controls`` may name: continuous, of any width
+SUBMITIT_TIMEOUT_MIN = 24 * 60  # a submitit job's time limit unless --submitit timeout_min=... gives one
 TRACEBACK_LINES = 40  # the tail of a failing cell's traceback kept on its MLflow run
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -535,6 +536,9 @@ def run_submitit(
     torchrun over them."""
     import submitit
 
+    # submitit's own time limits (2 minutes on its local executor, 5 on Slurm) would kill a run of the
+    # default recipe (~5 minutes on 2 CPU cores) as it trains; a day unless --submitit timeout_min says
+    options = {"timeout_min": SUBMITIT_TIMEOUT_MIN, **options}
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     submitted = []
     for job in jobs:
