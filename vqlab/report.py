@@ -821,7 +821,10 @@ def convergence(table: pd.DataFrame, seeds: pd.DataFrame) -> Figure | None:
         for ax, x in ((by_steps, line["steps"]), (by_time, line["wall"] / 60)):
             (drawn,) = ax.plot(x, line["l1"], marker="o", label=method)
             ax.errorbar(x, line["l1"], yerr=line["ci"].fillna(0), fmt="none", capsize=3, color=drawn.get_color())
-    for i, (_, codec) in enumerate(table[table["run_id"] == ""].iterrows()):
+    # each codec once, at its smallest budget (the quantizers'; the continuous runs' nominal 2^24
+    # colours would draw a second palette line at the block mean's height)
+    codecs = table[table["run_id"] == ""].sort_values("bits/token", na_position="first").drop_duplicates("name")
+    for i, (_, codec) in enumerate(codecs.iterrows()):
         for ax in (by_steps, by_time):
             ax.axhline(codec["l1"], linestyle="--", color=f"C{7 + i % 3}", label=f"{codec['name']} ({codec['levels']})")
     by_steps.set(xscale="log", xlabel="training steps (each point a run of that budget)", ylabel="val L1")
