@@ -13,7 +13,7 @@ blocks; ``--config`` the preset of the ``default`` block (the tests use ``smoke`
 the markers is never touched, and a README without a block's markers is an error naming them.
 
     python -m vqlab.readme_numbers                    # both blocks, README.md
-    python -m vqlab.readme_numbers --blocks default   # only the default run (3 minutes on 2 cores)
+    python -m vqlab.readme_numbers --blocks default   # only the default run (about 5 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -57,7 +58,9 @@ def default_numbers(preset: str, root: Path) -> str:
     from vqlab.trainer import fit
 
     cfg = config.load(preset, {"tracking.root": str(root), "tracking.run_name": "readme", "tracking.mlflow": False})
+    start = time.perf_counter()
     result = fit(cfg, restart=RunFolder.of(cfg).has_config())
+    minutes = (time.perf_counter() - start) / 60
     run = RunFolder(result.run_dir)
     first = next(row for row in run.read_metrics() if "val/l1" in row)
     val, codecs = result.metrics, result.baseline
@@ -68,6 +71,7 @@ def default_numbers(preset: str, root: Path) -> str:
         if f"{prefix}/colors" in codecs
     )
     return (
+        f"takes {minutes:.1f} minutes here and "
         f"ends at val L1 {val['val/l1']:.4f}, MSE {val['val/mse']:.4f}, PSNR {val['val/psnr']:.1f} dB, "
         f"codebook usage {val['val/codebook_usage']:.3f} (from L1 {first['val/l1']:.3f} at step 0; {palettes}; "
         f"{provenance(f'python -m vqlab.train --config {preset}')})"
