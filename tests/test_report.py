@@ -738,3 +738,19 @@ def test_a_ladder_of_step_budgets_draws_the_convergence_figure_with_the_codecs()
     assert report.CONVERGENCE not in report.figures(
         report.comparison(single), pd.DataFrame(columns=["name", "metric", "step", "value"]), report.per_seed(single)
     )
+
+
+def test_a_codec_measured_differently_by_seeded_runs_is_one_row_with_its_interval():
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "metrics.baseline_kmeans/l1": [0.050, 0.054, 0.050],  # two distinct palettes of 1000 colours
+            "metrics.baseline_kmeans/colors": [1000.0, 1000.0, 1000.0],
+            "metrics.baseline/l1": [0.04, 0.04, 0.04],
+        }
+    )
+    rows = {row["name"]: row for row in report.baseline_rows(runs)}
+    kmeans = rows[TRIVIAL_CODECS["baseline_kmeans"]]
+    assert kmeans["l1"] == pytest.approx(0.052) and kmeans["n"] == 2 and kmeans["l1_n"] == 2
+    assert kmeans["l1_ci"] == pytest.approx(stats.t.ppf(0.975, 1) * np.std([0.050, 0.054], ddof=1) / np.sqrt(2))
+    assert "n" not in rows[BLOCK_MEAN] and rows[BLOCK_MEAN]["l1"] == 0.04

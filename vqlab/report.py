@@ -393,21 +393,30 @@ def aggregate(group: pd.DataFrame) -> dict:
 
 def baseline_rows(runs: pd.DataFrame) -> list[dict]:
     """The trivial codecs (block mean colour, the uniform and the k-means palette), one row per
-    distinct result over the runs."""
+    code budget. Where the runs measured different results at one budget (the k-means palette is
+    fitted with each run's seed), the row is their mean with its 95% t interval and ``n`` the
+    distinct results; otherwise the one result, without ``n``."""
     rows = []
     for prefix, label_ in TRIVIAL_CODECS.items():
-        seen: list[dict] = []
+        budgets: dict[float, list[dict]] = {}
         for _, run in runs.iterrows():
             values = {column: metric(run, f"{prefix}/{key}") for column, key in BASELINE_METRICS.items()}
             if math.isnan(values["l1"]):
                 continue  # a run from before this codec was logged
             colors = metric(run, f"{prefix}/colors")
-            if not math.isnan(colors):  # a palette: one code per block
-                values |= {"levels": f"{colors:.0f} colours", "bits/token": math.log2(colors)}
+            seen = budgets.setdefault(0.0 if math.isnan(colors) else colors, [])
             if values not in seen:
                 seen.append(values)
-        seen.sort(key=lambda values: values.get("bits/token", 0.0))
-        rows += [{"name": label_, "levels": MISSING, **values, "method": label_, "run_id": ""} for values in seen]
+        for colors, seen in sorted(budgets.items()):
+            row = {"name": label_, "levels": MISSING, "method": label_, "run_id": ""}
+            if colors:  # a palette: one code per block
+                row |= {"levels": f"{colors:.0f} colours", "bits/token": math.log2(colors)}
+            for column in BASELINE_METRICS:
+                values = [v[column] for v in seen]
+                row[column] = float(np.mean(values))
+                if len(seen) > 1:
+                    row |= {f"{column}_ci": half_width(values), f"{column}_n": len(values)}
+            rows.append(row | ({"n": len(seen)} if len(seen) > 1 else {}))
     return rows
 
 
