@@ -43,7 +43,7 @@ def test_readme_numbers_rewrites_the_default_runs_block_with_what_the_run_measur
     final = run.last_metrics("val/")
     assert f"ends at val L1 {final['val/l1']:.4f}, MSE {final['val/mse']:.4f}" in text
     assert "`python -m vqlab.train --config smoke` at commit" in text and f"{torch.get_num_threads()} threads" in text
-    assert text.startswith("# title\n\nbefore <!-- numbers:default -->ends at")
+    assert re.match(r"# title\n\nbefore <!-- numbers:default -->takes \d+\.\d minutes here and ends at", text)
     assert text.endswith("<!-- numbers:demo -->old<!-- /numbers:demo --> after\n")  # the other block untouched
     assert readme_numbers.main(args) == 0  # a second rewrite reruns the run in its folder
     assert readme.read_text().count("<!-- numbers:default -->") == 1
