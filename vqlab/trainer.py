@@ -181,8 +181,10 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                 # --- one optimizer step: micro-batches, clip, step, the quantizer's and EMA's updates
                 step = state.step
                 quantizer.set_step(step, steps)
+                last = step + 1 == steps
+                log_now = last or (step + 1) % cfg.train.log_every == 0
                 # the batch statistics are read at log lines only (a train/ mean over that step's batches)
-                quantizer.batch_stats_wanted(step + 1 == steps or (step + 1) % cfg.train.log_every == 0)
+                quantizer.batch_stats_wanted(log_now)
                 window: dict[str, torch.Tensor] = {}
                 pairs = []  # (real, reconstruction) micro-batches for the discriminator
                 for micro in range(accum):
@@ -214,8 +216,6 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                 logger.advance()
 
                 # --- log, validate, checkpoint (the final validation is the end phase's) ----------
-                last = step == steps
-                log_now = last or step % cfg.train.log_every == 0
                 eval_now = not last and bool(cfg.eval.every and step % cfg.eval.every == 0)
                 save_now = last or bool(cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0)
                 if log_now or eval_now or save_now:
