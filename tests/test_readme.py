@@ -49,6 +49,22 @@ def test_readme_numbers_rewrites_the_default_runs_block_with_what_the_run_measur
     assert readme.read_text().count("<!-- numbers:default -->") == 1
 
 
+def test_readme_numbers_keeps_edits_made_to_the_readme_while_its_run_trains(tmp_path, monkeypatch):
+    from vqlab import readme_numbers
+
+    readme = marked_readme(tmp_path, "default")
+
+    def train_while_someone_edits(preset, root):
+        readme.write_text(readme.read_text().replace("before", "edited meanwhile"))
+        return "new numbers"
+
+    monkeypatch.setattr(readme_numbers, "default_numbers", train_while_someone_edits)
+    assert readme_numbers.main(["--readme", str(readme), "--blocks", "default", "--root", str(tmp_path)]) == 0
+    assert readme.read_text() == (
+        "# title\n\nedited meanwhile <!-- numbers:default -->new numbers<!-- /numbers:default --> after\n"
+    )
+
+
 def test_readme_numbers_refuses_a_readme_without_the_blocks_markers(tmp_path, capsys):
     from vqlab import readme_numbers
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from vqlab import config, report
+from vqlab.checkpoint import write_text_atomic
 from vqlab.errors import UserError
 from vqlab.runfolder import RunFolder
 from vqlab.runtime import git_commit
@@ -100,19 +101,22 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--blocks {args.blocks!r}: choose from {', '.join(BLOCKS)}")
         if not args.readme.is_file():
             raise UserError(f"no README at {args.readme}")
-        text = args.readme.read_text()
         for block in blocks:  # every marker is checked before anything runs
-            replace_block(text, block, "")
-        for block in blocks:
-            if block == "default":
-                content = default_numbers(args.config, args.root / "readme")
-            else:
-                content = demo_numbers(args.experiment, args.root, args.tracking_uri)
+            replace_block(args.readme.read_text(), block, "")
+        contents = {
+            block: default_numbers(args.config, args.root / "readme")
+            if block == "default"
+            else demo_numbers(args.experiment, args.root, args.tracking_uri)
+            for block in blocks
+        }
+        # Read again now: the default run takes minutes, and edits made to the README meanwhile stay.
+        text = args.readme.read_text()
+        for block, content in contents.items():
             text = replace_block(text, block, content)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args.readme.write_text(text)
+    write_text_atomic(text, args.readme)
     print(f"rewrote {', '.join(blocks)} in {args.readme}")
     return 0
 
