@@ -204,7 +204,7 @@ KILLED_BEFORE_THE_FIGURE = """
 import os, sys
 from vqlab import lifecycle
 from vqlab.trainer import main
-lifecycle.save_reconstruction_grid = lambda *args: os._exit(9)
+lifecycle.ShowcaseCrops.reconstruct = lambda *args: os._exit(9)
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -228,12 +228,13 @@ def test_a_run_killed_after_its_final_checkpoint_does_its_end_phase_when_resumed
     client = MlflowClient(tracking_uri=uri)
     assert checkpoint.step_files(run.checkpoints)[-1].name == "step_0000006.pt"
     assert not run.figure("reconstructions.png").exists() and not run.is_finished()
+    assert not run.reconstructions.exists()
     assert client.get_run(run.mlflow_run_id()).info.status == "RUNNING"
 
     resumed = train("tracking.run_name=cut", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert run.figure("reconstructions.png").is_file() and run.is_finished()
-    assert run.histogram().is_file()
+    assert run.histogram().is_file() and run.reconstructions.is_file()
     recorded = client.get_run(run.mlflow_run_id())
     assert recorded.info.status == "FINISHED" and recorded.info.end_time is not None
     assert "figures" in {a.path for a in client.list_artifacts(run.mlflow_run_id())}

@@ -53,6 +53,46 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert not list(run_dir.glob("checkpoints/.*tmp*"))
 
 
+def test_the_end_phase_keeps_the_shown_crops_reconstructions_from_several_photos(smoke_run):
+    """``reconstructions.npz``: the shown validation crops (from every validation photo), what the
+    final weights and the trivial codecs make of them, and the figure that shows them, labelled."""
+    from PIL import Image
+
+    from vqlab import data, showcase
+    from vqlab.evaluators.baselines import block_mean
+    from vqlab.runfolder import RunFolder
+
+    run = RunFolder(smoke_run.run_dir)
+    shown = showcase.Showcase.read(run.reconstructions)
+    cfg = run.read_config()
+    val = data.build_datasets(cfg.data, cfg.train.seed).val
+    assert len(shown.indices) == cfg.eval.grid_images and shown.step == cfg.train.steps
+    assert len({val.crops[i][0] for i in shown.indices}) == len(data.VAL_PHOTOS)  # every photo, not one
+    crops = torch.stack([val[int(i)] for i in shown.indices])
+    np.testing.assert_array_equal(shown.originals, showcase.to_uint8(crops))
+    model = vqlab.models.build_autoencoder(cfg.model, vqlab.quantizers.build(cfg.quantizer)).eval()
+    model.load_state_dict(checkpoint.load(run.checkpoints / "step_0000060.pt")["model"])
+    with torch.no_grad():
+        np.testing.assert_array_equal(shown.rows["model"], showcase.to_uint8(model(crops).reconstruction))
+    np.testing.assert_array_equal(shown.rows["baseline"], showcase.to_uint8(block_mean(crops, model.downsample)))
+    assert set(shown.rows) == {"model", *TRIVIAL_CODECS} and shown.colors["baseline_palette"] == 1000
+    width, height = Image.open(run.figure("reconstructions.png")).size
+    assert width >= cfg.eval.grid_images * showcase.CROP_PX and height >= 5 * showcase.CROP_PX  # 5 rows of 96 px
+    figure = showcase.run_figure(shown, "t")
+    labels = [axes.get_ylabel() for axes in figure.axes]
+    assert labels[:2] == ["original", "this model"] and labels[2].startswith(TRIVIAL_CODECS["baseline"])
+
+
+def test_the_shown_crops_are_the_same_whatever_the_run():
+    from vqlab import data
+    from vqlab.showcase import showcase_indices
+
+    val = data.build_datasets(vqlab.config.load("smoke").data, seed=0).val
+    other = data.build_datasets(vqlab.config.load("smoke").data, seed=5).val
+    assert showcase_indices(val, 8) == showcase_indices(other, 8)
+    assert len(set(showcase_indices(val, 8))) == 8 and len(showcase_indices(val, 1000)) == len(val)
+
+
 def test_same_seed_same_metrics(smoke_run, smoke_cfg):
     again = fit(smoke_cfg(**{"tracking.run_name": "again"}))
     assert again.metrics == smoke_run.metrics

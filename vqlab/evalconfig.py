@@ -25,7 +25,7 @@ class EvalConfig:
     every: int = 250  # validation every N steps (and always at the end); 0 = only at the end
     # evaluators (vqlab.evaluators): reconstruction, codebook, swd need no weights; lpips, fid do
     metrics: tuple[str, ...] = ("reconstruction", "codebook")
-    grid_images: int = 16  # images in the reconstruction grid figure
+    grid_images: int = 16  # validation crops shown with their reconstructions (vqlab.showcase)
     missing_weights: Literal["skip", "error"] = "skip"  # a metric whose weights are missing: warn and skip, or fail
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
     lpips_weights: str = ""  # the LPIPS trunk's ImageNet weights; empty = the torch hub cache

@@ -9,7 +9,8 @@
   ``metrics.jsonl`` and the MLflow run, record the runtime (threads, torch, device), and, for a
   new run, the step-0 records (model shape, trivial codecs, first validation).
 - ``validate`` and ``save`` during the loop.
-- ``finish``: the final validation (with the code histograms), the reconstruction figure, the
+- ``finish``: the final validation (with the code histograms), the shown crops' reconstructions
+  and their figure, the
   MLflow run's end, then the folder's ``finished`` mark. A run whose training is complete but
   whose end phase was cut short (a kill after the final checkpoint) does the end phase when it is
   resumed; a run with the mark reports what it recorded.
@@ -36,8 +37,9 @@ from vqlab.errors import MissingFileError, ResumeError, RunExistsError
 from vqlab.evaluators import Suite, measure_with_ema
 from vqlab.models import VQAutoencoder
 from vqlab.runfolder import RunFolder
-from vqlab.runtime import autocast, runtime_record
+from vqlab.runtime import runtime_record
 from vqlab.schema import flatten, to_dict
+from vqlab.showcase import DPI, ShowcaseCrops, run_figure
 from vqlab.state import TrainState
 from vqlab.tracking import RunLogger, headline
 
@@ -261,15 +263,20 @@ class RunLifecycle:
             checkpoint.save_step(saved, self.run.checkpoints, state.step, self.cfg.train.keep_checkpoints)
 
     # --- the end phase --------------------------------------------------------------------------------
-    def finish(self, state: TrainState, grid_images: torch.Tensor, baseline: dict[str, float]) -> TrainResult:
-        """The final validation of the model (and its EMA) with the code histograms, the
-        reconstruction figure, the MLflow run FINISHED, then the folder's ``finished`` mark."""
+    def finish(self, state: TrainState, shown: ShowcaseCrops, baseline: dict[str, float]) -> TrainResult:
+        """The final validation of the model (and its EMA) with the code histograms, the shown
+        crops' reconstructions (``reconstructions.npz``) and their figure, the MLflow run FINISHED,
+        then the folder's ``finished`` mark."""
         ema = state.ema.module if state.ema is not None else None
         metrics = self.validate(state.step, state.model, ema, save_histograms=True)
         if self.ctx.main:
-            figure = self.run.figure("reconstructions.png")
-            save_reconstruction_grid(state.model, grid_images, figure, self.cfg.train.dtype)
-            self.logger.artifact(figure, "figures")
+            showcase = shown.reconstruct(state.model, self.cfg.train.dtype, state.step)
+            showcase.write(self.run.reconstructions)
+            self.logger.artifact(self.run.reconstructions)
+            path = self.run.figure("reconstructions.png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            run_figure(showcase, f"{self.run.name}: validation crops at step {state.step}").savefig(path, dpi=DPI)
+            self.logger.artifact(path, "figures")
         self.logger.close("FINISHED")
         if self.ctx.main:
             self.run.mark_finished(state.step)
@@ -318,21 +325,6 @@ class FiniteGuard:
 def last_good(checkpoints: Path) -> str:
     kept = checkpoint.step_files(checkpoints)
     return f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
-
-
-@torch.no_grad()
-def save_reconstruction_grid(model: VQAutoencoder, images: torch.Tensor, path: Path, dtype: str) -> None:
-    """Originals on the top row, reconstructions below."""
-    from torchvision.utils import save_image
-
-    was_training = model.training
-    model.eval()
-    with autocast(images.device, dtype):
-        reconstruction = model(images).reconstruction.float()
-    model.train(was_training)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = torch.cat([images, reconstruction.clamp(-1, 1)]).add(1).div(2)
-    save_image(grid.cpu(), path, nrow=len(images), padding=1)
 
 
 def validation_line(step: int, metrics: dict[str, float]) -> str:

@@ -10,6 +10,8 @@ for a run in a group (a sweep's variant whose runs are its seeds: ``<variant>/se
     figures/                    figures shown to people
     <prefix>codebook_histogram.npz   code histograms of the final validation (``ema_`` for the model EMA)
     <prefix>per_image_l1.npy    the final validation's L1 of each image, in dataset order (float64)
+    reconstructions.npz         the shown validation crops, the final model's and the trivial codecs'
+                                reconstructions of them (``vqlab.showcase.Showcase``)
     eval.json                   ``python -m vqlab.evaluate``'s results
     eval_train.json             the same on training crops (``--split train``)
     run.ipynb                   the executed notebook, when a notebook ran the run
@@ -33,6 +35,8 @@ from vqlab.config import RunConfig, from_yaml, to_yaml
 
 # The name of a run's config: its folder's, and the file a driver hands ``torchrun`` (``vqlab.notebook``).
 CONFIG_FILE = "config.yaml"
+# The shown crops' reconstructions: the file in the folder and the run's MLflow artifact (``vqlab.report``).
+RECONSTRUCTIONS_FILE = "reconstructions.npz"
 
 
 def group_folder(cfg: RunConfig) -> Path:
@@ -137,6 +141,11 @@ class RunFolder:
     def per_image_l1_name(prefix: str = "") -> str:
         """The file name of ``per_image_l1``: the name of the MLflow artifact, which has no folder."""
         return f"{prefix}per_image_l1.npy"
+
+    @property
+    def reconstructions(self) -> Path:
+        """The shown validation crops and their reconstructions at the end phase (``vqlab.showcase``)."""
+        return self.path / RECONSTRUCTIONS_FILE
 
     def figure(self, name: str) -> Path:
         return self.figures / name

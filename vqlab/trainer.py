@@ -30,6 +30,7 @@ from vqlab.losses import Objective
 from vqlab.models import build_autoencoder
 from vqlab.optim import build_optimizer, build_schedule
 from vqlab.runtime import ModelEMA, autocast, seed_everything
+from vqlab.showcase import ShowcaseCrops
 from vqlab.state import TrainState
 from vqlab.tracking import TRIVIAL_CODECS, headline, mlflow_uri, summary_table
 
@@ -166,7 +167,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
     budget = quantizer.codebook_size if quantizer.discrete else 2**24
     palette = kmeans_palette(splits.train, model.downsample, budget, cfg.train.seed)
     baseline = block_mean_baseline(val_loader, device, model.downsample, budget, palette)
-    grid_images = torch.stack([splits.val[i] for i in range(min(cfg.eval.grid_images, len(splits.val)))]).to(device)
+    shown = ShowcaseCrops.of(splits.val, cfg.eval.grid_images, model.downsample, budget, palette, device)
 
     # --- open, loop, finish --------------------------------------------------------------------------
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -232,7 +233,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
                     run.validate(step, model, state.ema.module if state.ema is not None else None)
                 if save_now:
                     run.save(state)
-            return run.finish(state, grid_images, baseline)
+            return run.finish(state, shown, baseline)
     finally:
         distributed.teardown()
 
