@@ -12,6 +12,7 @@ from vqlab import figures, notebook
 from vqlab.evaluators import CodeHistogram
 from vqlab.runfolder import RunFolder
 from vqlab.schema import ConfigError
+from vqlab.tracking import TRIVIAL_CODECS
 
 
 def test_the_parameters_cell_holds_primitives_only():
@@ -93,6 +94,7 @@ def test_loss_curves_show_the_loss_terms_and_validation(tmp_path):
     figure = figures.loss_curves(fake_run(tmp_path))
     train_axes, val_axes = figure.axes
     assert sorted(line.get_label() for line in train_axes.lines) == ["commitment", "l1", "loss"]
+    assert "[-1, 1]" in train_axes.get_ylabel() and "[0, 1]" in val_axes.get_ylabel()
     assert list(val_axes.lines[0].get_ydata()) == [0.3, 0.2]
 
 
@@ -120,11 +122,17 @@ def test_codebook_usage_without_a_histogram_says_why(tmp_path):
         figures.codebook_usage(RunFolder(tmp_path))
 
 
-def test_metrics_table_has_a_row_per_measured_model(tmp_path):
+def test_metrics_table_has_a_row_per_measured_model_named_by_what_measured_it(tmp_path):
     table = figures.metrics_table(fake_run(tmp_path), {"eval/l1": 0.25, "eval_train/l1": 0.125})
     labels = [line.split("  ")[0].strip() for line in table.splitlines()[1:]]
-    assert labels == ["model", "evaluation", "training crops", "block mean colour"]
-    assert "0.1250" in table.splitlines()[3]
+    assert labels == [figures.MEASURED[p] for p in ("val", "eval", "eval_train")] + [TRIVIAL_CODECS["baseline"]]
+    assert "0.1250" in table.splitlines()[3] and figures.SAME not in table
+
+
+def test_an_evaluation_equal_to_the_final_validation_is_one_row_and_says_so(tmp_path):
+    table = figures.metrics_table(fake_run(tmp_path), {"eval/l1": 0.2})  # the final val/l1
+    assert figures.MEASURED["eval"] not in table and figures.MEASURED["val"] in table
+    assert table.splitlines()[-1] == figures.SAME
 
 
 def test_publish_saves_into_the_run_folder_and_its_mlflow_run(tmp_path):

@@ -19,6 +19,8 @@ from vqlab.tracking import TRIVIAL_CODECS, existing_run, headline, summary_table
 
 # The loss terms the objective (vqlab.losses) and the quantizers log under train/; the other
 # train/ metrics are statistics (perplexity, distinct codes), rates and resources.
+TRAIN_SCALE = "loss on [-1, 1] images (L1: 2x val L1)"
+VAL_SCALE = "L1 on [0, 1] images"
 LOSS_TERMS = ("loss", "l1", "l2", "perceptual", "adversarial", "codebook", "commitment", "entropy", "kl", "disc_loss")
 
 
@@ -41,13 +43,14 @@ def loss_curves(run: RunFolder) -> Figure:
         train_axes.plot(steps, values, label=name.removeprefix("train/"))
     if all(v > 0 for name in names for v in series(run, name)[1]):
         train_axes.set_yscale("log")
-    train_axes.set(xlabel="step", title="training losses")
+    # the objective compares images in the model's [-1, 1] space; the metrics see [0, 1] images
+    train_axes.set(xlabel="step", ylabel=TRAIN_SCALE, title="training losses")
     train_axes.legend(fontsize="small")
     for prefix in ("val", "val_ema"):
         steps, values = series(run, f"{prefix}/l1")
         if steps:
             val_axes.plot(steps, values, marker="o", label=prefix)
-    val_axes.set(xlabel="step", title="validation L1")
+    val_axes.set(xlabel="step", ylabel=VAL_SCALE, title="validation L1")
     if val_axes.lines:
         val_axes.legend(fontsize="small")
     figure.suptitle(run.name)
@@ -82,19 +85,36 @@ def codebook_usage(run: RunFolder, prefix: str = "") -> Figure:
     return figure
 
 
+# The rows of ``metrics_table``: which weights, measured by whom, on which crops.
+MEASURED = {
+    "val": "final validation",
+    "val_ema": "final validation, model EMA",
+    "eval": "vqlab.evaluate, newest checkpoint",
+    "eval_ema": "vqlab.evaluate, newest checkpoint, EMA",
+    "eval_train": "training crops (vqlab.evaluate)",
+    "eval_train_ema": "training crops (vqlab.evaluate), EMA",
+}
+# an evaluation that measured what the final validation did is one row, with this note
+SAME = "vqlab.evaluate on the newest checkpoint measured what the final validation did (same weights, same crops)"
+
+
 def metrics_table(run: RunFolder, evaluation: dict[str, float]) -> str:
-    """The headline metrics of the final validation, of an evaluation (``eval/``, ``eval_ema/``,
-    and ``eval_train/`` for training crops) and of the trivial codecs, as one aligned table."""
+    """The headline metrics of the final validation (``val/``, ``val_ema/``), of ``vqlab.evaluate``
+    on the newest checkpoint (``eval/``, ``eval_ema/``; ``eval_train/`` on training crops) and of
+    the trivial codecs (named as ``TRIVIAL_CODECS``, as the report does), as one aligned table. An
+    evaluation equal to the final validation (the same weights on the same crops) is not a second
+    row: a line under the table says so."""
     recorded = run.last_metrics(("val/", "val_ema/", "baseline"))
-    rows = {
-        "model": headline(recorded, "val"),
-        "model EMA": headline(recorded, "val_ema"),
-        "evaluation": headline(evaluation, "eval"),
-        "evaluation, EMA": headline(evaluation, "eval_ema"),
-        "training crops": headline(evaluation, "eval_train"),
-        "training crops, EMA": headline(evaluation, "eval_train_ema"),
-    } | {label: headline(recorded, prefix) for prefix, label in TRIVIAL_CODECS.items()}
-    return summary_table({label: values for label, values in rows.items() if values})
+    measured = {prefix: headline(recorded if prefix.startswith("val") else evaluation, prefix) for prefix in MEASURED}
+    same = [
+        prefix
+        for prefix in ("eval", "eval_ema")
+        if measured[prefix] and measured[prefix] == measured[f"val{prefix[4:]}"]
+    ]
+    rows = {label: measured[prefix] for prefix, label in MEASURED.items() if prefix not in same}
+    rows |= {label: headline(recorded, prefix) for prefix, label in TRIVIAL_CODECS.items()}
+    table = summary_table({label: values for label, values in rows.items() if values})
+    return table + (f"\n{SAME}" if same else "")
 
 
 def publish(figure: Figure, run: RunFolder, name: str, tracking: TrackingConfig) -> Path:
