@@ -195,9 +195,9 @@ def test_curves_are_mlflow_metric_history(store):
 
     uri, _, _ = store
     history = report.curves(report.fetch_runs(SWEEP, uri), uri)
-    assert set(history["name"]) == set(VARIANTS) and set(history["metric"]) == {"train/l1"}
+    assert set(history["name"]) == set(VARIANTS) and set(history["metric"]) == {"train/l1", "val/l1"}
     expected = MlflowClient(uri).get_metric_history(stored(uri)["fsq"].info.run_id, "train/l1")
-    fsq = history[history["name"] == "fsq"]
+    fsq = history[(history["name"] == "fsq") & (history["metric"] == "train/l1")]
     assert list(fsq["step"]) == [2, 4] and list(fsq["value"]) == [
         m.value for m in sorted(expected, key=lambda m: m.step)
     ]
@@ -255,7 +255,7 @@ def test_l1_against_bits_draws_intervals_over_seeds_codecs_and_floors():
     codecs.append({"name": BLOCK_MEAN, "method": BLOCK_MEAN, "l1": 0.04, "run_id": ""})
     table = pd.DataFrame([report.aggregate(group) for group in report.variants(seeds)] + codecs)
     table = table.reindex(columns=list(report.CSV_COLUMNS))
-    history = pd.DataFrame(columns=["name", "metric", "step", "value"])
+    history = pd.DataFrame(columns=["variant", "name", "metric", "step", "value"])
     axes = report.figures(table, history, seeds)["l1_vs_bits.png"].axes[0]
     lines = {line.get_label(): line for line in axes.lines}
     assert list(lines["fsq"].get_xdata()) == pytest.approx([7.2, 8.0])  # measured, not log2 K
@@ -303,7 +303,7 @@ def test_compare_notebook_executes_and_shows_the_table(store, tmp_path, monkeypa
     shown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert shown == [report.render(SWEEP, uri, reference="fsq").markdown]  # the table and the paired comparison
     assert "paired with reference fsq" in shown[0]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == len(report.FIGURES)
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == len([*report.FIGURES, report.RECONSTRUCTIONS])
 
 
 @pytest.mark.parametrize(
@@ -635,9 +635,9 @@ def test_figures_draw_the_95_percent_intervals_where_n_is_above_one(seeded):
     uri, _ = seeded
     result = report.render(SEEDED, uri)
     with_seeds = {v: by_seed for v, by_seed in SEEDED_L1.items() if len(by_seed) > 1}
-    l1_axes = result.figures["l1_vs_bits.png"].axes[0]
-    (bars,) = l1_axes.containers  # one method, error bars on the variants with seeds only
-    drawn = sorted((low[1], high[1]) for low, high in bars.lines[2][0].get_segments())
+    l1_axes = result.figures["l1_vs_bits.png"].axes[0]  # every run at 10 bits: the dot plot
+    (bars,) = l1_axes.containers  # error bars on the variants with seeds only
+    drawn = sorted((low[0], high[0]) for low, high in bars.lines[2][0].get_segments())
     intervals = [t_interval(list(by_seed.values())) for by_seed in with_seeds.values()]
     np.testing.assert_allclose(drawn, sorted((m - w, m + w) for m, w in intervals))
     usage_axes = result.figures["usage.png"].axes[0]  # seaborn's bars over the seeds, the same t interval
@@ -724,7 +724,7 @@ def test_a_ladder_of_step_budgets_draws_the_convergence_figure_with_the_codecs()
     seeds = report.per_seed(runs)
     assert list(seeds["wall_s"][:2]) == [10.0, 10.0] and set(seeds["steps"]) == {100, 200, 400}
     made = report.figures(
-        report.comparison(runs, seeds), pd.DataFrame(columns=["name", "metric", "step", "value"]), seeds
+        report.comparison(runs, seeds), pd.DataFrame(columns=["variant", "name", "metric", "step", "value"]), seeds
     )
     by_steps, by_time = made[report.CONVERGENCE].axes
     lines = {line.get_label(): line for line in by_steps.get_lines()}
@@ -736,7 +736,9 @@ def test_a_ladder_of_step_budgets_draws_the_convergence_figure_with_the_codecs()
     # one budget per method: no ladder, no figure
     single = runs[runs["params.train.steps"] == "100"]
     assert report.CONVERGENCE not in report.figures(
-        report.comparison(single), pd.DataFrame(columns=["name", "metric", "step", "value"]), report.per_seed(single)
+        report.comparison(single),
+        pd.DataFrame(columns=["variant", "name", "metric", "step", "value"]),
+        report.per_seed(single),
     )
 
 
@@ -754,3 +756,85 @@ def test_a_codec_measured_differently_by_seeded_runs_is_one_row_with_its_interva
     assert kmeans["l1"] == pytest.approx(0.052) and kmeans["n"] == 2 and kmeans["l1_n"] == 2
     assert kmeans["l1_ci"] == pytest.approx(stats.t.ppf(0.975, 1) * np.std([0.050, 0.054], ddof=1) / np.sqrt(2))
     assert "n" not in rows[BLOCK_MEAN] and rows[BLOCK_MEAN]["l1"] == 0.04
+
+
+def test_one_code_budget_draws_a_dot_per_variant_and_codec_with_its_interval():
+    """1000 and 1024 codes are one budget: a dot per row (L1, and measured bits from 0 beside log2 K),
+    not L1 against a few hundredths of a bit; the codecs at that budget and the block mean with them."""
+    rows = [
+        {"name": "a", "seed": s, "measured bits": 7.0 + s / 10, "bits/token": 10.0, "l1": 0.05 + s / 1000}
+        for s in range(3)
+    ]
+    rows.append({"name": "b", "seed": pd.NA, "measured bits": 8.0, "bits/token": math.log2(1000), "l1": 0.045})
+    seeds = pd.DataFrame(rows, columns=list(report.SEED_COLUMNS)).astype({"seed": "Int64"})
+    seeds = seeds.assign(run_id=[f"r{i}" for i in range(len(seeds))], method="fsq", levels="x")
+    codecs = [{"name": PALETTE, "levels": "1000 colours", "bits/token": math.log2(1000), "l1": 0.06, "run_id": ""}]
+    codecs.append({"name": PALETTE, "levels": "16777216 colours", "bits/token": 24.0, "l1": 0.04, "run_id": ""})
+    codecs.append({"name": BLOCK_MEAN, "levels": report.MISSING, "l1": 0.04, "run_id": ""})
+    table = pd.DataFrame([report.aggregate(group) for group in report.variants(seeds)] + codecs)
+    table = table.reindex(columns=list(report.CSV_COLUMNS))
+    assert report.one_budget(table) == pytest.approx((10 + math.log2(1000)) / 2)
+    history = pd.DataFrame(columns=["variant", "name", "metric", "step", "value"])
+    l1_axes, bits_axes = report.figures(table, history, seeds)["l1_vs_bits.png"].axes
+    labels = [tick.get_text() for tick in l1_axes.get_yticklabels()]  # top to bottom
+    assert labels == ["a", "b", f"{PALETTE}, 1000 colours", BLOCK_MEAN]  # not the 2^24-colour palette
+    (bars,) = l1_axes.containers
+    np.testing.assert_allclose(
+        [segment[:, 0] for segment in bars.lines[2][0].get_segments()], [t_bounds([0.05, 0.051, 0.052])]
+    )
+    assert bits_axes.get_xlim()[0] == 0 and "measured bits" in bits_axes.get_xlabel()
+    # budgets a bit apart are L1 against bits again
+    apart = table.assign(**{"bits/token": [10.0, 12.0, math.log2(1000), 24.0, math.nan]})
+    assert report.one_budget(apart) is None
+    assert len(report.figures(apart, history, seeds)["l1_vs_bits.png"].axes) == 1
+
+
+def test_curves_show_training_and_validation_l1_per_variant_with_the_scale(store):
+    uri, _, _ = store
+    train_axes, val_axes = report.render(SWEEP, uri).figures["curves.png"].axes
+    assert [line.get_label() for line in val_axes.lines] == list(VARIANTS)
+    runs = stored(uri)
+    assert [line.get_ydata()[-1] for line in val_axes.lines] == [runs[v].data.metrics["val/l1"] for v in VARIANTS]
+    assert "[-1, 1]" in train_axes.get_ylabel() and "2x val L1" in train_axes.get_ylabel()
+    assert "[0, 1]" in val_axes.get_ylabel()
+
+
+def test_the_report_shows_each_variants_reconstructions_of_the_same_crops_beside_the_codecs(store, tmp_path):
+    from vqlab.runfolder import RunFolder
+    from vqlab.showcase import Showcase
+
+    uri, _, _ = store
+    result = report.render(SWEEP, uri)
+    figure = result.figures[report.RECONSTRUCTIONS]
+    labels = [axes.get_ylabel().split("\n")[0] for axes in figure.axes]
+    assert labels[: 1 + len(VARIANTS)] == ["original", *VARIANTS]
+    assert labels[-3].startswith(BLOCK_MEAN) and "64 colours" in figure.axes[-2].get_ylabel().replace("\n", " ")
+    fsq = Showcase.read(RunFolder(stored(uri)["fsq"].data.tags["vqlab.run_dir"]).reconstructions)
+    shown = figure.axes[1].images[0].get_array()
+    height = fsq.originals.shape[1]
+    scale = shown.shape[0] // height
+    np.testing.assert_array_equal(shown[::scale, : height * scale : scale], fsq.rows["model"][0])
+    saved = report.readme_figures(result, tmp_path / "figures")
+    assert [path.name for path in saved] == list(report.README_FIGURES)
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in saved)
+
+
+def test_a_run_from_before_the_reconstructions_file_gets_them_from_its_checkpoint(store, tmp_path):
+    import shutil
+
+    from vqlab.runfolder import RunFolder
+    from vqlab.showcase import Showcase
+
+    class NoArtifacts:
+        def list_artifacts(self, run_id):
+            return []
+
+    uri, _, _ = store
+    original = RunFolder(stored(uri)["fsq"].data.tags["vqlab.run_dir"])
+    old = RunFolder(shutil.copytree(original.path, tmp_path / "old"))
+    old.reconstructions.unlink()
+    made, kept = report.read_showcase(NoArtifacts(), "x", str(old.path)), Showcase.read(original.reconstructions)
+    for key in ("model", *TRIVIAL_CODECS):
+        np.testing.assert_array_equal(made.rows[key], kept.rows[key])
+    assert not old.reconstructions.exists()  # a report writes nothing into a run
+    assert report.read_showcase(NoArtifacts(), "x", str(tmp_path / "nothing")) is None

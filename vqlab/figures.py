@@ -19,8 +19,8 @@ from vqlab.tracking import TRIVIAL_CODECS, existing_run, headline, summary_table
 
 # The loss terms the objective (vqlab.losses) and the quantizers log under train/; the other
 # train/ metrics are statistics (perplexity, distinct codes), rates and resources.
-TRAIN_SCALE = "loss on [-1, 1] images (L1: 2x val L1)"
-VAL_SCALE = "L1 on [0, 1] images"
+TRAIN_SCALE = "on [-1, 1] images (L1 there: 2x val L1)"
+VAL_SCALE = "on [0, 1] images"
 LOSS_TERMS = ("loss", "l1", "l2", "perceptual", "adversarial", "codebook", "commitment", "entropy", "kl", "disc_loss")
 
 
@@ -44,13 +44,13 @@ def loss_curves(run: RunFolder) -> Figure:
     if all(v > 0 for name in names for v in series(run, name)[1]):
         train_axes.set_yscale("log")
     # the objective compares images in the model's [-1, 1] space; the metrics see [0, 1] images
-    train_axes.set(xlabel="step", ylabel=TRAIN_SCALE, title="training losses")
+    train_axes.set(xlabel="step", ylabel=f"loss terms {TRAIN_SCALE}", title="training losses")
     train_axes.legend(fontsize="small")
     for prefix in ("val", "val_ema"):
         steps, values = series(run, f"{prefix}/l1")
         if steps:
             val_axes.plot(steps, values, marker="o", label=prefix)
-    val_axes.set(xlabel="step", ylabel=VAL_SCALE, title="validation L1")
+    val_axes.set(xlabel="step", ylabel=f"L1 {VAL_SCALE}", title="validation L1")
     if val_axes.lines:
         val_axes.legend(fontsize="small")
     figure.suptitle(run.name)

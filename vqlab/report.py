@@ -57,6 +57,14 @@ Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sw
                  a single run's bootstrap interval of its measured bits)
     convergence.png                     where a method ran at several train.steps: val L1 against
                                         the budget and the wall time, with the trivial codecs
+    reconstructions.png                 the same validation crops through each variant (its first
+                                        seed's ``reconstructions.npz``, else made from its newest
+                                        checkpoint) and the trivial codecs, upscaled, labelled
+
+l1_vs_bits.png is L1 against measured bits; when every variant has one code budget (within
+``BUDGET_TOLERANCE``) it is a dot plot per variant and codec instead: L1, and measured bits beside
+log2 K. curves.png: training and validation L1 per variant over steps. ``--readme-figures DIR``
+also saves ``README_FIGURES`` there (the README's ``docs/figures``).
 
 ``--reference R`` compares every other variant with variant ``R`` on the ``HEADLINE`` metrics both
 logged: the difference ``variant - R`` per seed, over the seeds both ran (paired by seed), its mean
@@ -93,11 +101,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from vqlab import tables
+from vqlab import checkpoint, tables
 from vqlab.config import TrackingConfig
 from vqlab.errors import UserError
 from vqlab.notebook import execute
-from vqlab.runfolder import RunFolder
+from vqlab.runfolder import RECONSTRUCTIONS_FILE, RunFolder
+from vqlab.showcase import DPI, MODEL, Showcase, codec_label, crop_labels, of_checkpoint, strip
 from vqlab.tracking import TRIVIAL_CODECS, client, mlflow_uri
 
 if TYPE_CHECKING:
@@ -151,8 +160,14 @@ MISSING = tables.MISSING
 SETTINGS = ("bits/token",)
 BASELINE_METRICS = {"l1": "l1", "psnr": "psnr", "ssim": "ssim"}
 CURVE_KEYS = ("train/l1", "train/loss")  # the first one a run logged is its training curve
+VAL_CURVE = "val/l1"  # the validation curve beside it
 FIGURES = ("l1_vs_bits.png", "usage.png", "curves.png")  # every report's
 CONVERGENCE = "convergence.png"  # a report's whose methods ran at several step budgets
+RECONSTRUCTIONS = "reconstructions.png"  # a report's whose runs' shown crops could be read or made
+README_FIGURES = ("l1_vs_bits.png", RECONSTRUCTIONS)  # what the README shows of the demo's report
+# Code budgets closer than this are one (1000 and 1024 codes: 9.97 and 10 bits): L1 against bits
+# would spread the rows over a few hundredths of a bit, so the figure is a dot plot per variant.
+BUDGET_TOLERANCE = 0.5
 FINISHED = "FINISHED"  # MLflow's status of a run that ended well; only those are results
 CONFIDENCE = 0.95  # of every interval the report shows
 # the metrics ``--reference`` compares (those both variants logged)
@@ -731,39 +746,91 @@ def quiet_downloads():
 
 # --- figures --------------------------------------------------------------------------------------
 def curves(runs: pd.DataFrame, tracking_uri: str) -> pd.DataFrame:
-    """Training curves from MLflow's metric history: ``name`` (``<variant>/seed<k>`` with seeds),
-    ``metric``, ``step``, ``value`` for each run that is a result, its first logged key of
-    ``CURVE_KEYS``."""
+    """Training and validation curves from MLflow's metric history: ``variant``, ``name``
+    (``<variant>/seed<k>`` with seeds), ``metric``, ``step``, ``value`` for each run that is a
+    result: its first logged key of ``CURVE_KEYS``, and ``VAL_CURVE``."""
     mlflow_client = client(tracking_uri, create=False)  # reading never creates a store
     points = []
     for _, run in rows_of(runs).iterrows():
-        key = next((k for k in CURVE_KEYS if f"metrics.{k}" in run and not pd.isna(run[f"metrics.{k}"])), None)
-        if key is None:
-            continue
-        history = sorted(mlflow_client.get_metric_history(run["run_id"], key), key=lambda m: m.step)
-        name = label(run["name"], run["seed"])
-        points += [{"name": name, "metric": key, "step": m.step, "value": m.value} for m in history]
-    return pd.DataFrame(points, columns=["name", "metric", "step", "value"])
+        logged = [k for k in (*CURVE_KEYS, VAL_CURVE) if f"metrics.{k}" in run and not pd.isna(run[f"metrics.{k}"])]
+        keys = [k for k in logged if k in CURVE_KEYS][:1] + [k for k in logged if k == VAL_CURVE]
+        for key in keys:
+            history = sorted(mlflow_client.get_metric_history(run["run_id"], key), key=lambda m: m.step)
+            where = {"variant": run["name"], "name": label(run["name"], run["seed"]), "metric": key}
+            points += [where | {"step": m.step, "value": m.value} for m in history]
+    return pd.DataFrame(points, columns=["variant", "name", "metric", "step", "value"])
+
+
+def curve_panel(ax, history: pd.DataFrame, ylabel: str, title: str) -> None:
+    """One line per variant: the mean over its seeds at each step, and where it has several the
+    95% t interval as a band."""
+    for variant, points in history.groupby("variant", sort=False):
+        at = points.groupby("step")["value"].agg(["mean", half_width]).reset_index()
+        seeds = points["name"].nunique()
+        (line,) = ax.plot(
+            at["step"], at["mean"], marker=".", label=variant + (f" ({seeds} seeds)" if seeds > 1 else "")
+        )
+        band = at.dropna(subset=["half_width"])
+        if not band.empty:
+            low, high = band["mean"] - band["half_width"], band["mean"] + band["half_width"]
+            ax.fill_between(band["step"], low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    if ax.lines:
+        ax.legend(fontsize="small")
 
 
 def figures(table: pd.DataFrame, history: pd.DataFrame, seeds: pd.DataFrame | None = None) -> dict:
-    """``FIGURES`` name -> matplotlib Figure: L1 against bits per token with one line per method
-    (points sorted by bits; the palette codec is a method too), codebook usage of each variant
-    coloured by method, and the training curves. Where a variant has more than one seed, its L1
-    and usage are the mean over the seeds with the 95% t interval as an error bar (``seeds``:
-    ``per_seed``'s rows, from which seaborn draws the usage bars; without it, the table's means).
-    Figures are made without pyplot, so nothing is shown.
+    """``FIGURES`` name -> matplotlib Figure: L1 and the code rate (``l1_against_bits``, or
+    ``l1_dots`` when every variant has one code budget), codebook usage of each variant coloured
+    by method, and the training and validation curves (each variant the mean over its seeds, the
+    95% t interval as a band). Where a variant has more than one seed, its L1 and usage are the
+    mean over the seeds with the 95% t interval as an error bar (``seeds``: ``per_seed``'s rows,
+    from which seaborn draws the usage bars; without it, the table's means). Figures are made
+    without pyplot, so nothing is shown."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
 
-    The bits of the L1 figure are the measured bits where a row has them, else bits/token (the
+    from vqlab.figures import TRAIN_SCALE, VAL_SCALE
+
+    made = {name: Figure(figsize=(6, 4), layout="constrained") for name in FIGURES}
+    if (budget := one_budget(table)) is not None:
+        l1_dots(made["l1_vs_bits.png"], table, seeds, budget)
+    else:
+        l1_against_bits(made["l1_vs_bits.png"].subplots(), table, seeds)
+
+    ax = made["usage.png"].subplots()
+    if seeds is None:
+        seeds = table[table["run_id"] != ""]
+    runs = seeds[seeds["codebook usage"].notna()]
+    sns.barplot(runs, x="name", y="codebook usage", hue="method", dodge=False, errorbar=t_bounds, capsize=0.2, ax=ax)
+    ax.set(
+        ylim=(0, 1),
+        xlabel="",
+        title="codebook usage" + (" (95% CI over seeds)" if runs["name"].duplicated().any() else ""),
+    )
+    ax.tick_params(axis="x", labelrotation=45)
+
+    made["curves.png"].set_size_inches(11, 4)
+    train_ax, val_ax = made["curves.png"].subplots(1, 2)
+    training = history[history["metric"] != VAL_CURVE]
+    keys = ", ".join(training["metric"].unique())
+    # the objective sees the model's [-1, 1] images, the metrics [0, 1] ones (vqlab.figures)
+    curve_panel(train_ax, training, f"{keys or 'training loss'} {TRAIN_SCALE}", "training (mean over seeds)")
+    if not training.empty and (training["value"] > 0).all():
+        train_ax.set_yscale("log")
+    curve_panel(val_ax, history[history["metric"] == VAL_CURVE], f"val L1 {VAL_SCALE}", "validation")
+    if (ladder := convergence(table, seeds)) is not None:
+        made[CONVERGENCE] = ladder
+    return made
+
+
+def l1_against_bits(ax, table: pd.DataFrame, seeds: pd.DataFrame | None) -> None:
+    """L1 against bits per token, one line per method (points sorted by bits; the palette codec is
+    a method too). The bits are the measured bits where a row has them, else bits/token (the
     palette codec's log2 colours, a run from before the rate was measured); their error bar is the
     t interval over the seeds, or a single run's bootstrap interval over the crops (from
     ``seeds``). Unquantized rows (continuous quantizers, the block mean colour) are horizontal
     lines: floors at no finite rate."""
-    import seaborn as sns
-    from matplotlib.figure import Figure
-
-    made = {name: Figure(figsize=(6, 4), layout="constrained") for name in FIGURES}
-    ax = made["l1_vs_bits.png"].subplots()
     bits = table.assign(bits=table["measured bits"].fillna(table["bits/token"]), **rate_errors(table, seeds))
     for method, points in bits.dropna(subset=["bits", "l1"]).groupby("method", sort=False):
         points = points.sort_values("bits")
@@ -787,27 +854,46 @@ def figures(table: pd.DataFrame, history: pd.DataFrame, seeds: pd.DataFrame | No
     ax.set(title=title)
     ax.legend(fontsize="small")
 
-    ax = made["usage.png"].subplots()
-    if seeds is None:
-        seeds = table[table["run_id"] != ""]
-    runs = seeds[seeds["codebook usage"].notna()]
-    sns.barplot(runs, x="name", y="codebook usage", hue="method", dodge=False, errorbar=t_bounds, capsize=0.2, ax=ax)
-    ax.set(
-        ylim=(0, 1),
-        xlabel="",
-        title="codebook usage" + (" (95% CI over seeds)" if runs["name"].duplicated().any() else ""),
-    )
-    ax.tick_params(axis="x", labelrotation=45)
 
-    ax = made["curves.png"].subplots()
-    for (name, key), points in history.groupby(["name", "metric"], sort=False):
-        ax.plot(points["step"], points["value"], label=f"{name} ({key})")
-    ax.set(xlabel="step", ylabel=", ".join(history["metric"].unique()), yscale="log", title="training curves")
-    if not history.empty:
-        ax.legend(fontsize="small")
-    if (ladder := convergence(table, seeds)) is not None:
-        made[CONVERGENCE] = ladder
-    return made
+def one_budget(table: pd.DataFrame) -> float | None:
+    """The code budget (bits/token, log2 K) every quantized variant shares, within
+    ``BUDGET_TOLERANCE``; ``None`` when they differ or none is quantized."""
+    budgets = table.loc[table["run_id"] != "", "bits/token"].dropna()
+    if budgets.empty or budgets.max() - budgets.min() > BUDGET_TOLERANCE:
+        return None
+    return float(budgets.mean())
+
+
+def l1_dots(figure: Figure, table: pd.DataFrame, seeds: pd.DataFrame | None, budget: float) -> None:
+    """At one code budget: a dot per variant (the continuous floor too) and per trivial codec at
+    that budget or without one, L1 on the left, measured bits on the right beside log2 K (``|``),
+    each with its interval (``rate_errors``; the t interval over seeds for L1)."""
+    near = (table["bits/token"] - budget).abs() <= BUDGET_TOLERANCE
+    rows = table[(table["run_id"] != "") | table["bits/token"].isna() | near].dropna(subset=["l1"])
+    rows = rows.assign(**rate_errors(rows, seeds)).reset_index(drop=True)
+    names = [row["name"] if row["run_id"] else f"{row['name']}, {row['levels']}" for _, row in rows.iterrows()]
+    names = [name.removesuffix(f", {MISSING}") for name in names]
+    codec = (rows["run_id"] == "").to_numpy()
+    at = np.arange(len(rows))[::-1]  # the first row on top
+    figure.set_size_inches(10, 1.2 + 0.45 * len(rows))
+    l1_ax, bits_ax = figure.subplots(1, 2, sharey=True)
+    for ax, column, below, above in (
+        (l1_ax, "l1", rows["l1_ci"], rows["l1_ci"]),
+        (bits_ax, "measured bits", rows["bits_below"], rows["bits_above"]),
+    ):
+        for mask, colour in ((~codec, "C0"), (codec, "grey")):
+            ax.plot(rows.loc[mask, column], at[mask], "o", color=colour, label="codec" if colour == "grey" else column)
+        bars = rows[column].notna() & below.notna()
+        if bars.any():
+            ax.errorbar(rows.loc[bars, column], at[bars], xerr=[below[bars], above[bars]], fmt="none", capsize=3)
+    bits_ax.plot(rows["bits/token"], at, "|", color="black", markersize=12, label="log2 K (budget)")
+    l1_ax.set(yticks=at, yticklabels=names, xlabel="val L1 (lower is better)")
+    # from 0: the rate a code carries is between 0 and log2 K, and the budgets differ by hundredths
+    top = np.nanmax([rows["bits/token"].max(), rows["measured bits"].max() + rows["bits_above"].fillna(0).max()])
+    bits_ax.set(xlabel="measured bits per token (| : log2 K)", xlim=(0, 1.05 * top))
+    bits_ax.legend(fontsize="small", loc="lower left")
+    intervals = " (95% CI over seeds)" if table["l1_ci"].notna().any() else ""
+    figure.suptitle(f"one code budget, about {budget:.1f} bits per token: L1 and measured rate{intervals}")
 
 
 def convergence(table: pd.DataFrame, seeds: pd.DataFrame) -> Figure | None:
@@ -862,6 +948,62 @@ def rate_errors(table: pd.DataFrame, seeds: pd.DataFrame | None) -> dict[str, li
     return {"bits_below": below, "bits_above": above}
 
 
+def read_showcase(mlflow_client, run_id: str, run_dir: str | None) -> Showcase | None:
+    """A run's shown crops (``vqlab.showcase``): its MLflow artifact ``reconstructions.npz``, else
+    that file in its run folder, else made from the folder's newest checkpoint (a run from before
+    the file existed: ``of_checkpoint``, which writes nothing); ``None`` when none is there."""
+    if RECONSTRUCTIONS_FILE in {artifact.path for artifact in mlflow_client.list_artifacts(run_id)}:
+        with tempfile.TemporaryDirectory() as scratch, quiet_downloads():
+            return Showcase.read(Path(mlflow_client.download_artifacts(run_id, RECONSTRUCTIONS_FILE, scratch)))
+    folder = RunFolder(run_dir) if isinstance(run_dir, str) else None
+    if folder is None or not folder.has_config():
+        return None
+    if folder.reconstructions.is_file():
+        return Showcase.read(folder.reconstructions)
+    return of_checkpoint(folder) if checkpoint.step_files(folder.checkpoints) else None
+
+
+def shown_crops(seeds: pd.DataFrame, tracking_uri: str) -> dict[str, Showcase]:
+    """``<variant>/seed<k>`` -> the shown crops of each variant's first seed (``read_showcase``);
+    variants with none are left out."""
+    mlflow_client = client(tracking_uri, create=False)
+    found = {}
+    for group in variants(seeds):
+        run = group.iloc[0]
+        shown = read_showcase(mlflow_client, run["run_id"], run["run_dir"])
+        if shown is not None:
+            found[label(run["name"], run["seed"])] = shown
+    return found
+
+
+def reconstruction_figure(shown: dict[str, Showcase]) -> Figure:
+    """The same validation crops: the originals, each variant's reconstructions (its first seed),
+    then the trivial codecs' at the smallest code budget of those runs (a continuous run's palette
+    has 2^24 colours), rows labelled. A run shown other crops (other validation data) is left out."""
+    first = next(iter(shown.values()))
+    same = {
+        name: crops
+        for name, crops in shown.items()
+        if np.array_equal(crops.indices, first.indices) and np.array_equal(crops.originals, first.originals)
+    }
+    codecs = min(same.values(), key=lambda crops: crops.colors.get("baseline_palette", 0))
+    rows = [("original", first.originals), *((name, crops.rows[MODEL]) for name, crops in same.items())]
+    rows += [(codec_label(codecs, prefix), codecs.rows[prefix]) for prefix in TRIVIAL_CODECS if prefix in codecs.rows]
+    return strip(rows, "the same validation crops through each variant and the trivial codecs", crop_labels(first))
+
+
+def readme_figures(result: Report, folder: Path) -> list[Path]:
+    """``README_FIGURES`` of ``result`` saved into ``folder`` (the README's ``docs/figures``): those
+    the report has (``reconstructions.png`` needs runs whose crops could be read or made)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for name in README_FIGURES:
+        if name in result.figures:
+            result.figures[name].savefig(folder / name, dpi=DPI)
+            saved.append(folder / name)
+    return saved
+
+
 # --- the report -----------------------------------------------------------------------------------
 @dataclass
 class Report:
@@ -895,6 +1037,8 @@ def render(
     table = comparison(runs, seeds)
     compared = paired(seeds, reference, per_image_reader(uri, seeds)) if reference else None
     made = figures(table, curves(runs, uri), seeds)
+    if shown := shown_crops(seeds, uri):
+        made[RECONSTRUCTIONS] = reconstruction_figure(shown)
     parents = sorted(set(rows_of(runs).get("tags.mlflow.parentRunId", pd.Series(dtype=object)).dropna()))
     others = unfinished(runs)
     below = notes(table, seeds)
@@ -918,7 +1062,7 @@ def write(result: Report, out: Path) -> list[Path]:
         result.paired.to_csv(out / "paired.csv", index=False)
         files.append(out / "paired.csv")
     for name, figure in result.figures.items():
-        figure.savefig(out / name, dpi=120)
+        figure.savefig(out / name, dpi=DPI)
     return [*files, *(out / name for name in result.figures)]
 
 
@@ -951,6 +1095,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--notebook", action="store_true", help="also execute notebooks/compare.ipynb into <out>/compare.ipynb"
     )
+    parser.add_argument(
+        "--readme-figures",
+        type=Path,
+        metavar="DIR",
+        help=f"also save {' and '.join(README_FIGURES)} into DIR (the README's: docs/figures)",
+    )
     args = parser.parse_args(argv)
     out = args.out or Path(args.root) / args.experiment / "report"
     try:
@@ -961,6 +1111,8 @@ def main(argv: list[str] | None = None) -> int:
     log_to_parents(result, store(args.tracking_uri, args.root))
     print(result.markdown)
     print(f"wrote {', '.join(str(path) for path in result.files)}")
+    if args.readme_figures:
+        print(f"saved {', '.join(str(path) for path in readme_figures(result, args.readme_figures))}")
     if args.notebook:
         executed = out / "compare.ipynb"
         parameters = {"experiment": args.experiment, "sweep": args.sweep or "", "root": str(args.root)}
