@@ -670,6 +670,8 @@ def test_readme_numbers_renders_the_demo_block_from_the_store(seeded, tmp_path):
     rows = markdown_rows(text.split("<!-- numbers:demo -->")[1].strip())
     assert rows["ref"]["n"] == "3" and "±" in rows["ref"]["l1"]
     assert f"`python -m vqlab.report {SEEDED}` at commit" in text and text.endswith("<!-- /numbers:demo --> b\n")
+    figures = tmp_path / "docs" / "figures"  # the same report's pictures, beside the README
+    assert (figures / "l1_vs_bits.png").is_file()
 
 
 def test_the_quantization_gap_is_the_l1_above_the_floor_paired_by_seed():

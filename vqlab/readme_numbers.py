@@ -6,7 +6,8 @@ this command owns with a pair of HTML comments, and the command rewrites what li
     <!-- numbers:default -->...<!-- /numbers:default -->  the final numbers of one run of a preset
                                                            (``default``; trained here, now)
     <!-- numbers:demo -->...<!-- /numbers:demo -->        the demo's table, rendered from the MLflow
-                                                           store by ``vqlab.report`` (``make demo`` first)
+                                                           store by ``vqlab.report`` (``make demo`` first),
+                                                           and its figures in ``docs/figures/``
 
 Each block says which command made it, at which commit and thread count. ``--blocks`` picks the
 blocks; ``--config`` the preset of the ``default`` block (the tests use ``smoke``). Text outside
@@ -34,6 +35,7 @@ from vqlab.runtime import git_commit
 from vqlab.tracking import TRIVIAL_CODECS
 
 BLOCKS = ("default", "demo")
+FIGURES = Path("docs") / "figures"  # beside the README: the demo's figures it shows
 
 
 def markers(block: str) -> tuple[str, str]:
@@ -79,9 +81,11 @@ def default_numbers(preset: str, root: Path) -> str:
     )
 
 
-def demo_numbers(experiment: str, root: Path, tracking_uri: str | None) -> str:
-    """The demo's comparison table as ``vqlab.report`` renders it, from the store."""
+def demo_numbers(experiment: str, root: Path, tracking_uri: str | None, figures: Path) -> str:
+    """The demo's comparison table as ``vqlab.report`` renders it, from the store; the README's
+    figures of the same report are saved into ``figures``, so table and pictures show one demo."""
     rendered = report.render(experiment, tracking_uri, None, root / experiment / "report", root, None)
+    report.readme_figures(rendered, figures)
     return f"\n{rendered.markdown}\n\n_{provenance(f'python -m vqlab.report {experiment}')}._\n"
 
 
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         contents = {
             block: default_numbers(args.config, args.root / "readme")
             if block == "default"
-            else demo_numbers(args.experiment, args.root, args.tracking_uri)
+            else demo_numbers(args.experiment, args.root, args.tracking_uri, args.readme.parent / FIGURES)
             for block in blocks
         }
         # Read again now: the default run takes minutes, and edits made to the README meanwhile stay.
