@@ -4,8 +4,9 @@ The seed study asked: "Is it important to convert it into an integer, rather tha
 embedding?" For each trained tokenizer (its newest checkpoint, on its validation crops unless said
 otherwise):
 
-- ``digit_entropy_{i}`` (bits) of each digit and the mutual information between every two digits
-  (``mutual_information``, from their joint histogram; 0 for independent digits);
+- ``digit_entropy_{i}`` (bits, Miller–Madow) of each digit, ``code_bits`` the measured rate of the
+  whole code (``measured_rate``), and the mutual information between every two digits, raw, its
+  shuffle null and their difference (``analysis.estimators``; 95% bootstrap intervals over crops);
 - locality: Spearman correlation, over random pairs of held-out tokens, of a code distance
   (|Δ flat index|, digit L1, Hamming) with the distance of the codes' embeddings (``decode``) and
   with the difference of the images decoded from them (every token of an image set to the code);
@@ -14,13 +15,18 @@ otherwise):
 - stability: the share of codes that change under Gaussian pixel noise (``NOISE`` on [-1, 1]
   images) and under a one-pixel shift;
 - integer versus embedding: a small causal transformer prior over the images' code sequences
-  (raster order), trained three ways on the training crops' codes and measured on the validation
+  (raster order), trained four ways on the training crops' codes and measured on the validation
   crops' — ``flat``: one embedding per flat index and a softmax over all K codes; ``factorised``: a
   sum of per-digit embeddings and one softmax head per digit (the digits of a token predicted
-  independently given the past, as in Open-MAGVIT2's token factorisation); ``regression``: the next
-  token's embedding regressed (MSE) and quantized afterwards to the code of the nearest embedding. Held-out bits
-  per token (``flat``, ``factorised``), next-token accuracy, and the L1 of the images decoded from the
-  teacher-forced predictions (all three).
+  independently given the past, as in Open-MAGVIT2's token factorisation); ``autoregressive``: the
+  same heads, digit i also given digits 0..i-1 of the same token (the exact chain rule);
+  ``regression``: the next token's embedding regressed (MSE) and quantized afterwards to the code of
+  the nearest embedding. Every prior is sized to the same parameter count (``matched_sizes``: within
+  a fraction of a percent), trained with several seeds until its loss on a held-out share of the
+  training codes stops improving (the best weights kept; the curves saved), and measured in bits
+  per token on the validation codes (the three likelihoods: mean over seeds and a 95% t interval),
+  next-token accuracy and the L1 of the images decoded from the teacher-forced predictions (all
+  four; regression's only measures, reported apart: it is not a likelihood).
 """
 
 from __future__ import annotations
@@ -36,36 +42,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from analysis import estimators
 from vqlab import checkpoint, tables
-from vqlab.codes import digits_to_index, perplexity
+from vqlab.codes import digits_to_index
 from vqlab.errors import UserError
 from vqlab.runfolder import CONFIG_FILE, RunFolder
 
 NOISE = 2 / 255 * 2  # two grey levels of an 8-bit image, on [-1, 1]
 PAIRS = 4096  # random token pairs for the locality correlations
-PRIORS = ("flat", "factorised", "regression")
+PRIORS = ("flat", "factorised", "autoregressive", "regression")
+LIKELIHOODS = PRIORS[:3]  # the priors that give bits per token; regression's MSE is not a likelihood
+DIGIT_PRIORS = ("factorised", "autoregressive")
+HEADS, LAYERS = 4, 2  # attention heads and layers of every prior's transformer
+HELD_OUT_SHARE = 0.1  # of the training sequences, for early stopping
+EVAL_BATCH = 256  # sequences per evaluation forward
 
 
 # --- statistics of the digits ----------------------------------------------------------------------
-def entropy_bits(counts: torch.Tensor) -> float:
-    return math.log2(perplexity(counts).item())
+def mean_off_diagonal(matrix: np.ndarray) -> float:
+    off_diagonal = matrix[~np.eye(len(matrix), dtype=bool)]
+    return float(off_diagonal.mean()) if off_diagonal.size else math.nan
 
 
-def digit_entropies(codes: torch.Tensor, radices: tuple[int, ...]) -> list[float]:
-    """``(M, G)`` digits -> the entropy in bits of each digit's histogram."""
-    return [entropy_bits(torch.bincount(codes[:, i], minlength=r)) for i, r in enumerate(radices)]
+def digit_statistics(codes: torch.Tensor, radices: tuple[int, ...], seed: int = 0) -> dict:
+    """``(C, L, G)`` codes of C crops -> the digits' Miller–Madow entropies (``digit_entropy_{i}``),
+    the mean pairwise MI raw, its shuffle null and their difference (with a 95% bootstrap interval
+    over crops), the rate of the whole code (``code_bits``: ``measured_rate``, Miller–Madow, interval
+    over crops) and the ``(G, G)`` matrices (``mutual_information``: entropies on the diagonal,
+    corrected MI off it; ``_raw`` and ``_null``)."""
+    from vqlab.evaluators.codebook import measured_rate
 
-
-def mutual_information(codes: torch.Tensor, radices: tuple[int, ...]) -> np.ndarray:
-    """``(G, G)`` plug-in mutual information in bits between every two digits (H on the diagonal)."""
-    groups = len(radices)
-    result = np.zeros((groups, groups))
-    single = digit_entropies(codes, radices)
-    for i in range(groups):
-        result[i, i] = single[i]
-        for j in range(i + 1, groups):
-            joint = torch.bincount(codes[:, i] * radices[j] + codes[:, j], minlength=radices[i] * radices[j])
-            result[i, j] = result[j, i] = single[i] + single[j] - entropy_bits(joint)
+    tokens = codes.flatten(0, 1)  # (C*L, G)
+    single = estimators.entropies(tokens, radices)
+    result: dict = {f"digit_entropy_{i}": h for i, h in enumerate(single)}
+    found = estimators.information(tokens, radices, seed=seed)
+    result["mean_pairwise_mi"] = mean_off_diagonal(found["raw"])
+    result["mean_pairwise_mi_null"] = mean_off_diagonal(found["null"])
+    result["mean_pairwise_mi_corrected"] = mean_off_diagonal(found["corrected"])
+    if len(radices) > 1:
+        _, low, high = estimators.bootstrap_over_crops(
+            codes, lambda t: mean_off_diagonal(estimators.information(t, radices, seed=seed)["corrected"]), seed=seed
+        )
+        result["mean_pairwise_mi_corrected_low"], result["mean_pairwise_mi_corrected_high"] = float(low), float(high)
+    crop = torch.arange(len(codes)).repeat_interleave(codes.shape[1]).numpy()  # (C*L,) each token's crop
+    result["code_bits"], result["code_bits_low"], result["code_bits_high"] = measured_rate(
+        crop, tokens.numpy(), seed=seed
+    )
+    # entropy on the diagonal, corrected information off it: the figure
+    result["mutual_information"] = found["corrected"] + np.diag(single)
+    result["mutual_information_raw"], result["mutual_information_null"] = found["raw"], found["null"]
     return result
 
 
@@ -179,11 +204,38 @@ def stability(tokenizer: Tokenizer, images: torch.Tensor, codes: torch.Tensor, s
 
 
 # --- the autoregressive priors ----------------------------------------------------------------------
+class DigitHeads(nn.Module):
+    """One small MLP head per digit, ``(..., W)`` -> its ``(..., radix)`` logits: the factorised and the
+    autoregressive priors share them, so that they differ only in what a digit is conditioned on."""
+
+    def __init__(self, width: int, radices: tuple[int, ...]):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, r)) for r in radices
+        )
+
+    def forward(self, contexts: list[torch.Tensor]) -> torch.Tensor:
+        """Digit i's logits from ``contexts[i]`` ``(B, L, W)`` -> ``(B, L, sum radices)``."""
+        return torch.cat([head(context) for head, context in zip(self.heads, contexts, strict=True)], dim=-1)
+
+
 class Prior(nn.Module):
-    """A causal transformer over code sequences, with the input and output of one of ``PRIORS``."""
+    """A causal transformer over code sequences, with the input and output of one of ``PRIORS``.
+
+    ``autoregressive`` is the exact chain rule within a token: digit i of token t is predicted from
+    the tokens before t (the transformer's state h) and from digits 0..i-1 of token t, as
+    ``head_i(h + sum_{k<i} E_k(d_k))``; its loss on the true earlier digits (teacher forcing) is the
+    sequence's exact negative log-likelihood. ``factorised`` is the same heads on h alone."""
 
     def __init__(
-        self, kind: str, radices: tuple[int, ...], length: int, embed_dim: int = 0, width: int = 128, layers: int = 2
+        self,
+        kind: str,
+        radices: tuple[int, ...],
+        length: int,
+        embed_dim: int = 0,
+        width: int = 128,
+        layers: int = LAYERS,
+        feedforward: int = 0,
     ):
         super().__init__()
         if kind not in PRIORS:
@@ -195,119 +247,294 @@ class Prior(nn.Module):
         if kind == "flat":
             self.inputs = nn.Embedding(size, width)
             self.head = nn.Linear(width, size)
-        elif kind == "factorised":
+        elif kind in DIGIT_PRIORS:
             self.inputs = nn.ModuleList(nn.Embedding(r, width) for r in radices)
-            self.head = nn.Linear(width, sum(radices))
+            self.head = DigitHeads(width, radices)
+            if kind == "autoregressive":  # the earlier digits of the same token, as the later heads read them
+                self.within = nn.ModuleList(nn.Embedding(r, width) for r in radices[:-1])
         else:
             self.inputs = nn.Linear(embed_dim, width)
             self.head = nn.Linear(width, embed_dim)
-        block = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        block = nn.TransformerEncoderLayer(
+            width, HEADS, feedforward or 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.body = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
 
     def embed_inputs(self, codes: torch.Tensor, latents: torch.Tensor | None) -> torch.Tensor:
         if self.kind == "flat":
             return self.inputs(digits_to_index(codes, self.radices))
-        if self.kind == "factorised":
+        if self.kind in DIGIT_PRIORS:
             return sum(table(codes[..., i]) for i, table in enumerate(self.inputs))
         return self.inputs(latents)
 
-    def forward(self, codes: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
-        """``(B, L, G)`` codes (and ``(B, L, D)`` embeddings for ``regression``) -> the prediction of
-        each token from the ones before it: logits ``(B, L, K)``, per-digit logits ``(B, L, sum
-        radices)``, or embeddings ``(B, L, D)``."""
+    def hidden(self, codes: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L, G)`` codes (and ``(B, L, D)`` embeddings for ``regression``) -> ``(B, L, W)``: token
+        t's state from the tokens before it."""
         x = self.embed_inputs(codes, latents)[:, :-1]  # (B, L-1, W): token t is input to predict t+1
         x = torch.cat([self.start.expand(len(codes), 1, -1), x], dim=1) + self.position  # (B, L, W)
         mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
-        return self.head(self.body(x, mask=mask, is_causal=True))
+        return self.body(x, mask=mask, is_causal=True)
+
+    def prefixes(self, h: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
+        """Each digit head's input: ``h``, plus the earlier digits of ``codes`` for ``autoregressive``."""
+        if self.kind == "factorised":
+            return [h] * len(self.radices)
+        contexts = [h]
+        for i, table in enumerate(self.within):
+            contexts.append(contexts[-1] + table(codes[..., i]))
+        return contexts
+
+    def outputs(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, L, K)`` (flat), per-digit logits ``(B, L, sum radices)`` (digit priors, the
+        autoregressive ones given the true earlier digits of ``codes``), or embeddings ``(B, L, D)``."""
+        if self.kind in DIGIT_PRIORS:
+            return self.head(self.prefixes(h, codes))
+        return self.head(h)
+
+    def forward(self, codes: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
+        return self.outputs(self.hidden(codes, latents), codes)
 
     def loss(self, output: torch.Tensor, codes: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
-        """Nats per token (``flat``, ``factorised``: summed over the digits) or the MSE (``regression``)."""
+        """Nats per token (``flat``, digit priors: summed over the digits) or the MSE (``regression``)."""
         if self.kind == "flat":
             return F.cross_entropy(output.flatten(0, 1), digits_to_index(codes, self.radices).flatten())
-        if self.kind == "factorised":
+        if self.kind in DIGIT_PRIORS:
             pieces = output.split(list(self.radices), dim=-1)
             return sum(F.cross_entropy(p.flatten(0, 1), codes[..., i].flatten()) for i, p in enumerate(pieces))
         return F.mse_loss(output, latents)
 
-    def predict(self, output: torch.Tensor, nearest_code=None) -> torch.Tensor:
-        """The predicted codes ``(B, L, G)``: the most likely code, or the code nearest the regression."""
+    def predict(self, h: torch.Tensor, nearest_code=None) -> torch.Tensor:
+        """The predicted codes ``(B, L, G)`` from the states ``h``: the most likely code (flat), each
+        digit's most likely value (factorised), digit by digit on the predicted earlier ones
+        (autoregressive, greedy), or the code nearest the regression."""
         if self.kind == "flat":
             from vqlab.codes import index_to_digits
 
-            return index_to_digits(output.argmax(-1), self.radices)
+            return index_to_digits(self.head(h).argmax(-1), self.radices)
         if self.kind == "factorised":
-            return torch.stack([p.argmax(-1) for p in output.split(list(self.radices), dim=-1)], dim=-1)
-        return nearest_code(output)
+            return torch.stack([p.argmax(-1) for p in self.outputs(h, None).split(list(self.radices), dim=-1)], -1)
+        if self.kind == "autoregressive":
+            digits, context = [], h
+            for i, head in enumerate(self.head.heads):
+                digits.append(head(context).argmax(-1))
+                if i < len(self.within):
+                    context = context + self.within[i](digits[-1])
+            return torch.stack(digits, dim=-1)
+        return nearest_code(self.head(h))
+
+
+def parameter_count(
+    kind: str, radices: tuple[int, ...], length: int, embed_dim: int, width: int, feedforward: int
+) -> int:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        prior = Prior(kind, radices, length, embed_dim, width, feedforward=feedforward)
+    return sum(p.numel() for p in prior.parameters())
+
+
+@dataclass(frozen=True)
+class PriorSize:
+    width: int
+    feedforward: int
+    parameters: int
+
+
+def size_prior(kind: str, radices: tuple[int, ...], length: int, target: int, embed_dim: int = 0) -> PriorSize:
+    """The prior of ``kind`` with about ``target`` parameters: the width (a multiple of ``HEADS``)
+    whose count at the usual ``4 x width`` feed-forward is nearest, then the feed-forward width that
+    brings the count nearest (the count is affine in it, with a slope of about ``2 x layers x
+    width``, so it lands within a hair of the target: widths alone step by up to 10%)."""
+
+    def count(width: int, feedforward: int) -> int:
+        return parameter_count(kind, radices, length, embed_dim, width, feedforward)
+
+    if count(HEADS, 4 * HEADS) > target:
+        raise ValueError(f"a {kind} prior has more than {target} parameters at its smallest width")
+    low, high = 1, 1
+    while count(HEADS * high, 4 * HEADS * high) <= target:  # bracket, then bisect, in units of HEADS
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if count(HEADS * middle, 4 * HEADS * middle) <= target else (low, middle)
+    width = min((HEADS * low, HEADS * high), key=lambda w: abs(count(w, 4 * w) - target))
+    base = count(width, 4 * width)
+    slope = count(width, 4 * width + 1) - base
+    feedforward = max(1, 4 * width + round((target - base) / slope))
+    return PriorSize(width, feedforward, count(width, feedforward))
+
+
+def matched_sizes(
+    kinds: tuple[str, ...], radices: tuple[int, ...], length: int, embed_dim: int = 0, target: int = 0
+) -> dict[str, PriorSize]:
+    """Every kind sized to ``target`` parameters (0: the flat prior's count at width 128)."""
+    target = target or parameter_count("flat", radices, length, embed_dim, 128, 4 * 128)
+    return {kind: size_prior(kind, radices, length, target, embed_dim) for kind in kinds}
+
+
+class EarlyStopping:
+    """Held-out losses, one per evaluation: ``update`` says when ``patience`` evaluations in a row
+    have not improved on the best, keeping a copy of the weights at the best; ``restore`` loads it."""
+
+    def __init__(self, patience: int):
+        self.patience, self.best, self.best_step, self.waited, self.state = patience, math.inf, 0, 0, None
+
+    def update(self, step: int, loss: float, module: nn.Module) -> bool:
+        if loss < self.best:
+            self.best, self.best_step, self.waited = loss, step, 0
+            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
+
+    def restore(self, module: nn.Module) -> None:
+        module.load_state_dict(self.state)
 
 
 @dataclass
 class PriorResult:
     kind: str
-    bits_per_token: float  # NaN for regression
+    seed: int
+    bits_per_token: float  # on the validation codes; NaN for regression (not a likelihood)
     accuracy: float
     decoded_l1: float
+    parameters: int
+    best_step: int  # the step whose weights were kept
+    stopped_at: int
+    held_out_loss: float  # of the kept weights on the held-out training codes (nats per token, or MSE)
+    curve: list[dict]  # per evaluation: step, train (mean loss since the last), held_out
 
 
 def train_prior(
     kind: str,
     tokenizer: Tokenizer,
     train_codes: torch.Tensor,
-    held_out_codes: torch.Tensor,
-    held_out_images: torch.Tensor,
-    steps: int = 300,
+    val_codes: torch.Tensor,
+    val_images: torch.Tensor,
+    size: PriorSize | None = None,
+    max_steps: int = 5000,
+    eval_every: int = 50,
+    patience: int = 5,
+    held_out_share: float = HELD_OUT_SHARE,
     batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = False,
 ) -> PriorResult:
-    """Fit one prior on ``(N, L, G)`` training code sequences; measure it on the held-out ones."""
+    """Fit one prior on ``(N, L, G)`` training code sequences until its loss on a held-out share of
+    them (drawn with ``seed``) has not improved for ``patience`` evaluations, every ``eval_every``
+    steps, or ``max_steps``; keep the best weights; measure them on the validation sequences."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     radices = tokenizer.radices
     embed_dim = tokenizer.embed(train_codes[:1, 0]).shape[-1]
-    prior = Prior(kind, radices, train_codes.shape[1], embed_dim)
+    size = size or matched_sizes((kind,), radices, train_codes.shape[1], embed_dim)[kind]
+    prior = Prior(kind, radices, train_codes.shape[1], embed_dim, size.width, feedforward=size.feedforward)
     optimizer = torch.optim.AdamW(prior.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(train_codes), generator=generator)
+    held = max(1, round(held_out_share * len(train_codes)))
+    held_out, fitted = train_codes[order[:held]], train_codes[order[held:]]
 
     def latents_of(codes: torch.Tensor) -> torch.Tensor | None:
         return tokenizer.embed(codes.flatten(0, 1)).reshape(*codes.shape[:2], -1) if kind == "regression" else None
 
-    for _ in tqdm(range(steps), desc=f"prior {kind}", disable=not progress):
-        batch = train_codes[torch.randint(len(train_codes), (batch_size,), generator=generator)]
+    @torch.no_grad()
+    def mean_loss(codes: torch.Tensor) -> float:
+        """The loss per token over ``codes``, in eval mode (the transformer's inference path), then
+        back to training."""
+        prior.eval()
+        total = 0.0
+        for part in codes.split(EVAL_BATCH):
+            latents = latents_of(part)
+            total += prior.loss(prior(part, latents), part, latents).item() * len(part)
+        prior.train()
+        return total / len(codes)
+
+    stopping, curve, recent, step = EarlyStopping(patience), [], [], 0
+    for step in tqdm(range(1, max_steps + 1), desc=f"prior {kind}", disable=not progress):
+        batch = fitted[torch.randint(len(fitted), (batch_size,), generator=generator)]
         latents = latents_of(batch)
         loss = prior.loss(prior(batch, latents), batch, latents)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-
+        recent.append(loss.item())
+        if step % eval_every == 0 or step == max_steps:
+            curve.append({"step": step, "train": float(np.mean(recent)), "held_out": mean_loss(held_out)})
+            recent = []
+            if stopping.update(step, curve[-1]["held_out"], prior):
+                break
+    stopping.restore(prior)
+    held_out_loss = mean_loss(held_out)
+    bits = math.nan if kind == "regression" else mean_loss(val_codes) / math.log(2)
     prior.eval()
     with torch.no_grad():
-        latents = latents_of(held_out_codes)
-        output = prior(held_out_codes, latents)
-        bits = math.nan if kind == "regression" else prior.loss(output, held_out_codes).item() / math.log(2)
-        predicted = prior.predict(output, tokenizer.nearest_code)
-        accuracy = (predicted == held_out_codes).all(-1).float().mean().item()
-        decoded = tokenizer.decode(predicted)
-        l1 = float((decoded - held_out_images).abs().mean() / 2)
-    return PriorResult(kind, bits, accuracy, l1)
+        predicted = torch.cat(
+            [
+                prior.predict(prior.hidden(part, latents_of(part)), tokenizer.nearest_code)
+                for part in val_codes.split(EVAL_BATCH)
+            ]
+        )
+        accuracy = (predicted == val_codes).all(-1).float().mean().item()
+        l1 = float((tokenizer.decode(predicted) - val_images).abs().mean() / 2)
+    return PriorResult(kind, seed, bits, accuracy, l1, size.parameters, stopping.best_step, step, held_out_loss, curve)
+
+
+def summarise_priors(results: list[PriorResult]) -> dict:
+    """Per kind over its seeds: ``prior_{kind}_bits`` (mean), ``_bits_low`` and ``_bits_high`` (95%
+    Student-t interval; NaN for one seed), accuracy, decoded L1, parameters and the best steps."""
+    from scipy import stats
+
+    summary: dict = {}
+    for kind in dict.fromkeys(r.kind for r in results):
+        mine = [r for r in results if r.kind == kind]
+        bits = np.array([r.bits_per_token for r in mine])
+        mean = float(bits.mean())
+        half = (
+            float(stats.t.ppf(0.975, len(bits) - 1) * bits.std(ddof=1) / math.sqrt(len(bits)))
+            if len(bits) > 1
+            else math.nan
+        )
+        summary |= {
+            f"prior_{kind}_bits": mean,
+            f"prior_{kind}_bits_low": mean - half,
+            f"prior_{kind}_bits_high": mean + half,
+        }
+        summary[f"prior_{kind}_accuracy"] = float(np.mean([r.accuracy for r in mine]))
+        summary[f"prior_{kind}_decoded_l1"] = float(np.mean([r.decoded_l1 for r in mine]))
+        summary[f"prior_{kind}_parameters"] = mine[0].parameters
+        summary[f"prior_{kind}_best_step"] = float(np.mean([r.best_step for r in mine]))
+        summary[f"prior_{kind}_seeds"] = len(mine)
+    return summary
 
 
 # --- one run, many runs, the command line -------------------------------------------------------------
-SMOKE = {"train_count": 256, "prior_steps": 20, "pairs": 256}  # seconds: --smoke and the notebook's smoke
+SMOKE = {
+    "train_count": 256,
+    "prior_steps": 20,
+    "pairs": 256,
+    "prior_seeds": 1,
+}  # seconds: --smoke, the notebook's smoke
 
 
 def analyse_run(
     run_dir: str | Path,
     train_count: int = 8192,
-    prior_steps: int = 300,
+    prior_steps: int = 5000,
     pairs: int = PAIRS,
     priors: tuple[str, ...] = PRIORS,
+    prior_seeds: int = 3,
+    prior_parameters: int = 0,
+    patience: int = 5,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
     """Every measurement of the module docstring for one run: a flat dict of numbers, plus
-    ``mutual_information`` (a G x G array) and ``sensitivity`` (a list per digit)."""
+    ``mutual_information`` (a G x G array: entropies on the diagonal, corrected MI off it), its
+    ``_raw`` and ``_null``, ``sensitivity`` (a list per digit) and ``prior_curves`` (per prior, one
+    training curve per seed). Each prior is sized to ``prior_parameters`` (0: the flat prior's count
+    at width 128), trained with seeds ``0 .. prior_seeds - 1`` for at most ``prior_steps`` steps,
+    stopped early with ``patience``."""
     from analysis.runs import crops, trained
 
     cfg, model = trained(run_dir, device)
@@ -320,25 +547,38 @@ def analyse_run(
     tokens = codes.flatten(0, 1)
     radices = tokenizer.radices
     result: dict = {"name": Path(run_dir).name, "quantizer": cfg.quantizer.name, "codebook_size": math.prod(radices)}
-    result |= {f"digit_entropy_{i}": h for i, h in enumerate(digit_entropies(tokens, radices))}
-    information = mutual_information(tokens, radices)
-    off_diagonal = information[~np.eye(len(radices), dtype=bool)]
-    result["mean_pairwise_mi"] = float(off_diagonal.mean()) if off_diagonal.size else math.nan
+    result |= digit_statistics(codes, radices)
     result |= locality(tokens, radices, tokenizer.embed, tokenizer.image_of, pairs)
     result |= stability(tokenizer, images, codes)
     result["sensitivity"] = sensitivity(tokenizer, codes)
-    result["mutual_information"] = information
     train_codes = tokenizer.encode(crops(cfg, "train", train_count, device))
-    for kind in priors:
-        prior = train_prior(kind, tokenizer, train_codes, codes, images, steps=prior_steps, progress=progress)
-        result |= {f"prior_{kind}_bits": prior.bits_per_token, f"prior_{kind}_accuracy": prior.accuracy}
-        result[f"prior_{kind}_decoded_l1"] = prior.decoded_l1
+    embed_dim = tokenizer.embed(codes[:1, 0]).shape[-1]
+    sizes = matched_sizes(priors, radices, codes.shape[1], embed_dim, prior_parameters)
+    fitted = [
+        train_prior(
+            kind,
+            tokenizer,
+            train_codes,
+            codes,
+            images,
+            sizes[kind],
+            prior_steps,
+            patience=patience,
+            seed=seed,
+            progress=progress,
+        )
+        for kind in priors
+        for seed in range(prior_seeds)
+    ]
+    result |= summarise_priors(fitted)
+    result["prior_curves"] = {kind: [r.curve for r in fitted if r.kind == kind] for kind in priors}
     result["log2_codebook_size"] = math.log2(result["codebook_size"])
     return result
 
 
 def figures(result: dict) -> dict:
-    """``mutual_information.png`` (digits x digits, bits) and ``sensitivity.png`` (per digit)."""
+    """``mutual_information.png`` (digits x digits, bits), ``sensitivity.png`` (per digit) and
+    ``prior_curves.png`` (each prior's held-out loss against its steps, one line per seed)."""
     from matplotlib.figure import Figure
 
     made = {}
@@ -347,31 +587,61 @@ def figures(result: dict) -> dict:
     ax = figure.subplots()
     image = ax.imshow(information, cmap="viridis")
     figure.colorbar(image, ax=ax, label="bits")
-    ax.set(xlabel="digit", ylabel="digit", title=f"{result['name']}: mutual information (entropy on the diagonal)")
+    title = f"{result['name']}: MI less its shuffle null (entropy on the diagonal)"
+    ax.set(xlabel="digit", ylabel="digit", title=title)
     made["mutual_information.png"] = figure
     figure = Figure(figsize=(5, 3.5), layout="constrained")
     ax = figure.subplots()
     ax.bar(range(len(result["sensitivity"])), result["sensitivity"])
     ax.set(xlabel="digit", ylabel="mean |Δ image| on [0, 1]", title=f"{result['name']}: one digit ±1 on one token")
     made["sensitivity.png"] = figure
+    figure = Figure(figsize=(9, 3.5), layout="constrained")
+    curves = result["prior_curves"]
+    for ax, (kind, seeds) in zip(figure.subplots(1, len(curves), squeeze=False)[0], curves.items(), strict=True):
+        for seed, curve in enumerate(seeds):
+            scale = 1 if kind == "regression" else math.log(2)  # nats per token -> bits; the MSE as it is
+            ax.plot(
+                [p["step"] for p in curve], [p["held_out"] / scale for p in curve], marker=".", label=f"seed {seed}"
+            )
+        ax.set(xlabel="step", ylabel="MSE" if kind == "regression" else "held-out bits per token", title=kind)
+    made["prior_curves.png"] = figure
     return made
 
 
-SCALARS = ("quantizer", "codebook_size", "mean_pairwise_mi", "changed_under_noise", "changed_under_shift")
+def interval(result: dict, key: str) -> str:
+    """``mean [low, high]``, or the mean alone where there is no interval."""
+    value, low, high = (result.get(k, math.nan) for k in (key, f"{key}_low", f"{key}_high"))
+    if math.isnan(low):
+        return tables.cell(value, ".4g")
+    return f"{tables.cell(value, '.4g')} [{low:.4g}, {high:.4g}]"
 
 
 def markdown(results: list[dict]) -> str:
-    """The headline numbers per run: prior bits per token and accuracy, locality, stability."""
-    columns = ["name", "quantizer", "log2 K", "flat bits", "factorised bits", "flat acc", "factorised acc"]
-    columns += ["regression acc", "regression L1", "index~embedding", "mean MI", "noise", "shift"]
-    keys = [None, "quantizer", "log2_codebook_size", "prior_flat_bits", "prior_factorised_bits"]
-    keys += ["prior_flat_accuracy", "prior_factorised_accuracy", "prior_regression_accuracy"]
-    keys += ["prior_regression_decoded_l1", "locality_index_vs_embedding", "mean_pairwise_mi"]
-    keys += ["changed_under_noise", "changed_under_shift"]
-    cells = (
-        [result["name"]] + [tables.cell(result.get(key, math.nan), ".4g") for key in keys[1:]] for result in results
+    """Two tables per run. Likelihoods: the code's measured rate and each prior's bits per token on the
+    validation codes (mean over seeds, 95% t interval) with its parameters, the digits' corrected MI
+    and its shuffle null. Then what is not a likelihood: next-token accuracy and the L1 of the image
+    decoded from the teacher-forced predictions (regression's only measure), locality, stability."""
+    kinds = [k for k in LIKELIHOODS if any(f"prior_{k}_bits" in r for r in results)]
+    columns = ["name", "quantizer", "log2 K", "code bits", *(f"{k} bits" for k in kinds)]
+    columns += [*(f"{k} params" for k in kinds), "MI corrected", "MI null"]
+    rows = [
+        [r["name"], r["quantizer"], tables.cell(r["log2_codebook_size"], ".4g"), interval(r, "code_bits")]
+        + [interval(r, f"prior_{k}_bits") for k in kinds]
+        + [tables.cell(r.get(f"prior_{k}_parameters")) for k in kinds]
+        + [interval(r, "mean_pairwise_mi_corrected"), tables.cell(r.get("mean_pairwise_mi_null", math.nan), ".3g")]
+        for r in results
+    ]
+    likelihoods = tables.markdown(columns, rows)
+    keys = [f"prior_{k}_accuracy" for k in PRIORS] + ["prior_regression_decoded_l1", "prior_regression_parameters"]
+    keys += ["locality_index_vs_embedding", "changed_under_noise", "changed_under_shift"]
+    columns = ["name", *(f"{k} acc" for k in PRIORS), "regression L1", "regression params", "index~embedding"]
+    columns += ["noise", "shift"]
+    rows = [[r["name"]] + [tables.cell(r.get(key, math.nan), ".4g") for key in keys] for r in results]
+    decoded = tables.markdown(columns, rows)
+    return (
+        f"{likelihoods}\n\nNot likelihoods (the embedding regression has no bits per token): next-token "
+        f"accuracy, the L1 of the images decoded from the predicted codes, locality, stability.\n\n{decoded}"
     )
-    return tables.markdown(columns, cells)
 
 
 def write(result: dict, out: Path) -> list[Path]:
@@ -403,7 +673,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.integer_codes", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", type=Path, required=True, help="run folders of trained tokenizers")
     parser.add_argument("--train-count", type=int, default=8192, help="training crops whose codes train the priors")
-    parser.add_argument("--prior-steps", type=int, default=300)
+    parser.add_argument("--prior-steps", type=int, default=5000, help="most optimizer steps of a prior")
+    parser.add_argument("--prior-seeds", type=int, default=3, help="seeds 0..n-1 of each prior")
+    parser.add_argument(
+        "--prior-parameters", type=int, default=0, help="every prior's size (0: the flat prior's at width 128)"
+    )
+    parser.add_argument("--patience", type=int, default=5, help="held-out evaluations without improvement")
     parser.add_argument("--pairs", type=int, default=PAIRS, help="token pairs for the locality correlations")
     parser.add_argument("--priors", nargs="+", default=list(PRIORS), choices=PRIORS)
     parser.add_argument(
@@ -414,8 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
-    if args.train_count < 1 or args.prior_steps < 1 or args.pairs < 2:
-        parser.error("--train-count and --prior-steps must be >= 1, --pairs >= 2")
+    if min(args.train_count, args.prior_steps, args.prior_seeds, args.patience) < 1 or args.pairs < 2:
+        parser.error("--train-count, --prior-steps, --prior-seeds and --patience must be >= 1, --pairs >= 2")
     # every run is checked before any is analysed: one line naming what is missing, exit 2
     missing = [str(run) for run in args.runs if not RunFolder(run).has_config()]
     unsaved = [
@@ -429,11 +704,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"error: {what}", file=sys.stderr)
         return 2
-    settings = {"train_count": args.train_count, "prior_steps": args.prior_steps, "pairs": args.pairs}
+    settings = {key: getattr(args, key) for key in ("train_count", "prior_steps", "pairs", "prior_seeds")}
+    settings |= {"prior_parameters": args.prior_parameters, "patience": args.patience}
     results = []
     for run in args.runs:
         try:
-            result = analyse_run(run, args.train_count, args.prior_steps, args.pairs, tuple(args.priors))
+            result = analyse_run(run, priors=tuple(args.priors), **settings)
         except UserError as err:  # e.g. no checkpoint of the run loads
             print(f"error: {err}", file=sys.stderr)
             return 2

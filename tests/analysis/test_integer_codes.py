@@ -19,12 +19,19 @@ def uniform_digits(count: int, radices: tuple[int, ...], seed: int = 0) -> torch
 
 
 def test_independent_uniform_digits_share_no_information_and_copies_share_all():
-    digits = uniform_digits(200_000, (4, 8, 2))
-    information = integer_codes.mutual_information(digits, (4, 8, 2))
-    assert np.diag(information) == pytest.approx([2, 3, 1], abs=1e-3)
-    assert np.abs(information[~np.eye(3, dtype=bool)]).max() < 1e-3
-    copied = torch.stack([digits[:, 0], digits[:, 0]], dim=-1)
-    assert integer_codes.mutual_information(copied, (4, 4))[0, 1] == pytest.approx(2, abs=1e-3)
+    digits = uniform_digits(40_000, (4, 8, 2)).reshape(400, 100, 3)  # 400 crops of 100 tokens
+    found = integer_codes.digit_statistics(digits, (4, 8, 2))
+    assert [found[f"digit_entropy_{i}"] for i in range(3)] == pytest.approx([2, 3, 1], abs=1e-3)
+    assert np.diag(found["mutual_information"]) == pytest.approx([2, 3, 1], abs=1e-3)
+    assert np.abs(found["mutual_information"][~np.eye(3, dtype=bool)]).max() < 1e-3
+    assert found["mean_pairwise_mi_corrected_low"] < 0 < found["mean_pairwise_mi_corrected_high"]
+    assert found["code_bits"] == pytest.approx(6, abs=1e-3)
+    assert found["code_bits_low"] < found["code_bits"] < found["code_bits_high"]
+    copied = torch.stack([digits[..., 0], digits[..., 0]], dim=-1)
+    found = integer_codes.digit_statistics(copied, (4, 4))
+    assert found["mutual_information"][0, 1] == found["mean_pairwise_mi_corrected"] == pytest.approx(2, abs=1e-3)
+    low, high = found["mean_pairwise_mi_corrected_low"], found["mean_pairwise_mi_corrected_high"]
+    assert low < found["mean_pairwise_mi_corrected"] < high and high - low < 0.01
 
 
 def test_a_grid_codebook_is_local_and_a_permuted_one_is_not():
@@ -45,13 +52,13 @@ def small_tokenizer(levels=(4, 4)) -> integer_codes.Tokenizer:
     return integer_codes.Tokenizer(model, (4, 4))
 
 
-@pytest.mark.parametrize("kind", ["flat", "factorised"])
+@pytest.mark.parametrize("kind", integer_codes.LIKELIHOODS)
 def test_a_prior_on_iid_uniform_codes_reaches_log2_k_bits_per_token(kind):
     tokenizer = small_tokenizer()
     train = uniform_digits(4096 * 16, (4, 4), seed=1).reshape(4096, 16, 2)
     held_out = uniform_digits(512 * 16, (4, 4), seed=2).reshape(512, 16, 2)
     images = torch.zeros(512, 3, 32, 32)
-    result = integer_codes.train_prior(kind, tokenizer, train, held_out, images, steps=150)
+    result = integer_codes.train_prior(kind, tokenizer, train, held_out, images, max_steps=150)
     assert result.bits_per_token == pytest.approx(4, abs=0.1)
     assert result.accuracy < 0.15  # nothing to predict: about 1 in 16
 
@@ -61,13 +68,88 @@ def test_a_prior_learns_a_deterministic_sequence():
     sequence = uniform_digits(16, (4, 4), seed=3)[None].expand(256, -1, -1)  # every image the same codes
     for kind in integer_codes.PRIORS:
         result = integer_codes.train_prior(
-            kind, tokenizer, sequence, sequence[:8], torch.zeros(8, 3, 32, 32), steps=150
+            kind, tokenizer, sequence, sequence[:8], torch.zeros(8, 3, 32, 32), max_steps=150
         )
         assert result.accuracy > 0.9, kind
         if kind != "regression":
             assert result.bits_per_token < 0.5, kind
         else:
             assert math.isnan(result.bits_per_token)
+
+
+def test_the_chain_rule_prior_pays_only_for_the_first_digit_when_the_second_copies_it():
+    """Tokens (d, d) with d uniform over 8: 3 bits each. The flat and the autoregressive priors can
+    reach 3; independent per-digit heads pay H(d0) + H(d1) = 6."""
+    tokenizer = small_tokenizer((8, 8))
+    first = uniform_digits(2048 * 16, (8,), seed=5)
+    train = torch.cat([first, first], dim=-1).reshape(2048, 16, 2)
+    first = uniform_digits(256 * 16, (8,), seed=6)
+    val = torch.cat([first, first], dim=-1).reshape(256, 16, 2)
+    sizes = integer_codes.matched_sizes(integer_codes.LIKELIHOODS, (8, 8), 16, target=40_000)
+    bits = {
+        kind: integer_codes.train_prior(
+            kind, tokenizer, train, val, torch.zeros(256, 3, 32, 32), sizes[kind], max_steps=300, lr=3e-3
+        ).bits_per_token
+        for kind in integer_codes.LIKELIHOODS
+    }
+    assert bits["autoregressive"] == pytest.approx(3, abs=0.15)
+    assert bits["flat"] == pytest.approx(3, abs=0.15)
+    assert bits["factorised"] == pytest.approx(6, abs=0.15)
+
+
+@pytest.mark.parametrize("radices", [(8, 5, 5, 5), (32, 32), (2,) * 10])
+def test_every_prior_is_sized_within_a_percent_of_the_flat_one_at_width_128(radices):
+    length, embed_dim = 64, 32
+    sizes = integer_codes.matched_sizes(integer_codes.PRIORS, radices, length, embed_dim)
+    target = sizes["flat"].parameters
+    assert sizes["flat"].width == 128
+    for kind, size in sizes.items():
+        assert size.parameters == pytest.approx(target, rel=0.01), kind
+        built = integer_codes.Prior(kind, radices, length, embed_dim, size.width, feedforward=size.feedforward)
+        assert sum(p.numel() for p in built.parameters()) == size.parameters
+    with pytest.raises(ValueError, match="smallest width"):
+        integer_codes.size_prior("flat", radices, length, target=100)
+
+
+def test_early_stopping_stops_after_patience_and_restores_the_best_weights():
+    module = torch.nn.Linear(1, 1)
+    stopping = integer_codes.EarlyStopping(patience=2)
+    stops = []
+    for step, loss in enumerate([3.0, 2.0, 2.5, 1.5, 1.6, 1.7, 1.0]):
+        with torch.no_grad():
+            module.weight.fill_(step)
+        stops.append(stopping.update(step, loss, module))
+        if stops[-1]:
+            break
+    assert stops == [False] * 5 + [True]  # two evaluations without a better loss than 1.5
+    assert stopping.best_step == 3 and stopping.best == 1.5
+    stopping.restore(module)
+    assert module.weight.item() == 3
+
+
+def test_a_prior_that_overfits_stops_early_with_its_best_held_out_weights():
+    """24 random sequences to memorise: the held-out loss falls, then rises as the prior learns them."""
+    tokenizer = small_tokenizer()
+    train = uniform_digits(32 * 16, (4, 4), seed=7).reshape(32, 16, 2)
+    size = integer_codes.size_prior("flat", (4, 4), 16, target=60_000)
+    result = integer_codes.train_prior(
+        "flat",
+        tokenizer,
+        train,
+        train[:4],
+        torch.zeros(4, 3, 32, 32),
+        size,
+        max_steps=3000,
+        eval_every=10,
+        patience=5,
+        held_out_share=0.25,
+        lr=3e-3,
+    )
+    held_out = [point["held_out"] for point in result.curve]
+    assert result.stopped_at < 3000 and result.stopped_at == result.curve[-1]["step"]
+    assert result.best_step == result.curve[int(np.argmin(held_out))]["step"] < result.stopped_at
+    assert result.held_out_loss == min(held_out) < held_out[-1]  # the kept weights are the best's
+    assert result.curve[-1]["train"] < result.curve[0]["train"]
 
 
 def test_a_shift_of_a_constant_image_changes_no_code_and_sensitivity_is_per_digit():
@@ -112,7 +194,12 @@ def test_cli_smoke_on_a_trained_run_writes_and_logs(trained_run, tmp_path, capsy
     run_dir = trained_run
     assert integer_codes.main(["--runs", str(run_dir), "--smoke", "--root", str(tmp_path)]) == 0
     folder = tmp_path / "integer_codes" / Path(run_dir).name
-    assert {p.name for p in folder.iterdir()} == {"result.json", "mutual_information.png", "sensitivity.png"}
+    assert {p.name for p in folder.iterdir()} == {
+        "result.json",
+        "mutual_information.png",
+        "sensitivity.png",
+        "prior_curves.png",
+    }
     assert "| flat bits |" in capsys.readouterr().out.replace("| factorised bits |", "| flat bits |")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("integer_codes").experiment_id])
@@ -141,5 +228,5 @@ def test_the_notebook_executes_headless(trained_run, tmp_path, run_notebook):
     outputs = run_notebook(
         "integer_codes", {"runs": str(trained_run), "root": str(tmp_path), "mlflow": False, "smoke": True}
     )
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
     assert any("| flat bits |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
