@@ -79,7 +79,8 @@ class Showcase:
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        colors = {f"{prefix}_colors": np.int64(n) for prefix, n in self.colors.items()}
+        # a float: a uniform palette at a composite's code budget (RVQ's 2^70) has more colours than an int64 holds
+        colors = {f"{prefix}_colors": np.float64(n) for prefix, n in self.colors.items()}
         with open(path, "wb") as file:  # np.savez_compressed would append .npz to a str path
             np.savez_compressed(
                 file, indices=self.indices, originals=self.originals, step=np.int64(self.step), **self.rows, **colors
