@@ -1,6 +1,8 @@
 """python -m vqlab.sweep: sweep files, validation, shards, MLflow records, failures and reruns."""
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -416,14 +418,26 @@ def test_submitit_local_jobs_log_to_an_mlflow_server(tmp_path, monkeypatch):
         server.wait()
 
 
+def streams(notebook: Path) -> list[str]:
+    """The training's progress lines among an executed notebook's stream outputs (up to the time)."""
+    cells = json.loads(notebook.read_text())["cells"]
+    texts = [
+        "".join(out["text"]) for cell in cells for out in cell.get("outputs", []) if out["output_type"] == "stream"
+    ]
+    return [
+        line.split(" steps in")[0] + " steps in" for text in texts for line in text.splitlines() if "steps in" in line
+    ] + ["refresh" for text in texts if "\r" in text or "it/s]" in text]
+
+
 @pytest.mark.slow
-def test_a_seeded_sweep_nests_one_tagged_run_per_variant_and_seed_and_a_rerun_skips_them(tmp_path, monkeypatch, capsys):
+def test_a_seeded_sweep_nests_one_tagged_run_per_variant_and_seed_and_a_rerun_skips_them(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     source = write_sweep(tmp_path, variants={"a": {}, "b": {"quantizer.levels": [8, 8]}}, seeds=[0, 1])
     args = [source, "--smoke", f"tracking.root={tmp_path / 'runs'}"]
     assert sweep.main(args) == 0
     labels = ["a/seed0", "b/seed0", "a/seed1", "b/seed1"]
-    executed = [line.strip() for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    printed = capfd.readouterr()
+    executed = [line.strip() for line in printed.out.splitlines() if line.startswith("  ")]
     assert executed == [f"{label}: {tmp_path / 'runs' / 'tiny' / label / 'run.ipynb'}" for label in labels]
     loaded = sweep.load(source, extra=root_override(tmp_path), smoke=True)
     mlflow_client = client(loaded.variants[0].cfg.tracking)
@@ -442,10 +456,14 @@ def test_a_seeded_sweep_nests_one_tagged_run_per_variant_and_seed_and_a_rerun_sk
         assert folder.read_config().train.seed == int(seed) and folder.is_finished()
         assert folder.root == (tmp_path / "runs").resolve()  # the tracking root, two levels above the group
     assert runs[("a", "0")].data.metrics["train/loss"] != runs[("a", "1")].data.metrics["train/loss"]
+    for label in labels:  # each run's own bar in the terminal, below the sweep's
+        assert f"{label}:   0%|" in printed.err
+        assert streams(tmp_path / "runs" / "tiny" / label / "run.ipynb") == [f"{label.split('/')[1]}: 4/4 steps in"]
+    assert not {"WARNING", "ERROR", "IProgress"} & set(re.findall(r"[A-Za-z]+", printed.err)), printed.err
 
     notebooks = {label: (tmp_path / "runs" / "tiny" / label / "run.ipynb").stat().st_mtime_ns for label in labels}
     assert sweep.main(args) == 0
-    assert "skipping 4 finished runs (variant, seed) of tiny" in capsys.readouterr().err
+    assert "skipping 4 finished runs (variant, seed) of tiny" in capfd.readouterr().err
     again = mlflow_client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_id for r in again) == sorted(r.info.run_id for r in found)  # nothing new ran
     for label in labels:
@@ -512,3 +530,33 @@ def test_submitit_jobs_get_a_day_unless_a_time_limit_is_given(tmp_path, monkeypa
     outcomes = sweep.run_submitit(jobs, "tiny", tmp_path / "submitit", "local", given)
     assert [o.ok for o in outcomes] == [True, True]
     assert [p["timeout_min"] for p in parameters] == [limit, limit]
+
+
+def progress_of(tmp_path, rows: str):
+    variant = sweep.load(write_sweep(tmp_path, variants={"a": {}}), extra=root_override(tmp_path)).variants[0]
+    variant.run.path.mkdir(parents=True)
+    variant.run.metrics_file.write_text(rows)
+    return sweep.RunProgress(variant)
+
+
+def test_a_runs_bar_shows_its_newest_complete_training_row(tmp_path):
+    row = {"step": 2, "train/loss": 0.25, "train/images_per_s": 123.0}
+    half_written = '{"step": 3, "train/lo'
+    progress = progress_of(
+        tmp_path, json.dumps(row) + "\n" + json.dumps({"step": 2, "val/l1": 0.1}) + "\n" + half_written
+    )
+    progress.poll()
+    assert (progress.bar.n, progress.bar.initial) == (2, 2) and progress.bar.total == load("smoke").train.steps
+    assert progress.bar.postfix == "loss=0.25, img/s=123"
+    with progress.run.metrics_file.open("a") as file:
+        file.write('ss": 0.5}\n')
+    progress.poll()
+    assert (progress.bar.n, progress.bar.initial, progress.bar.postfix) == (3, 2, "loss=0.5")
+    progress.bar.close()
+
+
+def test_a_runs_bar_waits_for_its_first_training_row(tmp_path):
+    progress = progress_of(tmp_path, "")
+    progress.poll()
+    assert (progress.bar.n, progress.bar.postfix) == (0, None)
+    progress.bar.close()

@@ -136,7 +136,12 @@ def kernel_dir() -> Path:
     spec = folder / "kernels" / KERNEL / "kernel.json"
     text = json.dumps(
         {
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            # the kernel's own log (a shutdown's "KeyboardInterrupt caught in kernel") is not the
+            # user's business; what a cell prints or raises goes into the notebook
+            "argv": [
+                *(sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"),
+                "--IPKernelApp.log_level=CRITICAL",
+            ],
             "display_name": f"vqlab ({sys.executable})",
             "language": "python",
         }

@@ -162,10 +162,12 @@ class RunFolder:
         self.config_file.write_text(to_yaml(cfg))
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Every row of ``metrics.jsonl`` (``[]`` before the first log)."""
+        """Every row of ``metrics.jsonl`` (``[]`` before the first log). Each row ends with a newline;
+        what follows the last one is a row still being written (a sweep reads a running run's file)."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line]
+        complete = self.metrics_file.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in complete if line]
 
     def last_metrics(self, prefix: str | tuple[str, ...] = "") -> dict[str, float]:
         """The latest value of every metric (whose name starts with ``prefix``, or one of them)."""

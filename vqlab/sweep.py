@@ -55,6 +55,7 @@ import contextlib
 import itertools
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -69,7 +70,7 @@ from vqlab.errors import UserError
 from vqlab.runfolder import RunFolder
 from vqlab.runtime import git_commit
 from vqlab.schema import ConfigError
-from vqlab.tracking import MlflowRun, client, create_run, experiment_id, mlflow_uri
+from vqlab.tracking import PROGRESS_KEYS, MlflowRun, client, create_run, experiment_id, mlflow_uri
 
 PRESETS = resources.files("vqlab") / "configs" / "sweeps"
 KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "seeds", "controls", "scales")
@@ -482,7 +483,9 @@ def run_job(job: Job) -> Outcome:
     from mlflow.exceptions import MlflowException
 
     run.path.mkdir(parents=True, exist_ok=True)
-    overrides = {**variant.overrides, "tracking.tags": job.tags}
+    # no bar in the notebook (each refresh would be an output of its own): its run ends on one line,
+    # and the sweep's terminal shows the steps (``RunProgress``)
+    overrides = {**variant.overrides, "tracking.tags": job.tags, "tracking.progress": False}
     parameters = {
         "preset": job.base,
         "overrides": overrides,
@@ -515,12 +518,52 @@ def unit(jobs: list[Job]) -> str:
     return "run" if any(job.variant.seed is not None for job in jobs) else "variant"
 
 
+class RunProgress:
+    """The running run's steps, loss and images/s on a second bar below the sweep's, read from its
+    ``metrics.jsonl`` every ``every`` seconds: the training's own output goes into its notebook,
+    and a person watching the terminal would otherwise see nothing move for minutes."""
+
+    def __init__(self, variant: Variant, every: float = 2.0):
+        self.run = variant.run
+        self.every = every
+        self.bar = tqdm(total=variant.cfg.train.steps, desc=variant.label, unit="step", position=1, leave=False)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+
+    def poll(self) -> None:
+        """Show the newest training row of the run's records."""
+        rows = [row for row in self.run.read_metrics() if "train/loss" in row]
+        if not rows:
+            return
+        latest = rows[-1]
+        if self.bar.n == 0:  # a resumed run: its rate counts from the step it continued at
+            self.bar.initial = latest["step"]
+        self.bar.n = latest["step"]
+        shown = {label: f"{latest[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in latest}
+        self.bar.set_postfix(shown)
+
+    def watch(self) -> None:
+        while not self.stop.wait(self.every):
+            with contextlib.suppress(OSError, ValueError):  # the file is being replaced or written
+                self.poll()
+
+    def __enter__(self) -> RunProgress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.bar.close()
+
+
 def run_local(jobs: list[Job], sweep: str) -> list[Outcome]:
     outcomes = []
     bar = tqdm(jobs, desc=sweep, unit=unit(jobs), dynamic_ncols=True)
     for job in bar:
         bar.set_postfix_str(job.variant.label)
-        outcomes.append(run_job(job))
+        with RunProgress(job.variant):
+            outcomes.append(run_job(job))
         failed = sum(not o.ok for o in outcomes)
         if failed:
             bar.set_postfix_str(f"{job.variant.label}, {failed} failed")

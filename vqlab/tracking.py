@@ -191,6 +191,13 @@ def existing_run(cfg: TrackingConfig, run: RunFolder) -> MlflowRun | None:
     return MlflowRun(client(cfg), run_id) if run_id else None
 
 
+def final_line(name: str, latest: dict[str, float], total_steps: int, seconds: float) -> str:
+    """``<run>: <step>/<steps> steps in <time>, loss ..., img/s ...``: a progress bar's last line, once."""
+    shown = "".join(f", {label} {latest[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in latest)
+    step = int(latest.get("step", 0))
+    return f"{name}: {step}/{total_steps} steps in {tqdm.format_interval(seconds)}{shown}"
+
+
 class RunLogger:
     def __init__(
         self,
@@ -211,6 +218,9 @@ class RunLogger:
         self.mlflow: MlflowRun | None = None
         self.rows = 0  # rows in metrics.jsonl
         self.bar = tqdm(total=total_steps, disable=not (active and cfg.progress), dynamic_ncols=True, desc=run.name)
+        self.total_steps = total_steps
+        self.started = time.perf_counter()
+        self.latest: dict[str, float] = {}  # the newest row, for the final line of a run without a bar
         if not active:
             return
         history = []
@@ -239,6 +249,7 @@ class RunLogger:
         self.rows += 1
         if self.mlflow is not None:
             self.mlflow.log([row])
+        self.latest |= row
         shown = {label: f"{row[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in row}
         if shown:
             self.bar.set_postfix(shown, refresh=False)
@@ -265,6 +276,10 @@ class RunLogger:
         self.bar.close()
         if not self.active:
             return
+        if self.bar.disable and status == "FINISHED":
+            # Without a bar (a notebook a sweep executes, where every refresh would be an output of
+            # its own) the run still ends on the line a bar would have left.
+            print(final_line(self.run.name, self.latest, self.total_steps, time.perf_counter() - self.started))
         self.jsonl.close()
         if self.mlflow is not None:
             self.mlflow.end(status)
