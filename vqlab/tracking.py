@@ -41,10 +41,10 @@ TRIVIAL_CODECS = {
     "baseline_palette": "palette (same code budget)",
     "baseline_kmeans": "palette, k-means (same code budget)",
 }
-# The experiment tag MLflow's UI reads to choose an experiment's pages (its JavaScript; MLflow's
-# Python names no constant for it): without it, MLflow 3.17 opens an experiment on the GenAI
-# overview (traces) rather than its runs. Every vqlab experiment trains models: the UI's
-# "Machine learning" kind.
+# The experiment tag by which MLflow's UI tells a model-training experiment from a GenAI one (its
+# JavaScript reads and sets it; MLflow's Python names no constant for it). Every vqlab experiment
+# trains models: the UI's "Machine learning" kind. MLflow 3.17.2's UI itself follows its own
+# GenAI / Model training switch (`?workflowType=machine_learning`, README), not this tag.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 BATCH = 1000  # MLflow accepts at most 1000 metrics and 100 params per log_batch call
