@@ -4,10 +4,17 @@ One MLflow store per module: a sweep ``S`` (a parent run, three variants of 4 sm
 different codebook budgets) and one run in another experiment that is not a sweep.
 """
 
+import contextlib
+import io
+import json
 import math
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +25,9 @@ from scipy import stats
 
 import vqlab
 from vqlab import report
+from vqlab.config import TrackingConfig
 from vqlab.evaluate import evaluate_run
-from vqlab.tracking import TRIVIAL_CODECS
+from vqlab.tracking import TRIVIAL_CODECS, create_run
 
 BLOCK_MEAN, PALETTE = TRIVIAL_CODECS["baseline"], TRIVIAL_CODECS["baseline_palette"]
 
@@ -50,13 +58,12 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """``(uri, root, parent run id)`` of the module's MLflow store."""
-    from mlflow import MlflowClient
-
     root = tmp_path_factory.mktemp("runs")
     uri = f"sqlite:///{root}/mlflow.db"
-    client = MlflowClient(uri)
-    experiment_id = client.create_experiment(SWEEP, artifact_location=(root / "mlartifacts").as_uri())
-    parent = client.create_run(experiment_id, run_name=SWEEP).info.run_id
+    # the experiment and the parent are made as a sweep makes them (vqlab.sweep.Tracker.parent)
+    parent = create_run(
+        TrackingConfig(root=str(root), experiment=SWEEP, mlflow_uri=uri), SWEEP, {"sweep": SWEEP}
+    ).run_id
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small tensors on a shared CPU: a second thread mostly waits
     for variant, overrides in VARIANTS.items():
@@ -287,23 +294,124 @@ def test_a_sweep_tag_that_matches_no_run_is_a_user_error(store):
         report.render(SWEEP, uri, sweep="it's")
 
 
-def test_compare_notebook_executes_and_shows_the_table(store, tmp_path, monkeypatch, capsys):
-    """``--notebook`` runs compare.ipynb through the project's kernel (the one the sweeps use), with
-    the command's ``--reference``."""
-    import nbformat
-
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+@pytest.fixture(scope="module")
+def with_notebook(store, tmp_path_factory):
+    """The command with ``--notebook`` (and ``--reference fsq``) run once on the module's store:
+    ``(its folder, what it printed)``."""
+    out = tmp_path_factory.mktemp("notebook") / "report"
     uri, _, _ = store
-    out = tmp_path / "report"
     command = [SWEEP, "--sweep", SWEEP, "--tracking-uri", uri, "--out", str(out), "--reference", "fsq", "--notebook"]
-    assert report.main(command) == 0
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(io.StringIO()) as printed:
+        patch.setenv("MPLBACKEND", "Agg")
+        assert report.main(command) == 0
+    return out, printed.getvalue()
+
+
+def test_compare_notebook_executes_shows_the_table_and_is_logged_to_the_parent(store, with_notebook):
+    """``--notebook`` runs compare.ipynb through the project's kernel (the one the sweeps use), with
+    the command's ``--reference``, and logs it beside the report's other files."""
+    import nbformat
+    from mlflow import MlflowClient
+
+    uri, _, parent = store
+    out, printed = with_notebook
     executed = out / "compare.ipynb"
-    assert f"executed {executed}" in capsys.readouterr().out
+    assert f"executed {executed}" in printed
     outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
     shown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
     assert shown == [report.render(SWEEP, uri, reference="fsq").markdown]  # the table and the paired comparison
     assert "paired with reference fsq" in shown[0]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == len([*report.FIGURES, report.RECONSTRUCTIONS])
+    assert "report/compare.ipynb" in {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now; no loopback to listen on is this machine's limit, not vqlab's."""
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+    except OSError as err:
+        pytest.skip(f"cannot listen on 127.0.0.1: {err}")
+
+
+def rest(base: str, endpoint: str, body: dict | None = None) -> dict:
+    """GET ``endpoint`` (with ``body`` as POST JSON) of MLflow's REST API, as the UI calls it."""
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/{endpoint}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return json.load(answer)
+
+
+@pytest.fixture
+def mlflow_server(store, tmp_path):
+    """``mlflow server`` on the module's store, as a user starts it; its base URL once it answers."""
+    uri, root, _ = store
+    port = free_port()
+    log = tmp_path / "server.log"
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri, "--workers", "1"]
+    command += ["--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    with log.open("w") as output:  # its own process group: the command starts uvicorn and a job runner
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300  # a busy machine imports MLflow's server slowly
+        while not answers(f"{base}/health"):
+            assert server.poll() is None, f"mlflow server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"mlflow server did not answer in 300 s:\n{log.read_text()}"
+            time.sleep(1)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status == 200
+    except OSError:  # not listening yet (URLError is an OSError)
+        return False
+
+
+def test_mlflow_server_shows_a_model_training_experiment_its_variants_and_the_report(
+    store, with_notebook, mlflow_server
+):
+    """What MLflow's UI reads over REST: the experiment's kind, the sweep's parent with each
+    variant nested under it (``mlflow.parentRunId``) holding its metrics, and the parent's report
+    files, the executed notebook among them, served as written."""
+    _, _, parent = store
+    out, _ = with_notebook
+    experiment = rest(mlflow_server, f"experiments/get-by-name?experiment_name={SWEEP}")["experiment"]
+    assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+    runs = rest(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})
+    tags = {run["info"]["run_id"]: {t["key"]: t["value"] for t in run["data"]["tags"]} for run in runs["runs"]}
+    assert "mlflow.parentRunId" not in tags[parent]
+    children = {
+        run["info"]["run_name"]: run
+        for run in runs["runs"]
+        if tags[run["info"]["run_id"]].get("mlflow.parentRunId") == parent
+    }
+    assert sorted(children) == sorted(VARIANTS)
+    for name, run in children.items():
+        assert tags[run["info"]["run_id"]]["variant"] == name and run["info"]["status"] == "FINISHED"
+        assert "val/l1" in {m["key"] for m in run["data"]["metrics"]}
+    listed = rest(mlflow_server, f"artifacts/list?run_id={parent}&path=report")
+    files = {f["path"] for f in listed["files"]}
+    assert {
+        f"report/{name}" for name in ("table.md", "table.csv", "seeds.csv", "compare.ipynb", *report.FIGURES)
+    } <= files
+    with urllib.request.urlopen(
+        f"{mlflow_server}/get-artifact?run_id={parent}&path=report/compare.ipynb", timeout=60
+    ) as answer:
+        assert answer.read() == (out / "compare.ipynb").read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -351,6 +351,28 @@ def test_an_experiment_created_by_another_process_meanwhile_is_found_not_an_erro
     monkeypatch.setattr(mlflow_client, "get_experiment_by_name", not_there_yet)
     assert experiment_id(mlflow_client, cfg) == created
     assert len(calls) == 2
+    assert real("E").tags["mlflow.experimentKind"] == "custom_model_development"  # the other's lacked it
+
+
+def test_experiments_are_marked_model_training_new_ones_and_ones_made_before(tmp_path, monkeypatch):
+    """MLflow's UI opens an experiment on its runs table only when the tag ``mlflow.experimentKind``
+    says ``custom_model_development`` (written here as MLflow's UI spells it, not read from vqlab)."""
+    from vqlab.config import TrackingConfig
+    from vqlab.tracking import client, create_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_client = client(uri)
+    made_before = mlflow_client.create_experiment("old")
+    mlflow_client.create_experiment("inferred", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("new", "old", "inferred"):
+        create_run(TrackingConfig(root=str(tmp_path), experiment=name, mlflow_uri=uri), "run")
+        tags = mlflow_client.get_experiment_by_name(name).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development", name
+    assert mlflow_client.get_experiment(made_before).tags["mlflow.experimentKind"] == "custom_model_development"
+    written = []
+    monkeypatch.setattr(type(mlflow_client), "set_experiment_tag", lambda *args: written.append(args))
+    create_run(TrackingConfig(root=str(tmp_path), experiment="old", mlflow_uri=uri), "again")
+    assert written == []  # marked once: later runs do not write the tag again
 
 
 def test_one_factory_makes_mlflow_runs_tagged_with_their_resolved_folder_and_parent(tmp_path):

@@ -37,7 +37,7 @@ MLflow stored. Under the table: what ``±`` means (when some row has seeds), a l
 come from different code versions (``git_commit`` tags) and one when they come from different
 thread counts (``vqlab.threads``), naming the values.
 
-Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sweep's parent run):
+Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sweep's parent run, under ``report/``):
 
     table.md     what the command prints: the table, the notes, the runs that are no results, the
                  paired comparison
@@ -60,6 +60,8 @@ Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sw
     reconstructions.png                 the same validation crops through each variant (its first
                                         seed's ``reconstructions.npz``, else made from its newest
                                         checkpoint) and the trivial codecs, upscaled, labelled
+    compare.ipynb  with ``--notebook``: ``notebooks/compare.ipynb`` executed with the command's
+                 parameters (logged once it ran to its end)
 
 l1_vs_bits.png is L1 against measured bits; when every variant has one code budget (within
 ``BUDGET_TOLERANCE``) it is a dot plot per variant and codec instead: L1, and measured bits beside
@@ -1066,11 +1068,11 @@ def write(result: Report, out: Path) -> list[Path]:
     return [*files, *(out / name for name in result.figures)]
 
 
-def log_to_parents(result: Report, tracking_uri: str) -> None:
-    """The report's files as artifacts (``report/``) of the sweep's parent run(s)."""
+def log_to_parents(result: Report, tracking_uri: str, files: Sequence[Path]) -> None:
+    """``files`` (the report's, the executed notebook) as artifacts (``report/``) of the sweep's parent run(s)."""
     mlflow_client = client(tracking_uri, create=False)  # the store the report was read from
     for run_id in result.parent_run_ids:
-        for path in result.files:
+        for path in files:
             mlflow_client.log_artifact(run_id, str(path), artifact_path="report")
 
 
@@ -1108,7 +1110,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # bad input is one line; anything else is a bug and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    log_to_parents(result, store(args.tracking_uri, args.root))
+    uri = store(args.tracking_uri, args.root)
+    log_to_parents(result, uri, result.files)
     print(result.markdown)
     print(f"wrote {', '.join(str(path) for path in result.files)}")
     if args.readme_figures:
@@ -1118,6 +1121,7 @@ def main(argv: list[str] | None = None) -> int:
         parameters = {"experiment": args.experiment, "sweep": args.sweep or "", "root": str(args.root)}
         parameters |= {"tracking_uri": args.tracking_uri or "", "out": str(out), "reference": args.reference or ""}
         execute(parameters, executed, notebook=COMPARE_NOTEBOOK)
+        log_to_parents(result, uri, [executed])  # once it ran: a notebook that failed is not the report's
         print(f"executed {executed}")
     return 0
 

@@ -41,6 +41,12 @@ TRIVIAL_CODECS = {
     "baseline_palette": "palette (same code budget)",
     "baseline_kmeans": "palette, k-means (same code budget)",
 }
+# The experiment tag by which MLflow's UI tells a model-training experiment from a GenAI one (its
+# JavaScript reads and sets it; MLflow's Python names no constant for it). Every vqlab experiment
+# trains models: the UI's "Machine learning" kind. MLflow 3.17.2's UI itself follows its own
+# GenAI / Model training switch (`?workflowType=machine_learning`, README), not this tag.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 BATCH = 1000  # MLflow accepts at most 1000 metrics and 100 params per log_batch call
 PARAM_BATCH = 100
 
@@ -117,22 +123,27 @@ def client(store: TrackingConfig | str, create: bool = True):
 
 
 def experiment_id(mlflow_client, cfg: TrackingConfig) -> str:
-    """The experiment named ``cfg.experiment``, created with its artifacts under ``<root>/mlartifacts``.
-    Two processes starting runs of a new experiment at once may both try to create it: the one
-    whose creation fails finds the other's."""
+    """The experiment named ``cfg.experiment``, created with its artifacts under ``<root>/mlartifacts``,
+    marked as a model-training experiment (``EXPERIMENT_KIND_TAG``): a new one when it is created, one
+    made before (by an older vqlab, by hand, or marked otherwise by the UI) when a run is next made in
+    it; one already marked is not written to. Two processes starting runs of a new experiment at once
+    may both try to create it: the one whose creation fails finds the other's."""
     from mlflow.exceptions import MlflowException
 
     experiment = mlflow_client.get_experiment_by_name(cfg.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = (Path(cfg.root).resolve() / "mlartifacts").as_uri()
-    try:
-        return mlflow_client.create_experiment(cfg.experiment, artifact_location=location)
-    except MlflowException:
-        experiment = mlflow_client.get_experiment_by_name(cfg.experiment)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        location = (Path(cfg.root).resolve() / "mlartifacts").as_uri()
+        try:
+            return mlflow_client.create_experiment(
+                cfg.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+            )
+        except MlflowException:
+            experiment = mlflow_client.get_experiment_by_name(cfg.experiment)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING:
+        mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return experiment.experiment_id
 
 
 def create_run(
