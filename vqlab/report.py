@@ -820,7 +820,10 @@ def figures(table: pd.DataFrame, history: pd.DataFrame, seeds: pd.DataFrame | No
     curve_panel(train_ax, training, f"{keys or 'training loss'} {TRAIN_SCALE}", "training (mean over seeds)")
     if not training.empty and (training["value"] > 0).all():
         train_ax.set_yscale("log")
-    curve_panel(val_ax, history[history["metric"] == VAL_CURVE], f"val L1 {VAL_SCALE}", "validation")
+    validation = history[history["metric"] == VAL_CURVE]
+    curve_panel(val_ax, validation, f"val L1 {VAL_SCALE}", "validation")
+    if not validation.empty and (validation["value"] > 0).all():  # step 0's L1 would flatten the rest
+        val_ax.set_yscale("log")
     if (ladder := convergence(table, seeds)) is not None:
         made[CONVERGENCE] = ladder
     return made
