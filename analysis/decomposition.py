@@ -388,7 +388,7 @@ def study(
     progress: bool = True,
 ) -> list[dict]:
     """Every scheme at every budget (``measure``), as rows."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     pairs = [(scheme, b) for b in bits for scheme in schemes]
     return [

@@ -422,7 +422,7 @@ def train_prior(
     """Fit one prior on ``(N, L, G)`` training code sequences until its loss on a held-out share of
     them (drawn with ``seed``) has not improved for ``patience`` evaluations, every ``eval_every``
     steps, or ``max_steps``; keep the best weights; measure them on the validation sequences."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     torch.manual_seed(seed)
     radices = tokenizer.radices

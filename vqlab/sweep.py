@@ -62,7 +62,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from vqlab import notebook
 from vqlab.config import RunConfig, TrackingConfig, parse_overrides, parse_yaml
