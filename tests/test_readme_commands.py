@@ -25,6 +25,7 @@ MAKEFILE = ROOT / "Makefile"
 NOT_HERE = {
     "make test": "it is the command that runs this test",
     "jupyter lab notebooks/": "a server a person opens; its program is checked",
+    "mlflow ui --backend-store-uri sqlite:///runs/mlflow.db": "a server a person opens; its program is checked",
     "python -m vqlab.train --config reproduction train.dtype=bf16": "ImageNet on disk and a GPU",
     "torchrun --standalone --nproc-per-node 8 -m vqlab.train --config reproduction": "ImageNet and 8 GPUs",
     "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 --rdzv-id vq1 "
@@ -105,7 +106,7 @@ def test_the_readme_commands_run_as_written(tmp_path):
     (tmp_path / "my_run.yaml").write_text(to_yaml(load("smoke")))
     for command in commands():
         if command in NOT_HERE:
-            program = command.split()[0] if command.startswith(("jupyter", "torchrun")) else None
+            program = command.split()[0] if command.startswith(("jupyter", "mlflow", "torchrun")) else None
             if program:
                 assert shutil.which(program, path=str(bin_dir)), f"{program} is not in the environment"
             continue
