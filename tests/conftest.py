@@ -13,6 +13,12 @@ import vqlab
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
+def pytest_collection_modifyitems(items):
+    """Tests marked ``longest`` first: xdist hands tests out in collection order, and the README's
+    minutes-long command test collected late would leave one worker running it alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("longest") is None)
+
+
 @pytest.fixture
 def smoke_cfg(tmp_path):
     """The smoke preset writing under a temporary runs root."""

@@ -94,6 +94,7 @@ def test_the_readme_says_once_at_the_top_how_to_enter_the_environment():
 
 
 @pytest.mark.slow
+@pytest.mark.longest
 @pytest.mark.timeout(3 * SLOW)  # about 4 minutes on an idle 2-core machine, three times that when it is busy
 def test_the_readme_commands_run_as_written(tmp_path):
     (tmp_path / "notebooks").symlink_to(ROOT / "notebooks")
