@@ -553,6 +553,9 @@ def test_a_runs_bar_shows_its_newest_complete_training_row(tmp_path):
         file.write('ss": 0.5}\n')
     progress.poll()
     assert (progress.bar.n, progress.bar.initial, progress.bar.postfix) == (3, 2, "loss=0.5")
+    progress.run.metrics_file.write_text(json.dumps({"step": 1, "train/loss": 0.7}) + "\n")  # resumed earlier
+    progress.poll()
+    assert (progress.bar.n, progress.bar.initial) == (1, 1) and "-" not in str(progress.bar)
     progress.bar.close()
 
 

@@ -536,7 +536,10 @@ class RunProgress:
         if not rows:
             return
         latest = rows[-1]
-        if self.bar.n == 0:  # a resumed run: its rate counts from the step it continued at
+        # the first row seen, or records a resume cut back to its checkpoint (the file is rewritten):
+        # the rate and ETA count from the step the run (re)started at, never negative
+        if self.bar.n == 0 or latest["step"] < self.bar.n:
+            self.bar.reset()
             self.bar.initial = latest["step"]
         self.bar.n = latest["step"]
         shown = {label: f"{latest[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in latest}
