@@ -137,12 +137,12 @@ def of_checkpoint(run: RunFolder, device: str = "cpu") -> Showcase:
     measured them (its data, code budget and seed)."""
     from vqlab import data
     from vqlab.evaluate import trained_model
-    from vqlab.evaluators.baselines import kmeans_palette
+    from vqlab.evaluators.baselines import code_budget, kmeans_palette
 
     cfg = run.read_config()
     model, saved = trained_model(run, cfg, torch.device(device))
     splits = data.build_datasets(cfg.data, cfg.train.seed)
-    budget = model.quantizer.codebook_size if model.quantizer.discrete else 2**24  # as vqlab.trainer's
+    budget = code_budget(model.quantizer)
     palette = kmeans_palette(splits.train, model.downsample, budget, cfg.train.seed)
     crops = ShowcaseCrops.of(splits.val, cfg.eval.grid_images, model.downsample, budget, palette, device)
     return crops.reconstruct(model, "fp32", saved.step)

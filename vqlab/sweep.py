@@ -70,7 +70,7 @@ from vqlab.errors import UserError
 from vqlab.runfolder import RunFolder
 from vqlab.runtime import git_commit
 from vqlab.schema import ConfigError
-from vqlab.tracking import PROGRESS_KEYS, MlflowRun, client, create_run, experiment_id, mlflow_uri
+from vqlab.tracking import MlflowRun, client, create_run, experiment_id, mlflow_uri, progress_postfix
 
 PRESETS = resources.files("vqlab") / "configs" / "sweeps"
 KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "seeds", "controls", "scales")
@@ -542,8 +542,7 @@ class RunProgress:
             self.bar.reset()
             self.bar.initial = latest["step"]
         self.bar.n = latest["step"]
-        shown = {label: f"{latest[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in latest}
-        self.bar.set_postfix(shown)
+        self.bar.set_postfix(progress_postfix(latest))
 
     def watch(self) -> None:
         while not self.stop.wait(self.every):

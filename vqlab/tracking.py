@@ -202,9 +202,14 @@ def existing_run(cfg: TrackingConfig, run: RunFolder) -> MlflowRun | None:
     return MlflowRun(client(cfg), run_id) if run_id else None
 
 
+def progress_postfix(row: dict[str, float]) -> dict[str, str]:
+    """What a progress bar shows of a metrics row: ``PROGRESS_KEYS``' labels and values."""
+    return {label: f"{row[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in row}
+
+
 def final_line(name: str, latest: dict[str, float], total_steps: int, seconds: float) -> str:
     """``<run>: <step>/<steps> steps in <time>, loss ..., img/s ...``: a progress bar's last line, once."""
-    shown = "".join(f", {label} {latest[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in latest)
+    shown = "".join(f", {label} {value}" for label, value in progress_postfix(latest).items())
     step = int(latest.get("step", 0))
     return f"{name}: {step}/{total_steps} steps in {tqdm.format_interval(seconds)}{shown}"
 
@@ -261,7 +266,7 @@ class RunLogger:
         if self.mlflow is not None:
             self.mlflow.log([row])
         self.latest |= row
-        shown = {label: f"{row[key]:.4g}" for key, label in PROGRESS_KEYS.items() if key in row}
+        shown = progress_postfix(row)
         if shown:
             self.bar.set_postfix(shown, refresh=False)
 

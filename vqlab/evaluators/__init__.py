@@ -31,6 +31,7 @@ from vqlab.evaluators.baselines import (
     block_mean,
     block_mean_baseline,
     block_mean_from_palette,
+    code_budget,
     kmeans_palette,
     palette_levels,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "block_mean_baseline",
     "block_mean_from_palette",
     "build",
+    "code_budget",
     "image_digests",
     "kmeans_palette",
     "measure",

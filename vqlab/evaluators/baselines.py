@@ -44,6 +44,16 @@ def block_mean_from_palette(images: torch.Tensor, block: int, palette: torch.Ten
     return torch.nn.functional.interpolate(pooled, scale_factor=block, mode="nearest")
 
 
+# A continuous model's budget: one palette colour per block at 8 bits a channel, every RGB colour.
+CONTINUOUS_BUDGET = 2**24
+
+
+def code_budget(quantizer) -> int:
+    """The codes a trivial codec gets per token-sized block: the quantizer's codebook, or for a
+    continuous one every RGB colour (``CONTINUOUS_BUDGET``)."""
+    return quantizer.codebook_size if quantizer.discrete else CONTINUOUS_BUDGET
+
+
 def palette_levels(codebook_size: int) -> int:
     """Per-channel levels of the largest RGB palette with at most ``codebook_size`` colours."""
     levels = max(round(codebook_size ** (1 / 3)), 2)
