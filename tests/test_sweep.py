@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from vqlab import quantizers, sweep
+from vqlab import notebook, quantizers, sweep
 from vqlab.config import load
 from vqlab.runfolder import RunFolder
 from vqlab.tracking import client
@@ -60,6 +60,22 @@ def test_a_scale_chooses_the_base_and_its_own_variant_overrides(tmp_path):
     assert (big.optim.lr, big.model.width, big_sweep.name) == (5e-4, default.model.width, "tiny-big")
     with pytest.raises(sweep.SweepError, match="no scale 'huge'"):
         sweep.load(source, "huge")
+
+
+def test_smoke_keeps_its_budget_against_the_scales_and_variants_but_not_the_command_lines(tmp_path):
+    source = write_sweep(
+        tmp_path,
+        variants={"a": {"quantizer.levels": [8, 8]}, "b": {"train.steps": 3000, "data.batch_size": 64}},
+        scales={"photos": {"train.steps": 400, "eval.every": 200}},
+    )
+    a, b = (v.cfg for v in sweep.load(source, extra=root_override(tmp_path), smoke=True).variants)
+    smoke = [notebook.SMOKE[key] for key in ("train.steps", "eval.every", "data.batch_size")]
+    assert [a.train.steps, a.eval.every, a.data.batch_size] == smoke == [b.train.steps, b.eval.every, b.data.batch_size]
+    assert a.quantizer.levels == (8, 8)  # what a variant is stays
+    full = sweep.load(source, extra=root_override(tmp_path)).variants[1].cfg
+    assert (full.train.steps, full.data.batch_size) == (3000, 64)
+    chosen = sweep.load(source, extra={**root_override(tmp_path), "train.steps": 9}, smoke=True).variants[0].cfg
+    assert chosen.train.steps == 9
 
 
 def test_a_scale_may_replace_the_grid(tmp_path):

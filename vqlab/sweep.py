@@ -308,7 +308,10 @@ def load(
     common = {**mapping(data, "overrides"), **chosen}
     named = []
     for variant, own in variant_overrides(data, scale, grid):
-        overrides = {**common, **own, **(extra or {})}
+        overrides = {**common, **own}
+        if smoke:  # the point of --smoke: a scale's or a variant's budget (the demo's 400 steps) must not undo it
+            overrides = {key: value for key, value in overrides.items() if key not in notebook.SMOKE}
+        overrides |= extra or {}
         if seeds is not None and "train.seed" in overrides:
             setters = {"the command line": extra or {}, "the variant or the grid": own, "the sweep's overrides": common}
             by = next(setter for setter, given in setters.items() if "train.seed" in given)
