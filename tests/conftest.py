@@ -9,8 +9,13 @@ import torch
 import vqlab
 
 # `make test` runs two pytest-xdist workers on the 2 cores CI has: a thread each keeps them from
-# contending; run alone (`pytest tests/...`), a test has both
+# contending; run alone (`pytest tests/...`), a test has both. The processes a worker starts (a
+# notebook's kernel, a command, torchrun's ranks) get one thread too: with two threads each beside
+# the other worker, OpenMP's waiting threads took the cores (the integer-codes notebook test: 66 s
+# with two, 29 s with one, on the same busy machine).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def pytest_collection_modifyitems(items):
