@@ -669,8 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     finished = tracker.finished()
     todo = [v for v in chosen if v.key not in finished]
     if len(todo) < len(chosen):
-        what = "variants" if sweep.seeds is None else "runs (variant, seed)"
-        print(f"skipping {len(chosen) - len(todo)} finished {what} of {sweep.name}", file=sys.stderr)
+        skipped = len(chosen) - len(todo)
+        what = ("variant" if sweep.seeds is None else "run") + ("s" if skipped > 1 else "")
+        what += "" if sweep.seeds is None else " (variant, seed)"
+        print(f"skipping {skipped} finished {what} of {sweep.name}", file=sys.stderr)
     parent = tracker.parent()
     jobs = [
         Job(v, sweep.base, sweep.notebook.resolve(), parent, tracker.tags(v), args.nproc, args.smoke, Path.cwd())

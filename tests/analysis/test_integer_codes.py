@@ -58,7 +58,8 @@ def test_a_prior_on_iid_uniform_codes_reaches_log2_k_bits_per_token(kind):
     train = uniform_digits(4096 * 16, (4, 4), seed=1).reshape(4096, 16, 2)
     held_out = uniform_digits(512 * 16, (4, 4), seed=2).reshape(512, 16, 2)
     images = torch.zeros(512, 3, 32, 32)
-    result = integer_codes.train_prior(kind, tokenizer, train, held_out, images, max_steps=150)
+    size = integer_codes.size_prior(kind, (4, 4), 16, target=40_000)  # a small prior: nothing to learn
+    result = integer_codes.train_prior(kind, tokenizer, train, held_out, images, size, max_steps=150)
     assert result.bits_per_token == pytest.approx(4, abs=0.1)
     assert result.accuracy < 0.15  # nothing to predict: about 1 in 16
 
@@ -66,9 +67,11 @@ def test_a_prior_on_iid_uniform_codes_reaches_log2_k_bits_per_token(kind):
 def test_a_prior_learns_a_deterministic_sequence():
     tokenizer = small_tokenizer()
     sequence = uniform_digits(16, (4, 4), seed=3)[None].expand(256, -1, -1)  # every image the same codes
+    embed_dim = tokenizer.embed(sequence[:1, 0]).shape[-1]
+    sizes = integer_codes.matched_sizes(integer_codes.PRIORS, (4, 4), 16, embed_dim, target=40_000)
     for kind in integer_codes.PRIORS:
         result = integer_codes.train_prior(
-            kind, tokenizer, sequence, sequence[:8], torch.zeros(8, 3, 32, 32), max_steps=150
+            kind, tokenizer, sequence, sequence[:8], torch.zeros(8, 3, 32, 32), sizes[kind], max_steps=150
         )
         assert result.accuracy > 0.9, kind
         if kind != "regression":
