@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # two pytest-xdist workers: the suite's subprocesses and notebooks wait on I/O and startup a good share
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2
+	$(BIN)/python -m pytest -q -n 2 --durations=20
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
