@@ -615,6 +615,11 @@ def test_a_half_width_below_the_columns_decimals_keeps_a_significant_digit():
     assert report.estimate("train usage", 0.5, math.nan, 1, 3) == "0.5000 (n=1)"  # one seed of three logged it
 
 
+def test_a_setting_equal_over_seeds_has_no_interval_even_with_round_off():
+    assert report.estimate("bits/token", math.log2(240), 3e-15, 3, 3) == "7.91"
+    assert report.estimate("bits/token", 7.91, 0.02, 3, 3) == "7.91 ± 0.02"  # a setting that did differ
+
+
 def test_notes_name_mixed_code_versions_and_thread_counts(seeded):
     uri, _ = seeded
     text = report.render(SEEDED, uri).markdown

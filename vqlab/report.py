@@ -521,7 +521,8 @@ def estimate(column: str, mean: float, width: float, count: float = 1, n: float 
     if pd.isna(mean):
         return MISSING
     text = tables.cell(mean, f"{sign}.{FORMATS[column]}f" if column in FORMATS else "")
-    if not pd.isna(width) and not (column in SETTINGS and width == 0):
+    # a setting's mean of equal values can carry float round-off (log2 240 three times: ± 3e-15)
+    if not pd.isna(width) and not (column in SETTINGS and width <= 1e-9 * max(1.0, abs(mean))):
         text += f" ± {width_cell(column, width)}"
     if not pd.isna(count) and not pd.isna(n) and count < n:
         text += f" (n={int(count)})"
