@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import vqlab
-from vqlab import data, trainer
+from vqlab import data
 from vqlab.evaluators import baselines, block_mean_baseline, kmeans_palette
 
 CPU = torch.device("cpu")
@@ -67,19 +67,36 @@ def test_the_palette_is_the_training_colours_and_draws_from_no_global_generator(
     assert metrics["baseline_kmeans/l1"] == pytest.approx(sum(abs(x - 0.9) for x in nearest) / 3 / 2)  # [0, 1] scale
 
 
-def test_the_trainer_fits_the_palette_on_the_training_split(smoke_cfg, monkeypatch):
+def test_the_trainer_fits_the_palette_on_the_training_split_once_per_data_and_seed(smoke_cfg, monkeypatch):
     seen = []
 
     def spy(train, *args):
         seen.append(train)
         return kmeans_palette(train, *args)
 
-    monkeypatch.setattr(trainer, "kmeans_palette", spy)
-    result = vqlab.fit(smoke_cfg(**{"train.steps": 1, "optim.warmup_steps": 0}))
+    monkeypatch.setattr(baselines, "kmeans_palette", spy)
+    monkeypatch.setattr(baselines, "_fitted_palettes", {})
+    short = {"train.steps": 1, "optim.warmup_steps": 0}
+    result = vqlab.fit(smoke_cfg(**short))
     (train,) = seen
     assert type(train) is data.PhotoCrops  # validation crops are GridCrops, of other photos
     assert len(train.photos) == len(data.TRAIN_PHOTOS) and len(train) == 2000
     assert result.baseline["baseline_kmeans/colors"] == 1000
+    # another model on the same crops reuses the palette, bit for bit; other crops get their own
+    again = vqlab.fit(smoke_cfg(**short, **{"quantizer.levels": [8, 5, 5, 5], "model.width": 16}))
+    assert len(seen) == 1 and again.baseline == result.baseline
+    vqlab.fit(smoke_cfg(**short, **{"train.seed": 1}))
+    vqlab.fit(smoke_cfg(**short, **{"data.train_count": 1000}))
+    assert len(seen) == 3
+
+
+def test_a_reused_palette_is_a_copy(photos):
+    splits, _ = photos
+    cfg = vqlab.config.load("smoke", {})
+    first = baselines.training_palette(cfg.data, 0, splits.train, 8, 64)
+    expected = first.clone()
+    first.zero_()
+    assert torch.equal(baselines.training_palette(cfg.data, 0, splits.train, 8, 64), expected)
 
 
 def test_the_palette_is_deterministic_for_a_seed(photos):

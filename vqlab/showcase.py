@@ -137,13 +137,13 @@ def of_checkpoint(run: RunFolder, device: str = "cpu") -> Showcase:
     measured them (its data, code budget and seed)."""
     from vqlab import data
     from vqlab.evaluate import trained_model
-    from vqlab.evaluators.baselines import code_budget, kmeans_palette
+    from vqlab.evaluators.baselines import code_budget, training_palette
 
     cfg = run.read_config()
     model, saved = trained_model(run, cfg, torch.device(device))
     splits = data.build_datasets(cfg.data, cfg.train.seed)
     budget = code_budget(model.quantizer)
-    palette = kmeans_palette(splits.train, model.downsample, budget, cfg.train.seed)
+    palette = training_palette(cfg.data, cfg.train.seed, splits.train, model.downsample, budget)
     crops = ShowcaseCrops.of(splits.val, cfg.eval.grid_images, model.downsample, budget, palette, device)
     return crops.reconstruct(model, "fp32", saved.step)
 

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from vqlab import data, distributed, evaluators, quantizers
 from vqlab.config import OptimConfig, RunConfig, load, presets
 from vqlab.errors import UserError
-from vqlab.evaluators import block_mean_baseline, code_budget, kmeans_palette
+from vqlab.evaluators import block_mean_baseline, code_budget, training_palette
 from vqlab.lifecycle import FiniteGuard, NonFiniteLossError, RunLifecycle, TrainResult, Validation
 from vqlab.losses import Objective
 from vqlab.models import build_autoencoder
@@ -165,7 +165,7 @@ def fit(cfg: RunConfig, resume: str | None = None, restart: bool = False) -> Tra
     stream = batches(train_loader, *state.position, device if cfg.data.on_device else None)
     # one code per token: compare with one palette colour per token-sized block
     budget = code_budget(quantizer)
-    palette = kmeans_palette(splits.train, model.downsample, budget, cfg.train.seed)
+    palette = training_palette(cfg.data, cfg.train.seed, splits.train, model.downsample, budget)
     baseline = block_mean_baseline(val_loader, device, model.downsample, budget, palette)
     shown = ShowcaseCrops.of(splits.val, cfg.eval.grid_images, model.downsample, budget, palette, device)
 

@@ -34,6 +34,7 @@ from vqlab.evaluators.baselines import (
     code_budget,
     kmeans_palette,
     palette_levels,
+    training_palette,
 )
 from vqlab.evaluators.codebook import DENSE_HISTOGRAM_LIMIT, CodebookMetrics, CodeHistogram
 from vqlab.evaluators.fidelity import FidelityMetrics
@@ -67,4 +68,5 @@ __all__ = [
     "ssim_per_image",
     "to_uint8",
     "to_unit",
+    "training_palette",
 ]

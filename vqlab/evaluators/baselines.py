@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 
 import numpy as np
 import torch
@@ -77,6 +78,21 @@ def kmeans_palette(train: Dataset, block: int, codebook_size: int, seed: int) ->
     colours = block_colours(torch.stack([train[int(i)] for i in picks]), block)
     k = min(k, torch.unique(colours, dim=0).shape[0])
     return kmeans(colours, k, iters=KMEANS_ITERS, seed=seed)
+
+
+# A process that trains several models on the same data (a notebook, a study, the tests: hundreds of
+# smoke runs) fits their palette once; the greedy seeding costs about a second at 1024 colours.
+_fitted_palettes: dict[tuple, torch.Tensor] = {}
+
+
+def training_palette(data: Hashable, seed: int, train: Dataset, block: int, codebook_size: int) -> torch.Tensor:
+    """``kmeans_palette(train, block, codebook_size, seed)``, fitted once per process for the training
+    crops that the data config ``data`` and ``seed`` made (``train``); a copy, so that no caller
+    changes what the next one gets."""
+    key = (data, seed, block, min(codebook_size, KMEANS_MAX_COLOURS))
+    if key not in _fitted_palettes:
+        _fitted_palettes[key] = kmeans_palette(train, block, codebook_size, seed)
+    return _fitted_palettes[key].clone()
 
 
 @torch.no_grad()
