@@ -1,12 +1,16 @@
 """The MLflow store vqlab opens: created once even when processes start together; never created by a read."""
 
+import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from vqlab import mlflow_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +39,8 @@ def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
     from mlflow import MlflowClient
 
     root = tmp_path / "runs"
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    # no template yet either: one of them makes it (and with it MLflow's tables) while the other waits
+    env = os.environ | {"PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     env.pop("MLFLOW_TRACKING_URI", None)
     processes = [
         subprocess.Popen(
@@ -61,6 +66,37 @@ def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
     experiment = client.get_experiment_by_name("E")
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(run.info.run_name for run in runs) == ["a", "b"]
+    assert [p.name for p in (tmp_path / "cache" / "vqlab").iterdir()] == [mlflow_store.store_template().name]
+
+
+def test_a_new_store_is_a_copy_of_an_empty_one_with_a_default_experiment_of_its_own(tmp_path, monkeypatch):
+    import mlflow.store.db.utils
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    first = mlflow_store.open_client(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    template = mlflow_store.store_template()
+    assert template.parent == tmp_path / "cache" / "vqlab"
+    with contextlib.closing(sqlite3.connect(template)) as db:
+        assert db.execute("SELECT COUNT(*) FROM experiments").fetchone() == (0,)
+
+    made = []
+    monkeypatch.setattr(mlflow.store.db.utils, "_initialize_tables", lambda engine: made.append(engine))
+    second = mlflow_store.open_client(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    assert made == []  # no migration ran: the tables came with the copy
+    for client in (first, second):
+        (default,) = client.search_experiments()
+        assert default.experiment_id == "0" and str(tmp_path / "cache") not in default.artifact_location
+    run = second.create_run(second.create_experiment("E"))
+    second.log_metric(run.info.run_id, "val/l1", 0.5, step=3)
+    assert second.get_metric_history(run.info.run_id, "val/l1")[0].value == 0.5
+
+
+def test_a_new_store_is_made_by_mlflow_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert mlflow_store.store_template() is None
+    client = mlflow_store.open_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
 
 
 READERS = {
