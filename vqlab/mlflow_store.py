@@ -8,8 +8,8 @@ together do exactly that. So a writer opens a SQLite store holding an exclusive 
 ends): the first process creates the store, the others wait and then find it made. A reader holds
 a shared lock on that file when it exists (it waits for a store being made) and creates nothing.
 MLflow keeps an opened store for the rest of the process, so the tables are made once per store.
-Making them runs 68 migrations (7 s of a busy machine against 2 s to open a made store: more than a smoke run's
-tracking), so a new store starts as a copy of an empty one that this MLflow version made once
+Making them runs 68 migrations (9 s on a busy 2-core machine, where opening a made store took 2 s),
+so a new store starts as a copy of an empty one that this MLflow version made once
 (``store_template``, in the user's cache): MLflow finds its tables made and adds the default
 experiment, as it does in any new store.
 
