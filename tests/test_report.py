@@ -355,8 +355,11 @@ def mlflow_server(store, tmp_path):
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri, "--workers", "1"]
     command += ["--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port)]
     base = f"http://127.0.0.1:{port}"
-    with log.open("w") as output:  # its own process group: the command starts uvicorn and a job runner
-        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+    # without MLflow's job runner (a dozen worker processes for its GenAI jobs, 15 s of CPU to start):
+    # nothing here runs a job
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with log.open("w") as output:  # its own process group: the command starts uvicorn
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 300  # a busy machine imports MLflow's server slowly
         while not answers(f"{base}/health"):

@@ -401,7 +401,9 @@ def test_submitit_local_jobs_log_to_an_mlflow_server(tmp_path, monkeypatch):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its uvicorn and job-runner children share its process group
+        start_new_session=True,  # its uvicorn child shares its process group
+        # without MLflow's job runner (a dozen worker processes for its GenAI jobs): nothing here runs a job
+        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     try:
         uri = f"http://127.0.0.1:{port}"
