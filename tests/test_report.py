@@ -851,6 +851,9 @@ def test_a_ladder_of_step_budgets_draws_the_convergence_figure_with_the_codecs()
     assert list(fsq.get_ydata()) == pytest.approx([0.1 / s**0.5 + 0.0005 for s in (100, 200, 400)])
     assert any(label.startswith(BLOCK_MEAN) for label in lines)
     assert list(by_time.get_lines()[0].get_xdata()) == pytest.approx([s * 100 / 1000 / 60 for s in (100, 200, 400)])
+    made[report.CONVERGENCE].canvas.draw()  # the budgets are the step axis's labels, as plain numbers
+    assert [t.get_text() for t in by_steps.get_xticklabels()] == ["100", "200", "400"]
+    assert not [t.get_text() for t in by_steps.get_xticklabels(minor=True) if t.get_text()]
     # one budget per method: no ladder, no figure
     single = runs[runs["params.train.steps"] == "100"]
     assert report.CONVERGENCE not in report.figures(

@@ -907,6 +907,7 @@ def convergence(table: pd.DataFrame, seeds: pd.DataFrame) -> Figure | None:
     final val L1 against the budget and against the run's wall time, the mean over seeds with its
     95% t interval, and the trivial codecs as horizontal lines; ``None`` without a ladder."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     runs = seeds.dropna(subset=["l1", "steps"])
     if "steps" not in runs or not (runs.groupby("method")["steps"].nunique() > 1).any():
@@ -930,6 +931,13 @@ def convergence(table: pd.DataFrame, seeds: pd.DataFrame) -> Figure | None:
             ax.axhline(codec["l1"], linestyle="--", color=f"C{7 + i % 3}", label=f"{codec['name']} ({codec['levels']})")
     by_steps.set(xscale="log", xlabel="training steps (each point a run of that budget)", ylabel="val L1")
     by_time.set(xscale="log", xlabel="wall time of the run (minutes)")
+    # the budgets themselves as plain numbers: a log axis's own labels read "3x10^3" and collide
+    budgets = sorted(points["steps"].unique())
+    by_steps.set_xticks(budgets, labels=[f"{int(b)}" for b in budgets], minor=False)
+    by_steps.xaxis.set_minor_formatter(NullFormatter())
+    by_time.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    by_time.xaxis.set_major_formatter(ScalarFormatter())
+    by_time.xaxis.set_minor_formatter(NullFormatter())
     n = int(runs.groupby(["method", "steps"]).size().max())
     figure.suptitle("convergence: val L1 against budget" + (f" (95% CI over {n} seeds)" if n > 1 else ""))
     by_time.legend(fontsize="small")
