@@ -142,6 +142,35 @@ def test_dry_run_lists_variants_and_folders_and_writes_nothing(tmp_path, capsys)
     assert not (tmp_path / "runs").exists()
 
 
+def test_variants_picks_runs_by_pattern_with_their_floors_before_the_shard(tmp_path, capsys):
+    variants = {
+        "fsq_10bit": {"quantizer.levels": [8, 5, 5, 5]},
+        "lfq_10bit": {"quantizer.name": "lfq", "quantizer.dim": 10},
+        "lfq_14bit": {"quantizer.name": "lfq", "quantizer.dim": 14},
+    }
+    source = write_sweep(tmp_path, variants=variants, controls="identity", seeds=[0, 1])
+    root = f"tracking.root={tmp_path / 'runs'}"
+    assert sweep.main([source, "--dry-run", "--variants", "*_10bit", root]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    # each run with its floor (width 4 for FSQ 8-5-5-5, 10 for LFQ 10 bit), seed by seed; no 14-bit run or floor
+    expected = ["fsq_10bit", "lfq_10bit", "identity-d4", "identity-d10"]
+    assert listed == [f"{name}/seed{seed}" for seed in (0, 1) for name in expected]
+    # the shard splits the chosen runs (LFQ's two and their floors at widths 10 and 14, per seed)
+    assert sweep.main([source, "--dry-run", "--variants", "lfq_1?bit", "--shard", "2/2", root]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("4 of 12 runs")
+    assert [line.split()[0] for line in out[1:]] == [
+        f"{name}/seed{seed}" for seed in (0, 1) for name in ("lfq_14bit", "identity-d14")
+    ]
+    assert sweep.main([source, "--dry-run", "--variants", "vq*", root]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --variants 'vq*' matches no variant; variants: fsq_10bit, lfq_10bit, lfq_14bit, "
+        "identity-d4, identity-d10, identity-d14"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("preset", sweep.sweep_presets())
 def test_every_variant_of_every_sweep_preset_is_valid_at_every_scale(preset, tmp_path):
     data, _ = sweep.read_file(preset)

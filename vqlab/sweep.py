@@ -43,7 +43,8 @@ semantics, nested in MLflow under one parent run of the sweep (tags ``sweep``, `
 error and the traceback's tail (``error.txt``); the others go on and the command exits with status
 1 naming the failures (``<variant>/seed<k>``). A rerun skips the runs whose MLflow run FINISHED
 (matched on their ``variant`` and ``seed`` tags) and continues the others from their newest
-checkpoint. ``--shard k/n`` runs every n-th run (machines sharing one ``MLFLOW_TRACKING_URI``
+checkpoint. ``--variants '*_10bit'`` runs only the variants whose names match (and their floors);
+``--shard k/n`` runs every n-th run (machines sharing one ``MLFLOW_TRACKING_URI``
 share the sweep; the n shards partition its (variant, seed) runs); ``--launcher submitit``
 submits one job per run. ``--dry-run`` lists every run and its folder.
 """
@@ -58,6 +59,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -357,6 +359,22 @@ def check_data(sweep: Sweep) -> None:
                 raise SweepError(f"variant {variant.name}: {key}: {folder} is not a folder", key)
 
 
+def select(variants: list[Variant], patterns: str | None) -> list[Variant]:
+    """``--variants``: the runs of the variants whose names match one of the comma-separated shell
+    patterns (``fnmatch``, e.g. ``'*_10bit'``), with the continuous floors they are read against;
+    every run without patterns. A pattern that matches no variant is an error naming the variants."""
+    if patterns is None:
+        return variants
+    wanted = [pattern for pattern in patterns.split(",") if pattern]
+    names = list(dict.fromkeys(v.name for v in variants))
+    for pattern in wanted or [patterns]:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            raise SweepError(f"--variants {pattern!r} matches no variant; variants: {', '.join(names)}")
+    chosen = {v.name for v in variants if any(fnmatchcase(v.name, pattern) for pattern in wanted)}
+    chosen |= {v.floor for v in variants if v.name in chosen and v.floor}
+    return [v for v in variants if v.name in chosen]
+
+
 def shard(variants: list[Variant], spec: str | None) -> list[Variant]:
     """``"k/n"``: every n-th run (variant, or variant and seed) from the k-th (1-based), so n
     shards partition the sweep's runs."""
@@ -636,6 +654,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="list the runs (variant, seed) and their run folders; run nothing"
     )
+    parser.add_argument(
+        "--variants",
+        metavar="PATTERN[,PATTERN]",
+        help="only the variants whose names match a shell pattern, e.g. '*_10bit', with their continuous floors",
+    )
     parser.add_argument("--shard", metavar="k/n", help="run every n-th run (variant, seed) from the k-th (1-based)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per variant, to check the sweep end to end")
     parser.add_argument(
@@ -656,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SweepError(f"--nproc must be >= 1, got {args.nproc}")
         seeds = None if args.seeds is None else parse_seeds(args.seeds)
         sweep = load(args.sweep, args.scale, parse_overrides(args.overrides), args.smoke, seeds)
-        chosen = shard(sweep.variants, args.shard)
+        chosen = shard(select(sweep.variants, args.variants), args.shard)
         if args.dry_run:  # reads nothing and writes nothing, MLflow included
             print(listing(sweep, chosen))
             return 0
