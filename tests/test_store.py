@@ -91,6 +91,17 @@ def test_a_new_store_is_a_copy_of_an_empty_one_with_a_default_experiment_of_its_
     assert second.get_metric_history(run.info.run_id, "val/l1")[0].value == 0.5
 
 
+def test_a_template_that_fails_at_its_last_step_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mlflow_store.os, "replace", full_disk)
+    assert mlflow_store.store_template() is None
+    assert list((tmp_path / "cache" / "vqlab").iterdir()) == []
+
+
 def test_a_new_store_is_made_by_mlflow_where_the_cache_cannot_be_written(tmp_path, monkeypatch):
     (tmp_path / "cache").write_text("a file where the cache folder would be")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -91,9 +91,9 @@ def store_template() -> Path | None:
     template = cache_folder() / f"mlflow-{mlflow.__version__}-empty.db"
     if template.is_file():
         return template
+    making = template.with_name(f"{template.name}.{os.getpid()}.tmp")
     try:
         template.parent.mkdir(parents=True, exist_ok=True)
-        making = template.with_name(f"{template.name}.{os.getpid()}.tmp")
         making.unlink(missing_ok=True)
         MlflowClient(tracking_uri=f"sqlite:///{making}").search_experiments(max_results=1)
         with contextlib.closing(sqlite3.connect(making)) as db, db:
@@ -101,6 +101,9 @@ def store_template() -> Path | None:
         os.replace(making, template)
     except (OSError, sqlite3.Error):
         return None
+    finally:
+        with contextlib.suppress(OSError):
+            making.unlink(missing_ok=True)  # no half-made template left in the cache, whatever failed
     return template
 
 
