@@ -80,7 +80,7 @@ def kmeans_palette(train: Dataset, block: int, codebook_size: int, seed: int) ->
     return kmeans(colours, k, iters=KMEANS_ITERS, seed=seed)
 
 
-# A process that trains several models on the same data (a notebook, a study, the tests: hundreds of
+# A process that trains several models on the same data (a notebook, a study, the tests: many
 # smoke runs) fits their palette once; the greedy seeding costs about a second at 1024 colours.
 _fitted_palettes: dict[tuple, torch.Tensor] = {}
 
