@@ -26,7 +26,12 @@ otherwise):
   training codes stops improving (the best weights kept; the curves saved), and measured in bits
   per token on the validation codes (the three likelihoods: mean over seeds and a 95% t interval),
   next-token accuracy and the L1 of the images decoded from the teacher-forced predictions (all
-  four; regression's only measures, reported apart: it is not a likelihood).
+  four; regression's only measures, reported apart: it is not a likelihood);
+- the generative check, which needs no pretrained weights: as many code sequences as validation
+  crops sampled from each prior (ancestral sampling; regression, which has no distribution, rolled
+  out from first tokens of training sequences), decoded, and scored with SWD against the validation
+  crops (mean over the prior seeds, 95% t interval), beside three references: real training crops,
+  the validation codes decoded (a perfect prior's score) and tokens drawn with no context.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ DIGIT_PRIORS = ("factorised", "autoregressive")
 HEADS, LAYERS = 4, 2  # attention heads and layers of every prior's transformer
 HELD_OUT_SHARE = 0.1  # of the training sequences, for early stopping
 EVAL_BATCH = 256  # sequences per evaluation forward
+SHOWN = 8  # sampled images per prior in the samples figure
+SWD_POSITIONS = 32  # neighbourhoods per image in the generative check (the evaluator's 128 costs 4x)
 
 
 # --- statistics of the digits ----------------------------------------------------------------------
@@ -303,24 +310,53 @@ class Prior(nn.Module):
             return sum(F.cross_entropy(p.flatten(0, 1), codes[..., i].flatten()) for i, p in enumerate(pieces))
         return F.mse_loss(output, latents)
 
-    def predict(self, h: torch.Tensor, nearest_code=None) -> torch.Tensor:
-        """The predicted codes ``(B, L, G)`` from the states ``h``: the most likely code (flat), each
-        digit's most likely value (factorised), digit by digit on the predicted earlier ones
-        (autoregressive, greedy), or the code nearest the regression."""
+    def predict(self, h: torch.Tensor, nearest_code=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The predicted codes ``(..., G)`` from the states ``h`` ``(..., W)``: the most likely code
+        (flat), each digit's most likely value (factorised), digit by digit on the predicted earlier
+        ones (autoregressive, greedy), or the code nearest the regression. Given a ``generator``, a
+        draw from the prior's distribution instead of its mode (regression has none: still the
+        nearest code)."""
+
+        def choose(logits: torch.Tensor) -> torch.Tensor:
+            if generator is None:
+                return logits.argmax(-1)
+            probabilities = logits.float().softmax(-1).reshape(-1, logits.shape[-1])
+            return torch.multinomial(probabilities, 1, generator=generator).reshape(logits.shape[:-1])
+
         if self.kind == "flat":
             from vqlab.codes import index_to_digits
 
-            return index_to_digits(self.head(h).argmax(-1), self.radices)
+            return index_to_digits(choose(self.head(h)), self.radices)
         if self.kind == "factorised":
-            return torch.stack([p.argmax(-1) for p in self.outputs(h, None).split(list(self.radices), dim=-1)], -1)
+            return torch.stack([choose(p) for p in self.outputs(h, None).split(list(self.radices), dim=-1)], -1)
         if self.kind == "autoregressive":
             digits, context = [], h
             for i, head in enumerate(self.head.heads):
-                digits.append(head(context).argmax(-1))
+                digits.append(choose(head(context)))
                 if i < len(self.within):
                     context = context + self.within[i](digits[-1])
             return torch.stack(digits, dim=-1)
         return nearest_code(self.head(h))
+
+    @torch.no_grad()
+    def sample(
+        self, count: int, length: int, generator: torch.Generator, tokenizer=None, first: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(count, length, G)`` code sequences drawn token by token (ancestral sampling). The
+        regression prior has no distribution: its sequences are rollouts from the given ``first``
+        tokens ``(count, G)``, each next token the code nearest its regression (``tokenizer`` embeds
+        the codes it reads and finds the nearest code)."""
+        codes = torch.zeros(count, length, len(self.radices), dtype=torch.long)
+        for t in range(length):
+            if self.kind == "regression" and t == 0:
+                codes[:, 0] = first
+                continue
+            latents = None
+            if self.kind == "regression":
+                latents = tokenizer.embed(codes.flatten(0, 1)).reshape(count, length, -1)
+            h = self.hidden(codes, latents)[:, t]  # (count, W): causal, so the zeros after t are not read
+            codes[:, t] = self.predict(h, tokenizer.nearest_code if tokenizer else None, generator)
+        return codes
 
 
 def parameter_count(
@@ -401,6 +437,8 @@ class PriorResult:
     stopped_at: int
     held_out_loss: float  # of the kept weights on the held-out training codes (nats per token, or MSE)
     curve: list[dict]  # per evaluation: step, train (mean loss since the last), held_out
+    swd: float  # x 10^3, of images decoded from sampled sequences against the validation crops
+    samples: torch.Tensor  # the first ``SHOWN`` of those images, for the figure
 
 
 def train_prior(
@@ -477,29 +515,61 @@ def train_prior(
         )
         accuracy = (predicted == val_codes).all(-1).float().mean().item()
         l1 = float((tokenizer.decode(predicted) - val_images).abs().mean() / 2)
-    return PriorResult(kind, seed, bits, accuracy, l1, size.parameters, stopping.best_step, step, held_out_loss, curve)
+        # the generative check: as many sequences as validation crops (regression: rollouts from
+        # first tokens of training sequences, drawn with the same generator)
+        first = fitted[torch.randint(len(fitted), (len(val_codes),), generator=generator), 0]
+        sampled = tokenizer.decode(prior.sample(len(val_codes), val_codes.shape[1], generator, tokenizer, first))
+    swd = set_swd(val_images, sampled, seed)
+    return PriorResult(
+        kind,
+        seed,
+        bits,
+        accuracy,
+        l1,
+        size.parameters,
+        stopping.best_step,
+        step,
+        held_out_loss,
+        curve,
+        swd,
+        sampled[:SHOWN],
+    )
+
+
+def set_swd(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, per_image: int = SWD_POSITIONS) -> float:
+    """SWD x 10^3 (``vqlab.evaluators.swd``, mean over its pyramid levels) between two equal-sized
+    image sets in [-1, 1] that need not be pairs: the evaluator's positions are drawn per real image
+    and its descriptor sets compared as distributions."""
+    from vqlab.evaluators.swd import SlicedWasserstein
+
+    evaluator = SlicedWasserstein(torch.device("cpu"), max_images=len(real), per_image=per_image, seed=seed)
+    evaluator.update_pairs(real.cpu(), fake.cpu())
+    return evaluator.compute()["swd"]
+
+
+def unigram_codes(train_codes: torch.Tensor, count: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """``(count, length, G)`` tokens drawn independently from the training tokens (their empirical
+    marginal): a prior with no context, the generative check's weak control."""
+    tokens = train_codes.flatten(0, 1)
+    return tokens[torch.randint(len(tokens), (count * length,), generator=generator)].reshape(count, length, -1)
 
 
 def summarise_priors(results: list[PriorResult]) -> dict:
-    """Per kind over its seeds: ``prior_{kind}_bits`` (mean), ``_bits_low`` and ``_bits_high`` (95%
-    Student-t interval; NaN for one seed), accuracy, decoded L1, parameters and the best steps."""
-    from scipy import stats
+    """Per kind over its seeds: ``prior_{kind}_bits`` and ``prior_{kind}_swd`` (means) with ``_low``
+    and ``_high`` (95% Student-t interval; NaN for one seed), accuracy, decoded L1, parameters and
+    the best steps."""
+    from vqlab.report import half_width
 
     summary: dict = {}
     for kind in dict.fromkeys(r.kind for r in results):
         mine = [r for r in results if r.kind == kind]
-        bits = np.array([r.bits_per_token for r in mine])
-        mean = float(bits.mean())
-        half = (
-            float(stats.t.ppf(0.975, len(bits) - 1) * bits.std(ddof=1) / math.sqrt(len(bits)))
-            if len(bits) > 1
-            else math.nan
-        )
-        summary |= {
-            f"prior_{kind}_bits": mean,
-            f"prior_{kind}_bits_low": mean - half,
-            f"prior_{kind}_bits_high": mean + half,
-        }
+        for key, values in (("bits", [r.bits_per_token for r in mine]), ("swd", [r.swd for r in mine])):
+            mean, half = float(np.mean(values)), half_width(values)
+            summary |= {
+                f"prior_{kind}_{key}": mean,
+                f"prior_{kind}_{key}_low": mean - half,
+                f"prior_{kind}_{key}_high": mean + half,
+            }
         summary[f"prior_{kind}_accuracy"] = float(np.mean([r.accuracy for r in mine]))
         summary[f"prior_{kind}_decoded_l1"] = float(np.mean([r.decoded_l1 for r in mine]))
         summary[f"prior_{kind}_parameters"] = mine[0].parameters
@@ -551,7 +621,8 @@ def analyse_run(
     result |= locality(tokens, radices, tokenizer.embed, tokenizer.image_of, pairs)
     result |= stability(tokenizer, images, codes)
     result["sensitivity"] = sensitivity(tokenizer, codes)
-    train_codes = tokenizer.encode(crops(cfg, "train", train_count, device))
+    train_images = crops(cfg, "train", train_count, device)
+    train_codes = tokenizer.encode(train_images)
     embed_dim = tokenizer.embed(codes[:1, 0]).shape[-1]
     sizes = matched_sizes(priors, radices, codes.shape[1], embed_dim, prior_parameters)
     fitted = [
@@ -572,13 +643,44 @@ def analyse_run(
     ]
     result |= summarise_priors(fitted)
     result["prior_curves"] = {kind: [r.curve for r in fitted if r.kind == kind] for kind in priors}
+    result |= generative_controls(tokenizer, images, codes, train_images, train_codes)
+    result["samples"] |= {f"{r.kind} prior": r.samples for r in fitted if r.seed == 0}
     result["log2_codebook_size"] = math.log2(result["codebook_size"])
     return result
 
 
+def generative_controls(
+    tokenizer: Tokenizer,
+    images: torch.Tensor,
+    codes: torch.Tensor,
+    train_images: torch.Tensor,
+    train_codes: torch.Tensor,
+    seed: int = 0,
+) -> dict:
+    """The generative check's references, each an SWD x 10^3 against the validation crops at their
+    count: ``swd_train_crops``, real training crops (what a generator of the data itself scores at
+    this count; NaN when fewer training crops were read than validation crops);
+    ``swd_reconstructions``, the validation codes decoded (what a perfect prior over this
+    tokenizer's codes would score); ``swd_unigram``, tokens drawn independently from the training
+    tokens (no context at all). ``samples``: the first ``SHOWN`` images of each, for the figure."""
+    generator = torch.Generator().manual_seed(seed)
+    reconstructions = tokenizer.decode(codes)
+    unigram = tokenizer.decode(unigram_codes(train_codes, len(codes), codes.shape[1], generator))
+    result = {
+        "swd_train_crops": set_swd(images, train_images[: len(images)], seed)
+        if len(train_images) >= len(images)
+        else math.nan,
+        "swd_reconstructions": set_swd(images, reconstructions, seed),
+        "swd_unigram": set_swd(images, unigram, seed),
+    }
+    shown = {"validation crops": images, "reconstructions": reconstructions, "unigram": unigram}
+    return result | {"samples": {label: x[:SHOWN] for label, x in shown.items()}}
+
+
 def figures(result: dict) -> dict:
-    """``mutual_information.png`` (digits x digits, bits), ``sensitivity.png`` (per digit) and
-    ``prior_curves.png`` (each prior's held-out loss against its steps, one line per seed)."""
+    """``mutual_information.png`` (digits x digits, bits), ``sensitivity.png`` (per digit),
+    ``prior_curves.png`` (each prior's held-out loss against its steps, one line per seed) and
+    ``samples.png`` (a row of decoded samples per prior beside the generative check's references)."""
     from matplotlib.figure import Figure
 
     made = {}
@@ -605,6 +707,18 @@ def figures(result: dict) -> dict:
             )
         ax.set(xlabel="step", ylabel="MSE" if kind == "regression" else "held-out bits per token", title=kind)
     made["prior_curves.png"] = figure
+    samples = result.get("samples", {})
+    if samples:
+        figure = Figure(figsize=(1.1 * SHOWN + 1.5, 1.1 * len(samples)), layout="constrained")
+        axes = figure.subplots(len(samples), SHOWN, squeeze=False)
+        for row, (label, shown) in zip(axes, samples.items(), strict=True):
+            for ax, image in zip(row, shown, strict=False):
+                ax.imshow((image.float().permute(1, 2, 0).clamp(-1, 1) + 1).numpy() / 2)
+            for ax in row:
+                ax.set(xticks=[], yticks=[])
+            row[0].set_ylabel(label, rotation=0, ha="right", va="center")
+        figure.suptitle(f"{result['name']}: decoded samples of each prior (seed 0) beside the references")
+        made["samples.png"] = figure
     return made
 
 
@@ -617,10 +731,11 @@ def interval(result: dict, key: str) -> str:
 
 
 def markdown(results: list[dict]) -> str:
-    """Two tables per run. Likelihoods: the code's measured rate and each prior's bits per token on the
-    validation codes (mean over seeds, 95% t interval) with its parameters, the digits' corrected MI
-    and its shuffle null. Then what is not a likelihood: next-token accuracy and the L1 of the image
-    decoded from the teacher-forced predictions (regression's only measure), locality, stability."""
+    """Three tables, a row per run. Likelihoods: the code's measured rate and each prior's bits per
+    token on the validation codes (mean over seeds, 95% t interval) with its parameters, the digits'
+    corrected MI and its shuffle null. Then what is not a likelihood: next-token accuracy and the L1
+    of the image decoded from the teacher-forced predictions (regression's only measure), locality,
+    stability. Then the generative check: each prior's SWD beside its references."""
     kinds = [k for k in LIKELIHOODS if any(f"prior_{k}_bits" in r for r in results)]
     columns = ["name", "quantizer", "log2 K", "code bits", *(f"{k} bits" for k in kinds)]
     columns += [*(f"{k} params" for k in kinds), "MI corrected", "MI null"]
@@ -638,9 +753,27 @@ def markdown(results: list[dict]) -> str:
     columns += ["noise", "shift"]
     rows = [[r["name"]] + [tables.cell(r.get(key, math.nan), ".4g") for key in keys] for r in results]
     decoded = tables.markdown(columns, rows)
+    kinds = [k for k in PRIORS if any(f"prior_{k}_swd" in r for r in results)]
+    references = {
+        "swd_train_crops": "training crops",
+        "swd_reconstructions": "reconstructions",
+        "swd_unigram": "unigram",
+    }
+    columns = ["name", *references.values(), *(f"{k} samples" if k in LIKELIHOODS else f"{k} rollouts" for k in kinds)]
+    rows = [
+        [r["name"], *(tables.cell(r.get(key, math.nan), ".4g") for key in references)]
+        + [interval(r, f"prior_{k}_swd") for k in kinds]
+        for r in results
+    ]
+    generated = tables.markdown(columns, rows)
     return (
         f"{likelihoods}\n\nNot likelihoods (the embedding regression has no bits per token): next-token "
         f"accuracy, the L1 of the images decoded from the predicted codes, locality, stability.\n\n{decoded}"
+        "\n\nGenerative check: SWD x 10^3 against the validation crops (lower is nearer; mean over the "
+        "prior seeds, 95% t interval) of as many images decoded from sampled code sequences (regression: "
+        "rollouts from a training sequence's first token: it has no distribution to sample), beside "
+        "real training crops, the validation codes decoded and tokens drawn with no context (unigram)."
+        f"\n\n{generated}"
     )
 
 
@@ -650,7 +783,7 @@ def write(result: dict, out: Path) -> list[Path]:
 
     folder = out / result["name"]
     folder.mkdir(parents=True, exist_ok=True)
-    plain = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()}
+    plain = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items() if k != "samples"}
     (folder / "result.json").write_text(json.dumps(plain, indent=2) + "\n")
     files = [folder / "result.json"]
     for name, figure in figures(result).items():

