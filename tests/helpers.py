@@ -1,6 +1,15 @@
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 
 from vqlab import checkpoint
@@ -61,3 +70,51 @@ def tracked_smoke_runs(root: Path, variants: dict[str, dict]) -> str:
         vqlab.fit(vqlab.config.load("smoke", base | overrides))
     torch.set_num_threads(threads)
     return uri
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 now; no loopback to listen on is this machine's limit, not vqlab's."""
+    try:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            return probe.getsockname()[1]
+    except OSError as err:
+        pytest.skip(f"cannot listen on 127.0.0.1: {err}")
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status == 200
+    except OSError:  # not listening yet (URLError is an OSError)
+        return False
+
+
+@contextlib.contextmanager
+def mlflow_server(store_uri: str, artifacts: Path, log: Path):
+    """``mlflow server`` on ``store_uri`` (artifacts served from ``artifacts``, output in ``log``), as
+    a user starts it; yields its base URL once it answers, and stops it with its children."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store_uri]
+    command += ["--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", "1"]
+    base = f"http://127.0.0.1:{port}"
+    # without MLflow's job runner (a dozen worker processes for its GenAI jobs, 15 s of CPU to start):
+    # no test runs a job
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with log.open("w") as output:  # its own process group: the command starts uvicorn
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 300  # a busy machine imports MLflow's server slowly
+        while not answers(f"{base}/health"):
+            assert server.poll() is None, f"mlflow server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"mlflow server did not answer in 300 s:\n{log.read_text()}"
+            time.sleep(1)
+        yield base
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

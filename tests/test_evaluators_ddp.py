@@ -5,7 +5,6 @@ LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as ``vqlab.distributed.setup`` expects un
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from vqlab.evaluators import CodebookMetrics, FidelityMetrics, ReconstructionMet
 from vqlab.runfolder import RunFolder
 from vqlab.trainer import fit
 
-from .helpers import model_output
+from .helpers import free_port, model_output
 
 CPU = torch.device("cpu")
 COUNT = 10
@@ -87,12 +86,6 @@ def worker(rank, world, folder, port, run_dir):
         distributed.teardown()
     else:
         evaluate_run(run_dir, out=folder / "two.json")  # leaves the process group at its end
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

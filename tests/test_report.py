@@ -9,11 +9,8 @@ import io
 import json
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,6 +25,8 @@ from vqlab import report
 from vqlab.config import TrackingConfig
 from vqlab.evaluate import evaluate_run
 from vqlab.tracking import TRIVIAL_CODECS, create_run
+
+from . import helpers
 
 BLOCK_MEAN, PALETTE = TRIVIAL_CODECS["baseline"], TRIVIAL_CODECS["baseline_palette"]
 
@@ -325,16 +324,6 @@ def test_compare_notebook_executes_shows_the_table_and_is_logged_to_the_parent(s
     assert "report/compare.ipynb" in {a.path for a in MlflowClient(uri).list_artifacts(parent, "report")}
 
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 now; no loopback to listen on is this machine's limit, not vqlab's."""
-    try:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            return probe.getsockname()[1]
-    except OSError as err:
-        pytest.skip(f"cannot listen on 127.0.0.1: {err}")
-
-
 def rest(base: str, endpoint: str, body: dict | None = None) -> dict:
     """GET ``endpoint`` (with ``body`` as POST JSON) of MLflow's REST API, as the UI calls it."""
     request = urllib.request.Request(
@@ -350,38 +339,8 @@ def rest(base: str, endpoint: str, body: dict | None = None) -> dict:
 def mlflow_server(store, tmp_path):
     """``mlflow server`` on the module's store, as a user starts it; its base URL once it answers."""
     uri, root, _ = store
-    port = free_port()
-    log = tmp_path / "server.log"
-    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri, "--workers", "1"]
-    command += ["--artifacts-destination", str(root / "mlartifacts"), "--host", "127.0.0.1", "--port", str(port)]
-    base = f"http://127.0.0.1:{port}"
-    # without MLflow's job runner (a dozen worker processes for its GenAI jobs, 15 s of CPU to start):
-    # nothing here runs a job
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with log.open("w") as output:  # its own process group: the command starts uvicorn
-        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    try:
-        deadline = time.monotonic() + 300  # a busy machine imports MLflow's server slowly
-        while not answers(f"{base}/health"):
-            assert server.poll() is None, f"mlflow server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"mlflow server did not answer in 300 s:\n{log.read_text()}"
-            time.sleep(1)
+    with helpers.mlflow_server(uri, root / "mlartifacts", tmp_path / "server.log") as base:
         yield base
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as answer:
-            return answer.status == 200
-    except OSError:  # not listening yet (URLError is an OSError)
-        return False
 
 
 def test_mlflow_server_shows_a_model_training_experiment_its_variants_and_the_report(
@@ -529,7 +488,9 @@ def seeded(tmp_path_factory):
                 "variant": variant,
                 "vqlab.run_dir": str(folder.path),
             }
-            tags |= {"git_commit": "bbbb222" if variant == "shifted" else "aaaa111"}
+            # the sweep's commit, and the run's own (what the report reads; "single" predates that tag)
+            tags |= {"git_commit": "aaaa111"}
+            tags |= {} if variant == "single" else {"vqlab.commit": "bbbb222" if variant == "shifted" else "aaaa111"}
             tags |= {"vqlab.threads": "2" if variant == "single" else "1", "vqlab.torch": "2.9", "vqlab.device": "cpu"}
             if seed is not None:
                 tags["seed"] = str(seed)

@@ -1,13 +1,7 @@
 """python -m vqlab.sweep: sweep files, validation, shards, MLflow records, failures and reruns."""
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,6 +12,8 @@ from vqlab import notebook, quantizers, sweep
 from vqlab.config import load
 from vqlab.runfolder import RunFolder
 from vqlab.tracking import client
+
+from .helpers import mlflow_server
 
 
 def write_sweep(tmp_path, **content):
@@ -411,43 +407,14 @@ def test_a_rerun_finishes_a_variant_killed_after_its_final_checkpoint(tmp_path, 
     assert run.figure("reconstructions.png").is_file() and run.is_finished()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_submitit_local_jobs_log_to_an_mlflow_server(tmp_path, monkeypatch):
     """A variant as a submitit job, recording through MLFLOW_TRACKING_URI on a tracking server."""
-    port = free_port()
-    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    server = subprocess.Popen(
-        [
-            *(mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"),
-            *("--default-artifact-root", str(tmp_path / "server-artifacts")),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its uvicorn child shares its process group
-        # without MLflow's job runner (a dozen worker processes for its GenAI jobs): nothing here runs a job
-        env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    try:
-        uri = f"http://127.0.0.1:{port}"
+    store, artifacts = f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts"
+    with mlflow_server(store, artifacts, tmp_path / "server.log") as uri:
         from mlflow import MlflowClient
 
         server_client = MlflowClient(tracking_uri=uri)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                server_client.search_experiments()
-                break
-            except Exception:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.5)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setenv("MPLBACKEND", "Agg")
         source = write_sweep(tmp_path, variants={"b": {"quantizer.levels": [8, 8]}})
@@ -459,9 +426,6 @@ def test_submitit_local_jobs_log_to_an_mlflow_server(tmp_path, monkeypatch):
         assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs.values())
         assert runs["b"].data.params["quantizer.levels"] == "[8, 8]"
         assert list((tmp_path / "runs" / "tiny" / "submitit").glob("*_result.pkl"))  # submitit ran them
-    finally:
-        os.killpg(server.pid, signal.SIGKILL)  # the group the server's PID leads: the server and its children
-        server.wait()
 
 
 def streams(notebook: Path) -> list[str]:

@@ -34,8 +34,9 @@ metric the run did not log (``fid`` and ``lpips`` when their weights were absent
 measured bits of a continuous quantizer) is missing: ``NaN`` in the frame, ``—`` in the table,
 empty in the CSV; never 0. The markdown rounds as ``FORMATS`` says; the CSVs keep every digit
 MLflow stored. Under the table: what ``±`` means (when some row has seeds), a line when the rows
-come from different code versions (``git_commit`` tags) and one when they come from different
-thread counts (``vqlab.threads``), naming the values.
+come from different code versions (each run's ``vqlab.commit`` tag, else its sweep's
+``git_commit``) and one when they come from different thread counts (``vqlab.threads``), naming
+the values.
 
 Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sweep's parent run, under ``report/``):
 
@@ -339,7 +340,8 @@ def metric(run: pd.Series, key: str) -> float:
 def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run that is a result (``rows_of``), oldest first: ``SEED_COLUMNS`` (``seed``
     ``<NA>`` without a seed tag; ``git_commit``, ``threads`` and ``run_dir`` from the tags, ``None``
-    when not recorded). Missing metrics are ``NaN``."""
+    when not recorded: the commit is the run's own ``vqlab.commit``, as a sweep that runs for hours
+    may start runs of code committed after it began). Missing metrics are ``NaN``."""
     rows = []
     for _, run in rows_of(runs).iterrows():
         params = {
@@ -347,7 +349,9 @@ def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
         }
         row = {"name": run["name"], "seed": run["seed"], "levels": describe(params)}
         row |= {"method": params.get("quantizer.name", MISSING), "run_id": run["run_id"]}
-        row |= {"git_commit": tag(run, "git_commit"), "threads": tag(run, "vqlab.threads")}
+        # the commit the run itself imported at its start; the sweep's, for runs from before that tag
+        commit = tag(run, "vqlab.commit") or tag(run, "git_commit")
+        row |= {"git_commit": commit, "threads": tag(run, "vqlab.threads")}
         row |= {"run_dir": tag(run, "vqlab.run_dir"), "floor": tag(run, "floor")}
         row |= {"steps": float(params.get("train.steps", math.nan)), "wall_s": wall_seconds(run)}
         rows.append(row | {column: metric(run, key) for column, key in (METRICS | RATE_INTERVAL).items()})
