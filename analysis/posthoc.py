@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,17 +276,19 @@ def floors_markdown(floors: pd.DataFrame) -> str:
 
 
 def figure(table: pd.DataFrame, floors: pd.DataFrame, codecs: list[dict], title: str) -> Figure:
-    """Decoded L1 against measured bits: post-hoc schemes hollow, co-trained filled, one colour per
-    scheme, error bars the 95% t intervals over seeds; the continuous floors as horizontal lines
-    (their interval shaded); the palette codecs of the same runs as dashed curves."""
+    """Decoded L1 against measured bits: post-hoc schemes hollow squares, co-trained filled circles,
+    one colour per scheme, error bars the 95% t intervals over seeds; the continuous floors as
+    dotted lines named by width at the right edge (the interval of the mean shaded); the palette
+    codecs of the same runs as dashed curves, up to the rates the rows reach."""
     from matplotlib.figure import Figure
 
     from vqlab.report import half_width
 
-    made = Figure(figsize=(7, 5), layout="constrained")
+    made = Figure(figsize=(9, 5), layout="constrained")
     ax = made.subplots()
     colours = {scheme: f"C{i}" for i, scheme in enumerate(dict.fromkeys(table["scheme"]))}
-    for _, row in table.dropna(subset=["l1", "measured bits"]).iterrows():
+    shown = table.dropna(subset=["l1", "measured bits"])
+    for _, row in shown.iterrows():
         trained = row["side"] == "co-trained"
         colour = colours[row["scheme"]]
         ax.errorbar(
@@ -299,17 +302,21 @@ def figure(table: pd.DataFrame, floors: pd.DataFrame, codecs: list[dict], title:
             capsize=3,
             label=f"{row['variant']} (co-trained)" if trained else f"{row['scheme']} (post-hoc)",
         )
-    for (name, _), group in floors.groupby(["name", "width"], sort=True):
+    for width, group in floors.groupby("width", sort=True):
         mean, spread = group["l1"].mean(), half_width(group["l1"])
-        line = ax.axhline(mean, linestyle=":", color="grey", label=f"{name} (continuous)")
+        ax.axhline(mean, linestyle=":", color="grey", linewidth=1)
+        ax.annotate(f"d{int(width)}", (1, mean), xycoords=("axes fraction", "data"), fontsize="x-small", color="grey")
         if not pd.isna(spread):
-            ax.axhspan(mean - spread, mean + spread, color=line.get_color(), alpha=0.15, linewidth=0)
-    palettes = pd.DataFrame([c for c in codecs if "bits/token" in c])
+            ax.axhspan(mean - spread, mean + spread, color="grey", alpha=0.08, linewidth=0)
+    reach = shown["measured bits"].max() + 2 if len(shown) else math.inf
+    palettes = pd.DataFrame([c for c in codecs if "bits/token" in c and c["bits/token"] <= reach])
     for method, points in palettes.groupby("method", sort=False) if len(palettes) else []:
         points = points.sort_values("bits/token")
-        ax.plot(points["bits/token"], points["l1"], linestyle="--", marker=".", color="black", alpha=0.6, label=method)
+        style = {"linestyle": "--", "marker": ".", "color": "black", "alpha": 0.6}
+        ax.plot(points["bits/token"], points["l1"], label=f"{method}: log2 colours", **style)
+    ax.plot([], [], linestyle=":", color="grey", label="continuous floors (width at right)")
     ax.set(xlabel="measured bits per token (Miller–Madow)", ylabel="validation L1 (decoded)", title=title)
-    ax.legend(fontsize="x-small", ncol=2)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.04, 1))
     return made
 
 
@@ -366,7 +373,8 @@ def log_to_mlflow(result: dict, params: dict, files: list[Path], root: Path, exp
 
     metrics = []
     for row in result["summary"].itertuples():
-        key = f"{row.side}/{row.scheme if row.side == 'post-hoc' else row.variant}"
+        # MLflow names allow letters, digits and _-. :/ only: a grid point's name has commas
+        key = re.sub(r"[^\w\-. :/]", "_", f"{row.side}/{row.scheme if row.side == 'post-hoc' else row.variant}")
         metrics.append({"step": budget(row.bits), f"l1/{key}": row.l1, f"l1_ci/{key}": row.l1_ci})
     metrics = [{k: v for k, v in m.items() if not (isinstance(v, float) and math.isnan(v))} for m in metrics]
     return log_study("decomposition", f"posthoc:{experiment}", params, metrics, files, root, uri)

@@ -16,7 +16,7 @@ VARIANTS = {  # name -> (overrides, floor)
     "identity-d2": ({"quantizer.name": "identity", "quantizer.dim": 2}, None),
     "identity-d1": ({"quantizer.name": "identity", "quantizer.dim": 1}, None),
     "vq": ({"quantizer.name": "vq", "quantizer.codebook_size": 16, "quantizer.dim": 2}, "identity-d2"),
-    "fsq": ({"quantizer.name": "fsq", "quantizer.levels": [4, 4]}, "identity-d2"),
+    "fsq,dtype=fp32": ({"quantizer.name": "fsq", "quantizer.levels": [4, 4]}, "identity-d2"),  # a grid point's name
     "radix": ({"quantizer.name": "radix", "quantizer.radices": [4, 4], "quantizer.dim": 1}, "identity-d1"),
 }
 
@@ -84,7 +84,7 @@ def test_every_seed_has_each_post_hoc_scheme_and_each_tokenizer_with_its_own_flo
     assert sorted(zip(fitted["scheme"], fitted["seed"], strict=True)) == sorted(
         (s, seed) for s in SCHEMES for seed in SEEDS
     )
-    assert set(trained["variant"]) == {"vq", "fsq", "radix"} and len(trained) == 2 * 3
+    assert set(trained["variant"]) == {"vq", "fsq,dtype=fp32", "radix"} and len(trained) == 2 * 3
     for row in fitted.itertuples():  # the post-hoc cost is to the width-2 model of the same seed
         gap = row.l1 - last_l1(root, "identity-d2", row.seed)
         assert seeds.loc[row.Index, "quantization gap"] == pytest.approx(gap)
@@ -119,8 +119,8 @@ def test_rows_are_means_over_seeds_with_t_intervals_and_differences_are_paired(a
     differences = (vq - flat).to_numpy()
     assert against["difference"] == pytest.approx(differences.mean()) and against["n"] == 2
     assert against["ci"] == pytest.approx(half_width(differences)) and against["pairing"] == "paired"
-    fsq = seeds[seeds["variant"] == "fsq"].set_index("seed")["l1"]
-    grid = paired[paired["what"] == "fsq − flat"].iloc[0]
+    fsq = seeds[seeds["variant"] == "fsq,dtype=fp32"].set_index("seed")["l1"]
+    grid = paired[paired["what"] == "fsq,dtype=fp32 − flat"].iloc[0]
     assert grid["comparison"] == "co-trained: scheme − flat"
     assert grid["difference"] == pytest.approx((fsq - vq).mean())
     radix = seeds[(seeds["side"] == "post-hoc") & (seeds["scheme"] == "radix")].set_index("seed")["l1"]
@@ -163,7 +163,7 @@ def test_cli_prints_writes_and_logs_and_rejects_a_width_without_floor(sweep, cap
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("decomposition").experiment_id])
     assert run.info.run_name == "posthoc:E" and "l1/post-hoc/flat" in run.data.metrics
-    assert "l1/co-trained/vq" in run.data.metrics
+    assert {"l1/co-trained/vq", "l1/co-trained/fsq_dtype_fp32"} <= set(run.data.metrics)  # no comma, no =
     assert posthoc.main(["E", "--width", "3", "--tracking-uri", uri, "--root", str(root / "none")]) == 2
     err = capsys.readouterr().err
     assert "no identity floor of width 3" in err and "[1, 2]" in err
