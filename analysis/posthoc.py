@@ -174,7 +174,8 @@ def summary(seeds: pd.DataFrame) -> pd.DataFrame:
 
 def comparisons(seeds: pd.DataFrame) -> pd.DataFrame:
     """Differences in L1 paired by seed (``vqlab.report.compare``): per scheme and budget,
-    co-trained minus post-hoc; on each side, every other scheme minus ``flat`` of the same budget."""
+    co-trained minus post-hoc of the same scheme and minus post-hoc ``flat``; on each side, every
+    other scheme minus ``flat`` of the same budget."""
     from vqlab.report import compare
 
     keyed = seeds.assign(budget=seeds["bits"].map(budget))
@@ -190,6 +191,9 @@ def comparisons(seeds: pd.DataFrame) -> pd.DataFrame:
         trained, fitted = group[group["side"] == "co-trained"], group[group["side"] == "post-hoc"]
         for variant, runs in trained.groupby("variant", sort=False):
             add("co-trained − post-hoc", f"{variant} − post-hoc {scheme}", runs, fitted, b)
+            if scheme != "flat":  # and against the best-fitting post-hoc scheme, flat k-means
+                flat = keyed[(keyed["side"] == "post-hoc") & (keyed["scheme"] == "flat") & (keyed["budget"] == b)]
+                add("co-trained − post-hoc", f"{variant} − post-hoc flat", runs, flat, b)
     for (side, b), group in keyed.groupby(["side", "budget"], sort=False):
         # a post-hoc row is its scheme (every scheme fits the one floor); a co-trained row its variant
         rows_of = group["scheme"] if side == "post-hoc" else group["variant"]

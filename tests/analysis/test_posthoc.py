@@ -120,6 +120,8 @@ def test_rows_are_means_over_seeds_with_t_intervals_and_differences_are_paired(a
     assert against["difference"] == pytest.approx(differences.mean()) and against["n"] == 2
     assert against["ci"] == pytest.approx(half_width(differences)) and against["pairing"] == "paired"
     fsq = seeds[seeds["variant"] == "fsq,dtype=fp32"].set_index("seed")["l1"]
+    kmeans = paired[paired["what"] == "fsq,dtype=fp32 − post-hoc flat"].iloc[0]
+    assert kmeans["difference"] == pytest.approx((fsq - flat).mean())
     grid = paired[paired["what"] == "fsq,dtype=fp32 − flat"].iloc[0]
     assert grid["comparison"] == "co-trained: scheme − flat"
     assert grid["difference"] == pytest.approx((fsq - vq).mean())
