@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from analysis.runs import study_arguments
 from vqlab import tables
 from vqlab.cluster import kmeans, nearest
 from vqlab.codes import digits_to_index, index_to_digits, perplexity
@@ -643,7 +644,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trained", nargs="+", default=[], help="MLflow experiments (sweeps) whose tokenizers train the schemes"
     )
-    parser.add_argument("--tracking-uri", help="MLflow store: default $MLFLOW_TRACKING_URI, else <root>/mlflow.db")
     parser.add_argument("--bits", nargs="+", type=int, default=[4, 6, 8, 10, 12, 14, 16])
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--dim", type=int, default=4, help="dimension of the synthetic latents")
@@ -651,10 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out-count", type=int, default=16384, help="held-out synthetic latents")
     parser.add_argument("--min-points", type=int, default=8, help="training latents per centroid, at least")
     parser.add_argument("--learned-steps", type=int, default=LEARNED_STEPS, help="radix_learned's training steps")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--root", type=Path, default=Path("runs"), help="runs root: MLflow store and outputs")
-    parser.add_argument("--out", type=Path, help="default: <root>/decomposition")
-    parser.add_argument("--no-mlflow", action="store_true")
+    study_arguments(parser, "decomposition")
     parser.add_argument("--smoke", action="store_true", help="2 budgets, few latents: seconds")
     args = parser.parse_args(argv)
     if args.sources is None:

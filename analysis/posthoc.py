@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
-import torch
 
 from analysis.decomposition import SCHEMES, FitSettings, run_latents, study
+from analysis.runs import study_arguments
 from vqlab import tables
 
 if TYPE_CHECKING:
@@ -398,11 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-count", type=int, default=8192, help="training crops whose latents are fitted")
     parser.add_argument("--min-points", type=int, default=8, help="training latents per centroid, at least")
     parser.add_argument("--learned-steps", type=int, default=FitSettings().learned_steps)
-    parser.add_argument("--tracking-uri", help="MLflow store: default $MLFLOW_TRACKING_URI, else <root>/mlflow.db")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--root", type=Path, default=Path("runs"), help="runs root: MLflow store and outputs")
-    parser.add_argument("--out", type=Path, help="default: <root>/posthoc")
-    parser.add_argument("--no-mlflow", action="store_true")
+    study_arguments(parser, "posthoc")
     parser.add_argument("--smoke", action="store_true", help="few crops, a short radix_learned fit: seconds")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -70,6 +70,18 @@ def crops(cfg, split: str, count: int | None = None, device: str = "cpu"):
     return torch.cat(batches).to(device)
 
 
+def study_arguments(parser, study: str) -> None:
+    """The options every study's command shares: its MLflow store, device, runs root, output
+    folder (default ``<root>/<study>``) and whether to log to MLflow."""
+    import torch
+
+    parser.add_argument("--tracking-uri", help="MLflow store: default $MLFLOW_TRACKING_URI, else <root>/mlflow.db")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--root", type=Path, default=Path("runs"), help="runs root: MLflow store and outputs")
+    parser.add_argument("--out", type=Path, help=f"default: <root>/{study}")
+    parser.add_argument("--no-mlflow", action="store_true")
+
+
 def log_study(
     study: str, name: str, params: dict, rows: list[dict], files: list[Path], root: Path, uri: str = ""
 ) -> str:
