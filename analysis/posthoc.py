@@ -54,10 +54,10 @@ SCHEME_OF = {
     "radix": "radix",
 }
 COMPOSITE_SCHEME = {"rvq": "residual", "product": "product"}  # the k-means schemes: over flat VQ parts only
-SIDES = ("post-hoc", "co-trained")
 CONTROL = "identity"
 TABLE_COLUMNS = ("side", "scheme", "variant", "n", "bits", "measured bits", "l1", "mse", "quantization gap")
-FORMATS = {"bits": ".2f", "measured bits": ".2f", "l1": ".4f", "mse": ".4g", "quantization gap": ".4f"}
+# the columns ``vqlab.report.FORMATS`` does not know (l1, measured bits and the gap are shown as the report shows them)
+FORMATS = {"bits": ".2f", "mse": ".4g"}
 SMOKE = {"train_count": 64, "learned_steps": 50}
 DEFAULT_FIT = FitSettings()
 
@@ -93,12 +93,14 @@ def sweep_runs(experiment: str, tracking_uri: str) -> SweepRuns:
     schemes, widths = [], []
     for run_dir in seeds["run_dir"]:
         folder = RunFolder(Path(run_dir)) if isinstance(run_dir, str) else None
-        if folder is None or not folder.has_config():
-            schemes.append(None), widths.append(math.nan)
-            continue
-        quantizer = folder.read_config().quantizer
-        schemes.append(CONTROL if quantizer.name == CONTROL else scheme_of(quantizer))
-        widths.append(quantizers.build(quantizer).dim)
+        quantizer = folder.read_config().quantizer if folder is not None and folder.has_config() else None
+        if quantizer is None:
+            scheme, width = None, math.nan
+        else:
+            scheme = CONTROL if quantizer.name == CONTROL else scheme_of(quantizer)
+            width = quantizers.build(quantizer).dim
+        schemes.append(scheme)
+        widths.append(width)
     seeds = seeds.assign(scheme=schemes, width=widths)
     floors = seeds[seeds["scheme"] == CONTROL].reset_index(drop=True)
     cotrained = seeds[seeds["scheme"].notna() & (seeds["scheme"] != CONTROL)].reset_index(drop=True)
@@ -127,9 +129,12 @@ def posthoc_rows(
     for floor in floors.itertuples():
         latents = run_latents(floor.run_dir, train_count, device)
         for row in study(latents.train, latents.held_out, bits, schemes, fit, latents.decoded_l1, progress):
-            l1 = row.pop("decoded_l1", math.nan)
-            rows.append(row | {"side": "post-hoc", "variant": floor.name, "seed": floor.seed, "l1": l1})
-            rows[-1] |= {"measured bits": row.get("measured_bits", math.nan), "quantization gap": l1 - floor.l1}
+            l1, measured = row.pop("decoded_l1", math.nan), row.pop("measured_bits", math.nan)
+            rows.append(
+                row
+                | {"side": "post-hoc", "variant": floor.name, "seed": floor.seed, "l1": l1, "measured bits": measured}
+                | {"quantization gap": l1 - floor.l1}
+            )
     return pd.DataFrame(rows)
 
 
@@ -236,12 +241,15 @@ def disagreements(seeds: pd.DataFrame) -> list[str]:
 
 def markdown(table: pd.DataFrame) -> str:
     """``summary`` as markdown: ``mean ± half-width`` (no ``±`` at n = 1), ``—`` where missing."""
+    from vqlab.report import estimate
 
     def shown(row: pd.Series, column: str) -> str:
+        width = row.get(f"{column}_ci", math.nan)
+        if column not in FORMATS:
+            return estimate(column, row[column], width)
         if pd.isna(row[column]):
             return tables.MISSING
         text = tables.cell(row[column], FORMATS[column])
-        width = row.get(f"{column}_ci", math.nan)
         return text if pd.isna(width) else f"{text} ± {tables.cell(width, FORMATS[column])}"
 
     cells = (
@@ -251,17 +259,21 @@ def markdown(table: pd.DataFrame) -> str:
     return tables.markdown(TABLE_COLUMNS, cells)
 
 
-def difference(row: pd.Series) -> str:
-    """A paired difference as ``+mean ± half-width`` (no ``±`` without an interval: one seed)."""
-    return f"{row['difference']:+.4f}" + ("" if pd.isna(row["ci"]) else f" ± {row['ci']:.4f}")
-
-
 def comparisons_markdown(table: pd.DataFrame) -> str:
     """``comparisons`` as markdown, with each difference's seeds and verdict."""
+    from vqlab.report import estimate
+
     if table.empty:
         return ""
     cells = (
-        [row["comparison"], row["what"], str(row["bits"]), difference(row), row["seeds"], row["verdict"]]
+        [
+            row["comparison"],
+            row["what"],
+            str(row["bits"]),
+            estimate("l1", row["difference"], row["ci"], sign="+"),
+            row["seeds"],
+            row["verdict"],
+        ]
         for _, row in table.iterrows()
     )
     return tables.markdown(("comparison", "what", "bits", "L1 difference", "seeds", "verdict"), cells)
@@ -269,12 +281,11 @@ def comparisons_markdown(table: pd.DataFrame) -> str:
 
 def floors_markdown(floors: pd.DataFrame) -> str:
     """The continuous floors by width, mean ± interval over seeds."""
-    from vqlab.report import half_width
+    from vqlab.report import estimate, half_width
 
     cells = []
     for (name, width), group in floors.groupby(["name", "width"], sort=True):
-        spread = half_width(group["l1"])
-        text = f"{group['l1'].mean():.4f}" + ("" if pd.isna(spread) else f" ± {spread:.4f}")
+        text = estimate("l1", group["l1"].mean(), half_width(group["l1"]))
         cells.append([name, str(int(width)), str(len(group)), text])
     return tables.markdown(("floor", "width", "n", "l1"), cells)
 
@@ -397,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--train-count", type=int, default=8192, help="training crops whose latents are fitted")
     parser.add_argument("--min-points", type=int, default=8, help="training latents per centroid, at least")
-    parser.add_argument("--learned-steps", type=int, default=FitSettings().learned_steps)
+    parser.add_argument("--learned-steps", type=int, default=DEFAULT_FIT.learned_steps)
     study_arguments(parser, "posthoc")
     parser.add_argument("--smoke", action="store_true", help="few crops, a short radix_learned fit: seconds")
     args = parser.parse_args(argv)
@@ -420,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print((files[2]).read_text())
+    print(files[2].read_text())
     if not args.no_mlflow:
         params = {"experiment": args.experiment, "width": args.width, "train_count": args.train_count}
         run_id = log_to_mlflow(result, params, files, args.root, args.experiment, uri)
