@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.runs import study_arguments
+from analysis.runs import label, study_arguments
 from vqlab import tables
 from vqlab.cluster import kmeans, nearest
 from vqlab.codes import digits_to_index, index_to_digits, perplexity
@@ -610,7 +610,8 @@ def analyse(
     progress: bool = True,
 ) -> tuple[list[dict], list[Path]]:
     """The study on one source: rows, and ``table.csv``, ``table.md`` and ``distortion.png`` written
-    to ``out/<source>`` (a run source by its folder's name). For a run, ``train_count`` counts crops."""
+    to ``out/<source>`` (a run source by ``analysis.runs.label``: ``<variant>/seed<k>`` for a seeded
+    sweep's run). For a run, ``train_count`` counts crops."""
     import pandas as pd
 
     latents = None
@@ -624,7 +625,7 @@ def analyse(
     rows = study(train, held_out, bits, schemes, FitSettings(min_points, learned_steps), decoded, progress)
     if latents is not None and latents.trained is not None:
         rows.append(trained_row(latents))
-    folder = out / (Path(source.removeprefix("run:")).name if source.startswith("run:") else source)
+    folder = out / (label(source.removeprefix("run:")) if source.startswith("run:") else source)
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(folder / "table.csv", index=False)
     (folder / "table.md").write_text(markdown(rows) + "\n")

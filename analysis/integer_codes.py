@@ -605,7 +605,7 @@ def analyse_run(
     training curve per seed). Each prior is sized to ``prior_parameters`` (0: the flat prior's count
     at width 128), trained with seeds ``0 .. prior_seeds - 1`` for at most ``prior_steps`` steps,
     stopped early with ``patience``."""
-    from analysis.runs import crops, trained
+    from analysis.runs import crops, label, trained
 
     cfg, model = trained(run_dir, device)
     if not model.quantizer.radices:
@@ -616,7 +616,7 @@ def analyse_run(
     codes = tokenizer.encode(images)  # (B, L, G)
     tokens = codes.flatten(0, 1)
     radices = tokenizer.radices
-    result: dict = {"name": Path(run_dir).name, "quantizer": cfg.quantizer.name, "codebook_size": math.prod(radices)}
+    result: dict = {"name": label(run_dir), "quantizer": cfg.quantizer.name, "codebook_size": math.prod(radices)}
     result |= digit_statistics(codes, radices)
     result |= locality(tokens, radices, tokenizer.embed, tokenizer.image_of, pairs)
     result |= stability(tokenizer, images, codes)
@@ -778,7 +778,7 @@ def markdown(results: list[dict]) -> str:
 
 
 def write(result: dict, out: Path) -> list[Path]:
-    """``<out>/<name>/``: ``result.json`` and the figures."""
+    """``<out>/<name>/`` (``<variant>/seed<k>/`` for a seeded sweep's run): ``result.json`` and the figures."""
     import json
 
     folder = out / result["name"]

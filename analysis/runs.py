@@ -47,6 +47,16 @@ def table(root: str | Path = "runs", experiment: str | None = None):
     return pd.DataFrame(collect(root, experiment))
 
 
+def label(run_dir: str | Path) -> str:
+    """A run's name in the studies' tables and output folders: its MLflow run name, which for a
+    seeded sweep's run is ``<variant>/seed<k>`` (the folder's own name, ``seed<k>``, is every
+    variant's)."""
+    from vqlab.tracking import run_label
+
+    run = RunFolder(Path(run_dir))
+    return run_label(run.read_config().tracking, run.name)
+
+
 def trained(run_dir: str | Path, device: str = "cpu"):
     """``(config, model)`` of a run folder's newest valid checkpoint, in eval mode."""
     from vqlab.evaluate import trained_model

@@ -149,6 +149,20 @@ def test_cli_smoke_writes_the_table_and_figure_and_logs_to_mlflow(tmp_path, caps
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id)} == {"table.csv", "table.md", "distortion.png"}
 
 
+def test_a_seed_runs_study_is_written_under_its_variant(tmp_path, capsys):
+    """Every seed run of a seeded sweep is a ``seed<k>`` folder: named by it alone, the studies of
+    two variants' seed 0 would share one output folder."""
+    import vqlab
+
+    overrides = {"tracking.root": str(tmp_path / "runs"), "tracking.mlflow": False, "train.steps": 2}
+    overrides |= {"optim.warmup_steps": 0}
+    overrides |= {"tracking.run_group": "fsq", "tracking.run_name": "seed0"}
+    run = vqlab.fit(vqlab.config.load("smoke", overrides)).run_dir
+    args = ["--smoke", "--sources", f"run:{run}", "--train-count", "64", "--root", str(tmp_path), "--no-mlflow"]
+    assert decomposition.main(args) == 0
+    assert (tmp_path / "decomposition" / "fsq" / "seed0" / "table.md").is_file()
+
+
 def test_a_runs_latents_decode_to_its_own_validation_l1(tmp_path):
     """The identity (continuous) model's exact held-out latents, decoded, are its reconstructions."""
     import vqlab

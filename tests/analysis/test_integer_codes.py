@@ -1,5 +1,6 @@
 """analysis.integer_codes: digit statistics, locality and the priors against cases with known answers."""
 
+import json
 import math
 from pathlib import Path
 
@@ -278,6 +279,26 @@ def test_cli_smoke_on_a_trained_run_writes_and_logs(trained_run, tmp_path, capsy
         key: metrics[key] for key in ("swd_reconstructions", "swd_unigram", "prior_flat_swd", "prior_regression_swd")
     }
     assert all(value > 0 for value in swd.values()), swd
+
+
+def test_seed_runs_of_two_variants_keep_their_own_rows_and_folders(tmp_path, capsys):
+    """A seeded sweep's runs are all ``seed<k>`` folders: named by their folder alone, the second
+    variant's results would overwrite the first's."""
+    root = tmp_path / "runs"
+    base = {"tracking.root": str(root), "tracking.mlflow": False, "train.steps": 2, "optim.warmup_steps": 0}
+    base |= {"tracking.run_name": "seed0"}
+    variants = {"fsq": {}, "vq": {"quantizer.name": "vq", "quantizer.codebook_size": 64}}
+    runs = [
+        vqlab.fit(vqlab.config.load("smoke", base | {"tracking.run_group": name} | overrides)).run_dir
+        for name, overrides in variants.items()
+    ]
+    args = ["--runs", *map(str, runs), "--smoke", "--no-mlflow", "--priors", "flat", "--root", str(tmp_path)]
+    assert integer_codes.main(args) == 0
+    for name in variants:
+        result = json.loads((tmp_path / "integer_codes" / name / "seed0" / "result.json").read_text())
+        assert result["name"] == f"{name}/seed0" and result["quantizer"] == name
+    table = (tmp_path / "integer_codes" / "table.md").read_text()
+    assert "| fsq/seed0 | fsq |" in table and "| vq/seed0 | vq |" in table
 
 
 def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):

@@ -1,4 +1,4 @@
-from analysis.runs import collect, table
+from analysis.runs import collect, label, table
 from vqlab.trainer import fit
 
 
@@ -26,3 +26,11 @@ def test_collect_finds_the_seed_runs_of_a_seeded_sweeps_variant_folders(smoke_cf
         ("seed1", "fsq", 1),
     ]
     assert {r["experiment"] for r in rows} == {"smoke"}
+
+
+def test_a_seed_runs_label_names_its_variant_so_two_variants_seed_runs_differ(smoke_cfg, tmp_path):
+    base = {"train.steps": 2, "optim.warmup_steps": 1, "tracking.run_name": "seed0"}
+    fsq = fit(smoke_cfg(**base, **{"tracking.run_group": "fsq"})).run_dir
+    vq = fit(smoke_cfg(**base, **{"tracking.run_group": "vq", "quantizer.name": "vq"})).run_dir
+    alone = fit(smoke_cfg(**{**base, "tracking.run_name": "alone"})).run_dir
+    assert [label(run) for run in (fsq, vq, alone)] == ["fsq/seed0", "vq/seed0", "alone"]
