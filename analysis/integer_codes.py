@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis import estimators
+from analysis.runs import label
 from vqlab import checkpoint, tables
 from vqlab.codes import digits_to_index
 from vqlab.errors import UserError
@@ -605,7 +606,7 @@ def analyse_run(
     training curve per seed). Each prior is sized to ``prior_parameters`` (0: the flat prior's count
     at width 128), trained with seeds ``0 .. prior_seeds - 1`` for at most ``prior_steps`` steps,
     stopped early with ``patience``."""
-    from analysis.runs import crops, label, trained
+    from analysis.runs import crops, trained
 
     cfg, model = trained(run_dir, device)
     if not model.quantizer.radices:
@@ -647,6 +648,40 @@ def analyse_run(
     result["samples"] |= {f"{r.kind} prior": r.samples for r in fitted if r.seed == 0}
     result["log2_codebook_size"] = math.log2(result["codebook_size"])
     return result
+
+
+def _set_threads(count: int) -> None:
+    torch.set_num_threads(count)
+
+
+def analyse_runs(runs: list[Path], jobs: int = 1, **settings):
+    """``analyse_run`` of each run, yielded as each is done (so a caller writes it before the next
+    finishes); with ``jobs`` > 1, that many runs at once, each in its own process with an equal
+    share of this process's torch threads (results depend on the thread count: ``threads_per_run``
+    says which one made them)."""
+    if jobs <= 1 or len(runs) <= 1:
+        yield from (analyse_run(run, **settings) for run in runs)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
+    context = multiprocessing.get_context("spawn")  # a forked torch may hang in its thread pool
+    workers = min(jobs, len(runs))
+    with ProcessPoolExecutor(workers, context, initializer=_set_threads, initargs=(threads_per_run(jobs),)) as pool:
+        futures = [pool.submit(analyse_run, run, progress=False, **settings) for run in runs]
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc=f"runs, {workers} at once", unit="run"):
+                yield future.result()
+        finally:  # a failed run or a caller that stops: nothing more starts
+            for future in futures:
+                future.cancel()
+
+
+def threads_per_run(jobs: int) -> int:
+    """The torch threads each run is analysed with when ``jobs`` run at once."""
+    return max(1, torch.get_num_threads() // max(1, jobs))
 
 
 def generative_controls(
@@ -818,12 +853,15 @@ def main(argv: list[str] | None = None) -> int:
         "--root", type=Path, default=Path("runs"), help="runs root: MLflow store; outputs in <root>/integer_codes"
     )
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs analysed at once, each in its own process with a share of the threads"
+    )
     parser.add_argument("--smoke", action="store_true", help="few crops and prior steps: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
-    if min(args.train_count, args.prior_steps, args.prior_seeds, args.patience) < 1 or args.pairs < 2:
-        parser.error("--train-count, --prior-steps, --prior-seeds and --patience must be >= 1, --pairs >= 2")
+    if min(args.train_count, args.prior_steps, args.prior_seeds, args.patience, args.jobs) < 1 or args.pairs < 2:
+        parser.error("--train-count, --prior-steps, --prior-seeds, --patience and --jobs must be >= 1, --pairs >= 2")
     # every run is checked before any is analysed: one line naming what is missing, exit 2
     missing = [str(run) for run in args.runs if not RunFolder(run).has_config()]
     unsaved = [
@@ -839,17 +877,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {key: getattr(args, key) for key in ("train_count", "prior_steps", "pairs", "prior_seeds")}
     settings |= {"prior_parameters": args.prior_parameters, "patience": args.patience}
+    logged = settings | {"threads_per_run": threads_per_run(args.jobs if len(args.runs) > 1 else 1)}
     results = []
-    for run in args.runs:
-        try:
-            result = analyse_run(run, priors=tuple(args.priors), **settings)
-        except UserError as err:  # e.g. no checkpoint of the run loads
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        files = write(result, args.root / "integer_codes")
-        if not args.no_mlflow:
-            print(f"MLflow run {log_to_mlflow(result, files, args.root, settings)} (experiment integer_codes)")
-        results.append(result)
+    try:
+        for result in analyse_runs(args.runs, args.jobs, priors=tuple(args.priors), **settings):
+            files = write(result, args.root / "integer_codes")
+            if not args.no_mlflow:
+                print(f"MLflow run {log_to_mlflow(result, files, args.root, logged)} (experiment integer_codes)")
+            results.append(result)
+    except UserError as err:  # e.g. no checkpoint of the run loads; the runs done before it are written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    order = [label(run) for run in args.runs]
+    results.sort(key=lambda r: order.index(r["name"]))
     table = markdown(results)
     (args.root / "integer_codes").mkdir(parents=True, exist_ok=True)
     (args.root / "integer_codes" / "table.md").write_text(table + "\n")

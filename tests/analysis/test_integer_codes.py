@@ -293,12 +293,18 @@ def test_seed_runs_of_two_variants_keep_their_own_rows_and_folders(tmp_path, cap
         for name, overrides in variants.items()
     ]
     args = ["--runs", *map(str, runs), "--smoke", "--no-mlflow", "--priors", "flat", "--root", str(tmp_path)]
-    assert integer_codes.main(args) == 0
+    assert integer_codes.main([*args, "--jobs", "2"]) == 0  # two processes, a thread each
+    written = {}
     for name in variants:
-        result = json.loads((tmp_path / "integer_codes" / name / "seed0" / "result.json").read_text())
-        assert result["name"] == f"{name}/seed0" and result["quantizer"] == name
+        written[name] = json.loads((tmp_path / "integer_codes" / name / "seed0" / "result.json").read_text())
+        assert written[name]["name"] == f"{name}/seed0" and written[name]["quantizer"] == name
     table = (tmp_path / "integer_codes" / "table.md").read_text()
-    assert "| fsq/seed0 | fsq |" in table and "| vq/seed0 | vq |" in table
+    assert table.index("| fsq/seed0 | fsq |") < table.index("| vq/seed0 | vq |")  # the order given
+    # a run analysed in its own process equals the same run analysed here, at one thread both
+    settings = {k: v for k, v in integer_codes.SMOKE.items()} | {"priors": ("flat",), "progress": False}
+    here = integer_codes.analyse_run(runs[1], **settings)
+    for key in ("prior_flat_bits", "code_bits", "swd_unigram", "prior_flat_swd", "locality_index_vs_embedding"):
+        assert written["vq"][key] == here[key], key
 
 
 def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):
