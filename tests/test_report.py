@@ -698,6 +698,26 @@ def test_crop_bootstrap_on_a_known_example():
     assert report.crop_bootstrap(np.full(10, 0.25)) == (0.25, 0.25, 0.25)  # no spread, no interval to draw
 
 
+def test_repeated_references_give_each_its_own_comparison_with_every_other_variant(seeded, tmp_path, capsys):
+    uri, _ = seeded
+    out = tmp_path / "report"
+    assert (
+        report.main([SEEDED, "--tracking-uri", uri, "--out", str(out), "--reference", "ref", "--reference", "better"])
+        == 0
+    )
+    csv = pd.read_csv(out / "paired.csv")
+    alone = {name: report.render(SEEDED, uri, reference=name).paired for name in ("ref", "better")}
+    for name, expected in alone.items():  # each reference's rows are what it gives alone
+        mine = csv[csv["reference"] == name].reset_index(drop=True)
+        assert set(mine["variant"]) == set(SEEDED_L1) - {name}
+        pd.testing.assert_frame_equal(mine[["variant", "metric", "n"]], expected[["variant", "metric", "n"]])
+        assert mine["difference"].to_numpy() == pytest.approx(expected["difference"].to_numpy())
+    l1 = csv[csv["metric"] == "l1"].set_index(["reference", "variant"])["difference"]
+    assert l1[("better", "ref")] == pytest.approx(-l1[("ref", "better")])  # the same pairs, the other way
+    printed = capsys.readouterr().out
+    assert printed.index("paired with reference ref:") < printed.index("paired with reference better:")
+
+
 def test_a_reference_that_is_no_variant_is_a_one_line_error(seeded, tmp_path, capsys):
     uri, _ = seeded
     out = tmp_path / "report"

@@ -53,7 +53,8 @@ Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sw
                  every metric column, as MLflow stored it, the quantization gap, and
                  ``RATE_INTERVAL``: the run's 95% bootstrap interval of its measured bits over the
                  validation crops
-    paired.csv   with ``--reference``: ``PAIRED_COLUMNS``, one line per variant and headline metric
+    paired.csv   with ``--reference``: ``PAIRED_COLUMNS``, one line per reference, variant and headline
+                 metric (``--reference`` repeated: each reference against every other variant)
     l1_vs_bits.png, usage.png, curves.png   error bars are the 95% t intervals, where n > 1 (and
                  a single run's bootstrap interval of its measured bits)
     convergence.png                     where a method ran at several train.steps: val L1 against
@@ -70,9 +71,10 @@ log2 K. curves.png: training and validation L1 per variant over steps. ``--readm
 also saves ``README_FIGURES`` there (the README's ``docs/figures``).
 
 ``--reference R`` compares every other variant with variant ``R`` on the ``HEADLINE`` metrics both
-logged: the difference ``variant - R`` per seed, over the seeds both ran (paired by seed), its mean
-and 95% t interval, ``n`` the pairs, and the verdict ``resolved`` only where that interval excludes
-0, else ``not resolved at n seeds``. Different seed sets are paired on the common seeds, and the
+logged (repeated, with each ``R`` in turn: a table each, and one ``paired.csv`` with a
+``reference`` column): the difference ``variant - R`` per seed, over the seeds both ran (paired by
+seed), its mean and 95% t interval, ``n`` the pairs, and the verdict ``resolved`` only where that
+interval excludes 0, else ``not resolved at n seeds``. Different seed sets are paired on the common seeds, and the
 ``seeds`` column says so; with no common seed the interval is Welch's (unpaired) and says
 ``unpaired``. The seeds measure training noise; the ``crops`` column measures measurement noise:
 the per-image validation L1 of both (``RunFolder.per_image_l1``, read from each run's MLflow
@@ -178,6 +180,7 @@ HEADLINE = ("l1", "psnr", "ssim", "codebook usage", "lpips", "fid")
 BOOTSTRAP_RESAMPLES = 9999
 PROGRESS_BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # MLflow's switch for its download progress bars
 PAIRED_COLUMNS = (
+    "reference",  # the variant the others are compared with
     "variant",
     "metric",
     "difference",  # mean of variant - reference over the pairs (unpaired: difference of the means)
@@ -653,7 +656,7 @@ def paired(seeds: pd.DataFrame, reference: str, per_image: Callable[[str], np.nd
             if found is None:
                 continue
             used = found.pop("used")
-            row = {"variant": name, "metric": column, **found}
+            row = {"reference": reference, "variant": name, "metric": column, **found}
             if column == "l1":
                 row |= crop_comparison(group, base, *used, per_image)
             rows.append(row)
@@ -1042,18 +1045,22 @@ def render(
     sweep: str | None = None,
     out: str | Path | None = None,
     root: str | Path = "runs",
-    reference: str | None = None,
+    reference: str | Sequence[str] | None = None,
 ) -> Report:
     """Read the runs, build the table, its notes, the paired comparison with ``reference`` (a
-    variant's name; ``ReportError`` when it is none) and the figures and, with ``out``, write them
-    there (the module docstring lists the files). ``parent_run_ids``: the parents of the rows' runs."""
+    variant's name, or several: each compared with every other variant in turn; ``ReportError``
+    when one is none) and the figures and, with ``out``, write them there (the module docstring
+    lists the files). ``parent_run_ids``: the parents of the rows' runs."""
     uri = store(tracking_uri, root)
     runs = fetch_runs(experiment, uri, sweep)
     seeds = per_seed(runs)
-    if reference:
-        reference_check(reference, seeds, experiment)
+    references = [reference] if isinstance(reference, str) else list(dict.fromkeys(reference or ()))
+    for name in references:
+        reference_check(name, seeds, experiment)
     table = comparison(runs, seeds)
-    compared = paired(seeds, reference, per_image_reader(uri, seeds)) if reference else None
+    reader = per_image_reader(uri, seeds)
+    sections = {name: paired(seeds, name, reader) for name in references}
+    compared = pd.concat(sections.values(), ignore_index=True) if sections else None
     made = figures(table, curves(runs, uri), seeds)
     if shown := shown_crops(seeds, uri):
         made[RECONSTRUCTIONS] = reconstruction_figure(shown)
@@ -1061,7 +1068,7 @@ def render(
     others = unfinished(runs)
     below = notes(table, seeds)
     parts = [markdown(table), "\n".join(below), unfinished_markdown(others)]
-    parts += [paired_markdown(compared, reference)] if compared is not None else []
+    parts += [paired_markdown(section, name) for name, section in sections.items()]
     result = Report(
         table, "\n\n".join(part for part in parts if part), made, [], parents, others, seeds, compared, below
     )
@@ -1107,8 +1114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reference",
         metavar="VARIANT",
+        action="append",
         help="compare every other variant with this one: differences paired by seed, their 95%% intervals, "
-        "and a bootstrap over the validation crops",
+        "and a bootstrap over the validation crops (repeat it for several references, each a table)",
     )
     parser.add_argument(
         "--notebook", action="store_true", help="also execute notebooks/compare.ipynb into <out>/compare.ipynb"
@@ -1135,7 +1143,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.notebook:
         executed = out / "compare.ipynb"
         parameters = {"experiment": args.experiment, "sweep": args.sweep or "", "root": str(args.root)}
-        parameters |= {"tracking_uri": args.tracking_uri or "", "out": str(out), "reference": args.reference or ""}
+        parameters |= {
+            "tracking_uri": args.tracking_uri or "",
+            "out": str(out),
+            "reference": ",".join(args.reference or []),
+        }
         execute(parameters, executed, notebook=COMPARE_NOTEBOOK)
         log_to_parents(result, uri, [executed])  # once it ran: a notebook that failed is not the report's
         print(f"executed {executed}")
