@@ -32,6 +32,11 @@ otherwise):
   out from first tokens of training sequences), decoded, and scored with SWD against the validation
   crops (mean over the prior seeds, 95% t interval), beside three references: real training crops,
   the validation codes decoded (a perfect prior's score) and tokens drawn with no context.
+
+Each run's results go to ``<root>/integer_codes/<run>/result.json`` with the settings that made
+them; a rerun reads a run's file instead of analysing it again where the settings are the same
+(``--again`` analyses it anyway), so a killed command continues, and ``table.md`` can gather runs
+analysed by several commands (``--jobs`` analyses several at once).
 """
 
 from __future__ import annotations
@@ -812,19 +817,33 @@ def markdown(results: list[dict]) -> str:
     )
 
 
-def write(result: dict, out: Path) -> list[Path]:
-    """``<out>/<name>/`` (``<variant>/seed<k>/`` for a seeded sweep's run): ``result.json`` and the figures."""
+def write(result: dict, out: Path, made_with: dict | None = None) -> list[Path]:
+    """``<out>/<name>/`` (``<variant>/seed<k>/`` for a seeded sweep's run): ``result.json`` (with
+    ``made_with``: the settings, which ``written`` compares) and the figures."""
     import json
 
     folder = out / result["name"]
     folder.mkdir(parents=True, exist_ok=True)
     plain = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items() if k != "samples"}
+    plain |= made_with or {}
     (folder / "result.json").write_text(json.dumps(plain, indent=2) + "\n")
     files = [folder / "result.json"]
     for name, figure in figures(result).items():
         figure.savefig(folder / name, dpi=120)
         files.append(folder / name)
     return files
+
+
+def written(out: Path, name: str, settings: dict) -> dict | None:
+    """The result ``write`` left for run ``name`` under ``out``, where it was made with these
+    ``settings``; else ``None``."""
+    import json
+
+    path = out / name / "result.json"
+    if not path.is_file():
+        return None
+    found = json.loads(path.read_text())
+    return found if found.get("settings") == settings else None
 
 
 def log_to_mlflow(result: dict, files: list[Path], root: Path, settings: dict) -> str:
@@ -856,6 +875,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs analysed at once, each in its own process with a share of the threads"
     )
+    parser.add_argument(
+        "--again", action="store_true", help="analyse every run, also one whose result has the same settings"
+    )
     parser.add_argument("--smoke", action="store_true", help="few crops and prior steps: seconds")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -877,11 +899,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = {key: getattr(args, key) for key in ("train_count", "prior_steps", "pairs", "prior_seeds")}
     settings |= {"prior_parameters": args.prior_parameters, "patience": args.patience}
-    logged = settings | {"threads_per_run": threads_per_run(args.jobs if len(args.runs) > 1 else 1)}
-    results = []
+    out, recorded = args.root / "integer_codes", settings | {"priors": list(args.priors)}
+    # a rerun continues: a run whose result was written with the same settings is not analysed again
+    reused = {} if args.again else {label(run): written(out, label(run), recorded) for run in args.runs}
+    results = [result for result in reused.values() if result is not None]
+    for result in results:
+        print(f"reusing {out / result['name'] / 'result.json'}: the same settings (--again analyses it again)")
+    todo = [run for run in args.runs if reused.get(label(run)) is None]
+    threads = threads_per_run(args.jobs if len(todo) > 1 else 1)
+    logged = settings | {"threads_per_run": threads}
     try:
-        for result in analyse_runs(args.runs, args.jobs, priors=tuple(args.priors), **settings):
-            files = write(result, args.root / "integer_codes")
+        for result in analyse_runs(todo, args.jobs, priors=tuple(args.priors), **settings):
+            files = write(result, out, {"settings": recorded, "threads_per_run": threads})
             if not args.no_mlflow:
                 print(f"MLflow run {log_to_mlflow(result, files, args.root, logged)} (experiment integer_codes)")
             results.append(result)
@@ -891,10 +920,10 @@ def main(argv: list[str] | None = None) -> int:
     order = [label(run) for run in args.runs]
     results.sort(key=lambda r: order.index(r["name"]))
     table = markdown(results)
-    (args.root / "integer_codes").mkdir(parents=True, exist_ok=True)
-    (args.root / "integer_codes" / "table.md").write_text(table + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table + "\n")
     print(table)
-    print(f"wrote {args.root / 'integer_codes'}")
+    print(f"wrote {out}")
     return 0
 
 

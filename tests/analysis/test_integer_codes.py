@@ -307,6 +307,23 @@ def test_seed_runs_of_two_variants_keep_their_own_rows_and_folders(tmp_path, cap
         assert written["vq"][key] == here[key], key
 
 
+def test_a_rerun_reuses_results_made_with_the_same_settings_and_only_those(trained_run, tmp_path, monkeypatch, capsys):
+    args = ["--runs", str(trained_run), "--smoke", "--no-mlflow", "--priors", "flat", "--root", str(tmp_path)]
+    assert integer_codes.main(args) == 0
+    table = (tmp_path / "integer_codes" / "table.md").read_text()
+    analysed = []
+    real = integer_codes.analyse_run
+    monkeypatch.setattr(integer_codes, "analyse_run", lambda run, **kw: analysed.append(kw) or real(run, **kw))
+    capsys.readouterr()
+    assert integer_codes.main(args) == 0  # the same settings: read back, not analysed
+    assert analysed == [] and "reusing" in capsys.readouterr().out
+    assert (tmp_path / "integer_codes" / "table.md").read_text() == table
+    assert integer_codes.main([*args, "--patience", "3"]) == 0  # other settings: analysed again
+    assert [kw["patience"] for kw in analysed] == [3]
+    assert integer_codes.main([*args, "--patience", "3", "--again"]) == 0
+    assert len(analysed) == 2
+
+
 def test_cli_rejects_a_missing_run_folder_before_any_work(tmp_path, capsys):
     assert integer_codes.main(["--runs", str(tmp_path / "nothing"), "--root", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"error: no run folder (config.yaml) at {tmp_path / 'nothing'}\n"
