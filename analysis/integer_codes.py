@@ -826,12 +826,13 @@ def write(result: dict, out: Path, made_with: dict | None = None) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     plain = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items() if k != "samples"}
     plain |= made_with or {}
-    (folder / "result.json").write_text(json.dumps(plain, indent=2) + "\n")
-    files = [folder / "result.json"]
+    files = []
     for name, figure in figures(result).items():
         figure.savefig(folder / name, dpi=120)
         files.append(folder / name)
-    return files
+    # last and whole: a result.json there means the run's files are all there (``written``)
+    checkpoint.write_text_atomic(json.dumps(plain, indent=2) + "\n", folder / "result.json")
+    return [folder / "result.json", *files]
 
 
 def written(out: Path, name: str, settings: dict) -> dict | None:
