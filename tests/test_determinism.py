@@ -12,6 +12,7 @@ import yaml
 
 from vqlab import checkpoint
 from vqlab.runfolder import RunFolder
+from vqlab.runtime import cpu_name
 
 WALL_CLOCK = ("train/images_per_s", "train/peak_memory_gb")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -72,4 +73,5 @@ def test_same_seed_runs_are_bit_identical_in_two_processes_and_in_a_sweep(tmp_pa
     assert done.returncode == 0, done.stderr[-2000:]
     in_sweep = next(folder for folder in (tmp_path / "c" / "same").rglob("config.yaml")).parent
     assert_same(RunFolder(tmp_path / "a" / "smoke" / "r"), RunFolder(in_sweep))
-    assert json.loads(RunFolder(in_sweep).runtime_file.read_text())["threads"] == "1"
+    runtime = json.loads(RunFolder(in_sweep).runtime_file.read_text())
+    assert runtime["threads"] == "1" and runtime["cpu"] == cpu_name()

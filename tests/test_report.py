@@ -423,7 +423,7 @@ def test_failed_and_unfinished_runs_are_listed_under_the_table_not_as_rows(tmp_p
     assert list(result.unfinished["status"]) == ["FAILED", "RUNNING", "FAILED"]
     table, made, listed = result.markdown.split("\n\n")
     assert table == report.markdown(result.table)
-    assert made == "runs made at commit not recorded, threads not recorded"
+    assert made == "runs made at commit not recorded, threads not recorded, cpu not recorded"
     assert listed.splitlines() == [
         "failed or unfinished, not results:",
         "- diverged (FAILED)",
@@ -492,6 +492,7 @@ def seeded(tmp_path_factory):
             tags |= {"git_commit": "aaaa111"}
             tags |= {} if variant == "single" else {"vqlab.commit": "bbbb222" if variant == "shifted" else "aaaa111"}
             tags |= {"vqlab.threads": "2" if variant == "single" else "1", "vqlab.torch": "2.9", "vqlab.device": "cpu"}
+            tags |= {"vqlab.cpu": "B (AVX2)" if variant == "shifted" else "A (AVX512)"}
             if seed is not None:
                 tags["seed"] = str(seed)
             name = variant if seed is None else f"{variant}/seed{seed}"
@@ -584,7 +585,7 @@ def test_a_setting_equal_over_seeds_has_no_interval_even_with_round_off():
     assert report.estimate("bits/token", 7.91, 0.02, 3, 3) == "7.91 ± 0.02"  # a setting that did differ
 
 
-def test_notes_name_mixed_code_versions_and_thread_counts(seeded):
+def test_notes_name_mixed_code_versions_thread_counts_and_cpus(seeded):
     uri, _ = seeded
     text = report.render(SEEDED, uri).markdown
     below = text.split("\n\n")[1]
@@ -592,9 +593,10 @@ def test_notes_name_mixed_code_versions_and_thread_counts(seeded):
     assert lines[0].startswith("± is the 95% confidence interval of the mean over the n seeds")
     assert "note: the rows come from different code versions: git_commit aaaa111 (13 runs), bbbb222 (2 runs)" in lines
     assert "note: the rows come from different thread counts: vqlab.threads 1 (14 runs), 2 (1 run)" in lines
-    same = report.per_seed(report.fetch_runs(SEEDED, uri)).assign(git_commit="aaaa111", threads="1")
-    assert lines[-1] == "runs made at commit aaaa111, bbbb222, threads 1, 2"
-    made = "runs made at commit aaaa111, threads 1"
+    assert "note: the rows come from different CPUs: vqlab.cpu A (AVX512) (13 runs), B (AVX2) (2 runs)" in lines
+    same = report.per_seed(report.fetch_runs(SEEDED, uri)).assign(git_commit="aaaa111", threads="1", cpu="A (AVX512)")
+    assert lines[-1] == "runs made at commit aaaa111, bbbb222, threads 1, 2, cpu A (AVX512), B (AVX2)"
+    made = "runs made at commit aaaa111, threads 1, cpu A (AVX512)"
     assert report.notes(report.comparison(report.fetch_runs(SEEDED, uri), same), same) == [lines[0], made]
 
 

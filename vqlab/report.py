@@ -35,8 +35,8 @@ measured bits of a continuous quantizer) is missing: ``NaN`` in the frame, ``—
 empty in the CSV; never 0. The markdown rounds as ``FORMATS`` says; the CSVs keep every digit
 MLflow stored. Under the table: what ``±`` means (when some row has seeds), a line when the rows
 come from different code versions (each run's ``vqlab.commit`` tag, else its sweep's
-``git_commit``) and one when they come from different thread counts (``vqlab.threads``), naming
-the values.
+``git_commit``) and one each when they come from different thread counts (``vqlab.threads``) or
+CPUs (``vqlab.cpu``: its model and the vector instructions torch used), naming the values.
 
 Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sweep's parent run, under ``report/``):
 
@@ -48,7 +48,7 @@ Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sw
                  ``method`` and ``run_id`` (space-separated in seed order; empty for the codecs)
     seeds.csv    the per-seed values: one line per run that is a result, ``SEED_COLUMNS``: ``name``,
                  ``seed`` (empty without a seed tag), ``levels``, ``method``, ``run_id``,
-                 ``git_commit``, ``threads``, ``run_dir``, ``floor`` (tags; empty where not
+                 ``git_commit``, ``threads``, ``cpu``, ``run_dir``, ``floor`` (tags; empty where not
                  recorded), ``steps`` (train.steps), ``wall_s`` (the MLflow run's start to end),
                  every metric column, as MLflow stored it, the quantization gap, and
                  ``RATE_INTERVAL``: the run's 95% bootstrap interval of its measured bits over the
@@ -144,7 +144,7 @@ COLUMNS = ("name", "levels", "n", *VALUES)  # the markdown table's
 # table.csv's: per metric its mean, the half-width of its 95% interval and its number of seeds
 CSV_COLUMNS = ("name", "levels", "n", "seeds", *(f"{m}{s}" for m in VALUES for s in ("", "_ci", "_n")))
 CSV_COLUMNS += ("method", "run_id")
-SEED_COLUMNS = ("name", "seed", "levels", "method", "run_id", "git_commit", "threads", "run_dir", "floor")
+SEED_COLUMNS = ("name", "seed", "levels", "method", "run_id", "git_commit", "threads", "cpu", "run_dir", "floor")
 SEED_COLUMNS += ("steps", "wall_s", *VALUES, *RATE_INTERVAL)  # train.steps; the MLflow run's start to end (s)
 # decimals shown in the markdown table
 FORMATS = {
@@ -342,7 +342,7 @@ def metric(run: pd.Series, key: str) -> float:
 
 def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run that is a result (``rows_of``), oldest first: ``SEED_COLUMNS`` (``seed``
-    ``<NA>`` without a seed tag; ``git_commit``, ``threads`` and ``run_dir`` from the tags, ``None``
+    ``<NA>`` without a seed tag; ``git_commit``, ``threads``, ``cpu`` and ``run_dir`` from the tags, ``None``
     when not recorded: the commit is the run's own ``vqlab.commit``, as a sweep that runs for hours
     may start runs of code committed after it began). Missing metrics are ``NaN``."""
     rows = []
@@ -354,7 +354,7 @@ def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
         row |= {"method": params.get("quantizer.name", MISSING), "run_id": run["run_id"]}
         # the commit the run itself imported at its start; the sweep's, for runs from before that tag
         commit = tag(run, "vqlab.commit") or tag(run, "git_commit")
-        row |= {"git_commit": commit, "threads": tag(run, "vqlab.threads")}
+        row |= {"git_commit": commit, "threads": tag(run, "vqlab.threads"), "cpu": tag(run, "vqlab.cpu")}
         row |= {"run_dir": tag(run, "vqlab.run_dir"), "floor": tag(run, "floor")}
         row |= {"steps": float(params.get("train.steps", math.nan)), "wall_s": wall_seconds(run)}
         rows.append(row | {column: metric(run, key) for column, key in (METRICS | RATE_INTERVAL).items()})
@@ -549,8 +549,8 @@ def markdown(table: pd.DataFrame) -> str:
 
 def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
     """The lines under the table: what ``±`` means (when a row has more than one seed), and one
-    line each when the runs come from different code versions (``git_commit``) or thread counts
-    (``vqlab.threads``), naming the values and how many runs have each."""
+    line each when the runs come from different code versions (``git_commit``), thread counts
+    (``vqlab.threads``) or CPUs (``vqlab.cpu``), naming the values and how many runs have each."""
     lines = []
     if (table["n"] > 1).any():
         lines.append(
@@ -566,6 +566,7 @@ def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
     for column, what, key in (
         ("git_commit", "code versions", "git_commit"),
         ("threads", "thread counts", "vqlab.threads"),
+        ("cpu", "CPUs", "vqlab.cpu"),
     ):
         counts = seeds[column].dropna().value_counts(sort=False)
         if len(counts) > 1:
@@ -578,13 +579,13 @@ def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
 
 
 def made_by(seeds: pd.DataFrame) -> str:
-    """Which code and thread count made the rows: a number is rerun only at the same ones."""
+    """Which code, thread count and CPU made the rows: a number is rerun only at the same ones."""
 
     def shown(column: str, width: int | None = None) -> str:
         values = sorted({str(v)[:width] for v in seeds[column].dropna()})
         return ", ".join(values) if values else "not recorded"
 
-    return f"runs made at commit {shown('git_commit', 10)}, threads {shown('threads')}"
+    return f"runs made at commit {shown('git_commit', 10)}, threads {shown('threads')}, cpu {shown('cpu')}"
 
 
 # --- paired comparisons --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ for a run in a group (a sweep's variant whose runs are its seeds: ``<variant>/se
     eval_train.json             the same on training crops (``--split train``)
     run.ipynb                   the executed notebook, when a notebook ran the run
     mlflow_run_id               the run's MLflow run id
-    runtime.json                what the numbers depend on beyond the config (threads, torch, device)
+    runtime.json                what the numbers depend on beyond the config (threads, CPU, torch, device)
     finished                    the end phase is done (its step); absent while there is work left
 
 A driver (a notebook, a sweep) may make the folder before training starts, so that it knows where
