@@ -6,6 +6,7 @@ EMA (docs/architecture.md).
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import random
 import subprocess
@@ -86,7 +87,9 @@ def runtime_record(device: torch.device, world_size: int) -> dict[str, str]:
 
 def cpu_name() -> str:
     """The CPU's model and the vector instructions torch's kernels use on it, e.g. ``AMD EPYC
-    (AVX512)``."""
+    (AVX512)``, and oneDNN's cap where ``ONEDNN_MAX_CPU_ISA`` sets one (its convolutions round
+    differently with AVX-512 kernels: ``AMD EPYC (AVX512, oneDNN AVX2)`` makes an AVX2 machine's
+    numbers)."""
     model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -94,7 +97,8 @@ def cpu_name() -> str:
             line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
         ]
         model = names[0] if names else model
-    return f"{model} ({torch.backends.cpu.get_cpu_capability()})"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}{f', oneDNN {cap}' if cap else ''})"
 
 
 def git_commit() -> str:
