@@ -42,3 +42,17 @@ def nothing_written_to_the_working_folder():
     yield
     written = {p for p in strays if p.exists()} - before
     assert not written, f"the test wrote {sorted(map(str, written))} into the working folder"
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_store_from_outside(monkeypatch):
+    """Every test starts without $MLFLOW_TRACKING_URI and with MLflow's global URI unset: one set by
+    the shell, or left by an earlier test in the same worker (``mlflow.set_tracking_uri`` sets the
+    variable), would send every later run to that store, where runs of other tests with the same
+    experiment names are found (a sweep test found another test's unseeded run)."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+    yield
+    mlflow.set_tracking_uri(None)

@@ -138,15 +138,13 @@ def test_mlflow_records_params_metrics_and_artifacts(smoke_cfg, tmp_path):
     mlflow = pytest.importorskip("mlflow")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = fit(smoke_cfg(**{"tracking.mlflow": True, "tracking.mlflow_uri": uri, "train.steps": 10}))
-    mlflow.set_tracking_uri(uri)
-    runs = mlflow.search_runs(experiment_names=["smoke"])
-    assert len(runs) == 1
-    run = runs.iloc[0]
-    assert run["tags.mlflow.runName"] == result.run_dir.name
-    assert run["params.quantizer.name"] == "fsq" and run["params.quantizer.levels"] == "[8, 5, 5, 5]"
-    assert run["metrics.val/l1"] == pytest.approx(result.metrics["val/l1"])
-    client = mlflow.tracking.MlflowClient()
-    artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
+    # a client of its own: mlflow.set_tracking_uri would set $MLFLOW_TRACKING_URI for every later test
+    client = mlflow.tracking.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert run.info.run_name == result.run_dir.name
+    assert run.data.params["quantizer.name"] == "fsq" and run.data.params["quantizer.levels"] == "[8, 5, 5, 5]"
+    assert run.data.metrics["val/l1"] == pytest.approx(result.metrics["val/l1"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "figures"} <= artifacts
     assert (tmp_path / "runs" / "mlartifacts").is_dir()
 
