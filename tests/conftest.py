@@ -45,14 +45,18 @@ def nothing_written_to_the_working_folder():
 
 
 @pytest.fixture(autouse=True)
-def no_mlflow_store_from_outside(monkeypatch):
+def no_mlflow_store_from_outside():
     """Every test starts without $MLFLOW_TRACKING_URI and with MLflow's global URI unset: one set by
     the shell, or left by an earlier test in the same worker (``mlflow.set_tracking_uri`` sets the
     variable), would send every later run to that store, where runs of other tests with the same
-    experiment names are found (a sweep test found another test's unseeded run)."""
+    experiment names are found (a sweep test found another test's unseeded run). Not through
+    ``monkeypatch``: requested here, its teardown (a test's ``chdir`` undone) would come after
+    ``nothing_written_to_the_working_folder``'s check."""
     import mlflow
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    saved = os.environ.pop("MLFLOW_TRACKING_URI", None)
     mlflow.set_tracking_uri(None)
     yield
-    mlflow.set_tracking_uri(None)
+    mlflow.set_tracking_uri(None)  # also unsets the variable
+    if saved is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
