@@ -902,11 +902,12 @@ def main(argv: list[str] | None = None) -> int:
     settings |= {"prior_parameters": args.prior_parameters, "patience": args.patience}
     out, recorded = args.root / "integer_codes", settings | {"priors": list(args.priors)}
     # a rerun continues: a run whose result was written with the same settings is not analysed again
-    reused = {} if args.again else {label(run): written(out, label(run), recorded) for run in args.runs}
+    labels = [label(run) for run in args.runs]  # each reads the run's config
+    reused = {} if args.again else {name: written(out, name, recorded) for name in labels}
     results = [result for result in reused.values() if result is not None]
     for result in results:
         print(f"reusing {out / result['name'] / 'result.json'}: the same settings (--again analyses it again)")
-    todo = [run for run in args.runs if reused.get(label(run)) is None]
+    todo = [run for run, name in zip(args.runs, labels, strict=True) if reused.get(name) is None]
     threads = threads_per_run(args.jobs if len(todo) > 1 else 1)
     logged = settings | {"threads_per_run": threads}
     try:
@@ -918,8 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # e.g. no checkpoint of the run loads; the runs done before it are written
         print(f"error: {err}", file=sys.stderr)
         return 2
-    order = [label(run) for run in args.runs]
-    results.sort(key=lambda r: order.index(r["name"]))
+    results.sort(key=lambda r: labels.index(r["name"]))
     table = markdown(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")

@@ -1055,7 +1055,8 @@ def render(
     uri = store(tracking_uri, root)
     runs = fetch_runs(experiment, uri, sweep)
     seeds = per_seed(runs)
-    references = [reference] if isinstance(reference, str) else list(dict.fromkeys(reference or ()))
+    names = [reference] if isinstance(reference, str) else reference or ()
+    references = list(dict.fromkeys(name for name in names if name))  # "" is none, as it always was
     for name in references:
         reference_check(name, seeds, experiment)
     table = comparison(runs, seeds)
