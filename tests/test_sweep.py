@@ -481,6 +481,79 @@ def test_a_seeded_sweep_nests_one_tagged_run_per_variant_and_seed_and_a_rerun_sk
         assert (tmp_path / "runs" / "tiny" / label / "run.ipynb").stat().st_mtime_ns == notebooks[label]
 
 
+def test_a_recipe_is_the_config_but_where_the_run_is_kept(tmp_path):
+    source = write_sweep(tmp_path, variants={"a": {}, "b": {}, "c": {"optim.lr": 1e-3}}, seeds=[0, 1])
+    runs = {v.label: v.cfg for v in sweep.load(source, extra=root_override(tmp_path)).variants}
+    assert runs["a/seed0"].tracking != runs["b/seed0"].tracking
+    assert sweep.recipe(runs["a/seed0"]) == sweep.recipe(runs["b/seed0"])
+    assert sweep.recipe(runs["a/seed0"]) != sweep.recipe(runs["a/seed1"])  # another seed
+    assert sweep.recipe(runs["a/seed0"]) != sweep.recipe(runs["c/seed0"])
+
+
+def metric_histories(mlflow_client, run):
+    return {
+        key: [(m.step, m.value, m.timestamp) for m in mlflow_client.get_metric_history(run.info.run_id, key)]
+        for key in run.data.metrics
+    }
+
+
+@pytest.mark.slow
+def test_reuse_copies_the_runs_another_experiment_trained_and_trains_the_others(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    root = f"tracking.root={tmp_path / 'runs'}"
+    assert sweep.main([write_sweep(tmp_path, variants={"a": {}}, seeds=[0]), "--smoke", root]) == 0
+    second = tmp_path / "second.yaml"
+    variants = {"b": {}, "c": {"quantizer.levels": [8, 8]}}  # b at seed 0 is tiny's a at seed 0
+    second.write_text(yaml.safe_dump({"name": "other", "base": "smoke", "variants": variants, "seeds": [0, 1]}))
+    capfd.readouterr()
+    assert sweep.main([str(second), "--smoke", root, "--reuse", "tiny"]) == 0
+    printed = capfd.readouterr()
+    assert "reused b/seed0: tiny/a/seed0" in printed.err and "1 reused" in printed.out
+    mlflow_client = client(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (source,) = mlflow_client.search_runs(
+        [mlflow_client.get_experiment_by_name("tiny").experiment_id], "tags.seed = '0'"
+    )
+    found = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("other").experiment_id])
+    (parent,) = [r for r in found if r.data.tags.get("sweep_parent") == "true"]
+    runs = {r.info.run_name: r for r in found if "variant" in r.data.tags}
+    assert sorted(runs) == ["b/seed0", "b/seed1", "c/seed0", "c/seed1"]
+    copy = runs["b/seed0"]
+    assert copy.info.status == "FINISHED" and copy.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (copy.data.tags["sweep"], copy.data.tags["variant"], copy.data.tags["seed"]) == ("other", "b", "0")
+    assert copy.data.tags["vqlab.reused_from"] == "tiny/a/seed0"
+    assert copy.data.tags["vqlab.reused_run_id"] == source.info.run_id
+    for key in ("git_commit", "vqlab.threads", "vqlab.cpu"):  # what made the numbers: the source's
+        assert copy.data.tags[key] == source.data.tags[key]
+    assert copy.data.params == source.data.params and copy.data.metrics == source.data.metrics
+    assert metric_histories(mlflow_client, copy) == metric_histories(mlflow_client, source)
+    assert (copy.info.start_time, copy.info.end_time) == (source.info.start_time, source.info.end_time)
+    artifacts = [a.path for a in mlflow_client.list_artifacts(copy.info.run_id)]
+    assert artifacts == [a.path for a in mlflow_client.list_artifacts(source.info.run_id)] and "run.ipynb" in artifacts
+    folder = RunFolder(tmp_path / "runs" / "other" / "b" / "seed0")
+    assert copy.data.tags["vqlab.run_dir"] == str(folder.path.resolve()) and folder.mlflow_run_id() == copy.info.run_id
+    assert folder.is_finished() and (
+        folder.read_config().tracking.experiment,
+        folder.read_config().tracking.run_group,
+    ) == (
+        "other",
+        "b",
+    )
+    assert not (folder.path.parent / "seed0.reusing").exists()
+    for label in ("b/seed1", "c/seed0", "c/seed1"):  # trained here
+        assert "vqlab.reused_from" not in runs[label].data.tags and runs[label].info.status == "FINISHED"
+        assert streams(tmp_path / "runs" / "other" / label / "run.ipynb") == [f"{label.split('/')[1]}: 4/4 steps in"]
+    assert sweep.main([str(second), "--smoke", root, "--reuse", "tiny"]) == 0
+    assert "skipping 4 finished runs (variant, seed) of other" in capfd.readouterr().err
+
+
+def test_reusing_an_experiment_the_store_lacks_is_a_one_line_error_before_any_run(tmp_path, capsys):
+    source = write_sweep(tmp_path, variants={"a": {}})
+    assert sweep.main([source, "--smoke", f"tracking.root={tmp_path / 'runs'}", "--reuse", "nosuch"]) == 2
+    printed = capsys.readouterr()
+    assert printed.err.startswith("error: --reuse nosuch: no MLflow experiment") and printed.err.count("\n") == 1
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
 def test_controls_add_one_floor_per_latent_width_and_recipe_at_every_seed(tmp_path):
     variants = {
         "fsq": {"quantizer.name": "fsq", "quantizer.levels": [8, 5, 5, 5]},

@@ -43,7 +43,12 @@ semantics, nested in MLflow under one parent run of the sweep (tags ``sweep``, `
 error and the traceback's tail (``error.txt``); the others go on and the command exits with status
 1 naming the failures (``<variant>/seed<k>``). A rerun skips the runs whose MLflow run FINISHED
 (matched on their ``variant`` and ``seed`` tags) and continues the others from their newest
-checkpoint. ``--variants '*_10bit'`` runs only the variants whose names match (and their floors);
+checkpoint. ``--reuse <experiment>[,...]`` copies instead of training each run whose recipe (its
+config but ``tracking``) a finished run of those experiments trained, its folder finished on this
+machine (e.g. the continuous floors another sweep ran at the same recipe and seeds): the folder is
+copied, and the MLflow run gets the source's params, metric histories, artifacts, times and the
+tags of what made it (commit, threads, CPU), tagged ``vqlab.reused_from``; a run that cannot be
+copied is trained. ``--variants '*_10bit'`` runs only the variants whose names match (and their floors);
 ``--shard k/n`` runs every n-th run (machines sharing one ``MLFLOW_TRACKING_URI``
 share the sweep; the n shards partition its (variant, seed) runs); ``--launcher submitit``
 submits one job per run. ``--dry-run`` lists every run and its folder.
@@ -54,11 +59,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import re
+import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
@@ -441,6 +448,90 @@ class Tracker:
         }
 
 
+# --- reusing another experiment's runs ------------------------------------------------------------
+# The tags that say where a run stands in its sweep: a reused run takes this sweep's, not its source's.
+PLACE_TAGS = ("sweep", "sweep_parent", "variant", "seed", "floor", "control", "error", "vqlab.run_dir")
+
+
+def recipe(cfg: RunConfig) -> str:
+    """What a run's numbers depend on in its config: all of it but where the run is kept and named
+    (``tracking``), as canonical text two configs are compared by."""
+    fields = asdict(cfg)
+    fields.pop("tracking")
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+@dataclass(frozen=True)
+class Reusable:
+    """A finished run of another experiment that trained a planned run's recipe."""
+
+    experiment: str
+    run: Any  # its ``mlflow.entities.Run``
+    folder: RunFolder
+
+
+def reusable(tracker: Tracker, experiments: list[str], variants: list[Variant]) -> dict[str, Reusable]:
+    """``Variant.label -> Reusable`` for each of ``variants`` whose recipe a FINISHED run of one of
+    ``experiments`` (this store; the first that has one) trained, its run folder finished and on this
+    machine. ``SweepError`` naming an experiment the store does not hold."""
+    wanted = {}
+    for variant in variants:
+        wanted.setdefault(recipe(variant.cfg), []).append(variant)
+    found: dict[str, Reusable] = {}
+    for name in experiments:
+        experiment = tracker.client.get_experiment_by_name(name)
+        if experiment is None:
+            raise SweepError(f"--reuse {name}: no MLflow experiment of that name in {mlflow_uri(tracker.tracking)}")
+        runs, token = [], None
+        while True:
+            page = tracker.client.search_runs(
+                [experiment.experiment_id], "attributes.status = 'FINISHED'", page_token=token
+            )
+            runs.extend(page)
+            if not (token := page.token):
+                break
+        for run in runs:
+            folder = run.data.tags.get("vqlab.run_dir")
+            if not folder or not RunFolder(folder).is_finished() or not RunFolder(folder).has_config():
+                continue
+            for variant in wanted.get(recipe(RunFolder(folder).read_config()), []):
+                found.setdefault(variant.label, Reusable(name, run, RunFolder(folder)))
+    return found
+
+
+def reuse(job: Job, source: Reusable) -> None:
+    """Make ``job``'s run a copy of ``source``: its run folder copied (its config renamed for this
+    sweep), and an MLflow run nested under the sweep with this run's tags and the source's params,
+    metric histories, artifacts, times and its own tags (commit, threads, CPU: what made the numbers),
+    tagged ``vqlab.reused_from`` (``<experiment>/<run name>``) and ``vqlab.reused_run_id``."""
+    run = job.variant.run
+    staging = run.path.with_name(f"{run.path.name}.reusing")  # a kill while copying leaves no half folder
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source.folder.path, staging)
+    RunFolder(staging).write_config(job.variant.cfg)
+    mlflow_client = client(job.variant.cfg.tracking)
+    if (previous := run.mlflow_run_id()) is not None:  # an earlier attempt of this run
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):
+            mlflow_client.delete_run(previous)
+    shutil.rmtree(run.path, ignore_errors=True)
+    staging.rename(run.path)
+    own = {k: v for k, v in source.run.data.tags.items() if k not in PLACE_TAGS and not k.startswith("mlflow.")}
+    commit = source.run.data.tags.get("mlflow.source.git.commit", "")
+    tags = {
+        **job.tags,
+        **own,
+        **({"mlflow.source.git.commit": commit} if commit else {}),
+        "vqlab.reused_from": f"{source.experiment}/{source.run.info.run_name}",
+        "vqlab.reused_run_id": source.run.info.run_id,
+    }
+    start = source.run.info.start_time
+    copy = create_run(job.variant.cfg.tracking, job.variant.label, tags, run, job.parent_run_id, mlflow_client, start)
+    copy.copy_from(source.run)
+    copy.end("FINISHED", source.run.info.end_time)
+
+
 # --- one variant ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Job:
@@ -662,6 +753,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard", metavar="k/n", help="run every n-th run (variant, seed) from the k-th (1-based)")
     parser.add_argument("--smoke", action="store_true", help="a few steps per variant, to check the sweep end to end")
     parser.add_argument(
+        "--reuse",
+        metavar="EXPERIMENT[,EXPERIMENT]",
+        help="copy, instead of training, each run whose recipe (its config but tracking) a finished run of "
+        "these experiments trained, e.g. another sweep's continuous floors",
+    )
+    parser.add_argument(
         "--nproc", type=int, default=1, help="processes (GPUs) per variant; > 1 trains through torchrun"
     )
     parser.add_argument("--launcher", choices=("local", "submitit"), default="local")
@@ -696,11 +793,27 @@ def main(argv: list[str] | None = None) -> int:
         what = ("variant" if sweep.seeds is None else "run") + ("s" if skipped > 1 else "")
         what += "" if sweep.seeds is None else " (variant, seed)"
         print(f"skipping {skipped} finished {what} of {sweep.name}", file=sys.stderr)
+    try:
+        sources = reusable(tracker, [e for e in args.reuse.split(",") if e], todo) if args.reuse else {}
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     parent = tracker.parent()
     jobs = [
         Job(v, sweep.base, sweep.notebook.resolve(), parent, tracker.tags(v), args.nproc, args.smoke, Path.cwd())
         for v in todo
     ]
+    reused = set()
+    for job in [j for j in jobs if j.variant.label in sources]:
+        source = sources[job.variant.label]
+        try:
+            reuse(job, source)
+        except Exception as err:  # the run is trained instead, as without --reuse
+            print(f"could not reuse {job.variant.label} ({type(err).__name__}: {err}); training it", file=sys.stderr)
+            continue
+        reused.add(job.variant.label)
+        print(f"reused {job.variant.label}: {source.experiment}/{source.run.info.run_name}", file=sys.stderr)
+    jobs = [j for j in jobs if j.variant.label not in reused]
     if args.launcher == "submitit":
         folder = Path(sweep.variants[0].cfg.tracking.root) / sweep.name / "submitit"
         outcomes = run_submitit(jobs, sweep.name, folder, args.cluster, options)
@@ -709,7 +822,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = [o for o in outcomes if not o.ok]
     tracker.client.set_terminated(parent, status="FAILED" if failures else "FINISHED")
     done = len(outcomes) - len(failures)
-    print(f"sweep {sweep.name}: {done} finished, {len(failures)} failed; mlflow {mlflow_uri(tracker.tracking)}")
+    copied = f", {len(reused)} reused" if reused else ""
+    print(f"sweep {sweep.name}: {done} finished{copied}, {len(failures)} failed; mlflow {mlflow_uri(tracker.tracking)}")
     failed = {failure.variant for failure in failures}
     for variant in chosen:
         if variant.label not in failed:

@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -111,8 +112,28 @@ class MlflowRun:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
-    def end(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)
+    def end(self, status: str, end_time: int | None = None) -> None:
+        self.client.set_terminated(self.run_id, status=status, end_time=end_time)
+
+    def copy_from(self, source) -> None:
+        """Give this run the params, every metric's whole history (values, steps and times) and the
+        artifacts of ``source`` (an ``mlflow.entities.Run`` of the same store), as a sweep does with
+        a run it reuses instead of training again."""
+        from mlflow.entities import Metric, Param
+
+        params = [Param(k, v) for k, v in source.data.params.items()]
+        for i in range(0, len(params), PARAM_BATCH):
+            self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
+        metrics = [
+            Metric(m.key, m.value, m.timestamp, m.step)
+            for key in source.data.metrics
+            for m in self.client.get_metric_history(source.info.run_id, key)
+        ]
+        for i in range(0, len(metrics), BATCH):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + BATCH])
+        if self.client.list_artifacts(source.info.run_id):
+            with tempfile.TemporaryDirectory() as scratch:
+                self.client.log_artifacts(self.run_id, self.client.download_artifacts(source.info.run_id, "", scratch))
 
 
 def client(store: TrackingConfig | str, create: bool = True):
@@ -153,6 +174,7 @@ def create_run(
     folder: RunFolder | None = None,
     parent_run_id: str = "",
     mlflow_client=None,
+    start_time: int | None = None,
 ) -> MlflowRun:
     """A new MLflow run named ``name`` in the experiment ``cfg.experiment`` (made if need be,
     ``experiment_id``) of ``cfg``'s store, tagged ``tags``; nested under ``parent_run_id``
@@ -160,14 +182,16 @@ def create_run(
     folder's resolved path and recorded in the folder (``mlflow_run_id``). Every MLflow run vqlab
     makes is made here: a training run's (``start_run``), a sweep's parent and a variant's
     (``vqlab.sweep``), a study's (``analysis.runs.log_study``). ``mlflow_client``: one the caller
-    already holds for the same store."""
+    already holds for the same store; ``start_time`` (ms): when the run began, if not now (a copy)."""
     mlflow_client = mlflow_client or client(cfg)
     tags = dict(tags or {})
     if folder is not None:
         tags["vqlab.run_dir"] = str(folder.path.resolve())
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    created = mlflow_client.create_run(experiment_id(mlflow_client, cfg), run_name=name, tags=tags)
+    created = mlflow_client.create_run(
+        experiment_id(mlflow_client, cfg), start_time=start_time, run_name=name, tags=tags
+    )
     if folder is not None:
         folder.set_mlflow_run_id(created.info.run_id)
     return MlflowRun(mlflow_client, created.info.run_id)
