@@ -598,6 +598,14 @@ def test_notes_name_mixed_code_versions_thread_counts_and_cpus(seeded):
     assert lines[-1] == "runs made at commit aaaa111, bbbb222, threads 1, 2, cpu A (AVX512), B (AVX2)"
     made = "runs made at commit aaaa111, threads 1, cpu A (AVX512)"
     assert report.notes(report.comparison(report.fetch_runs(SEEDED, uri), same), same) == [lines[0], made]
+    assert not any("copies" in line or "copy" in line for line in lines)
+    copied = same.assign(reused_from=["other-photos/a/seed0", "other-photos/b/seed0", "third/a"] + [None] * 12)
+    assert report.notes(report.comparison(report.fetch_runs(SEEDED, uri), copied), copied)[1:3] == [
+        "note: 2 runs are copies of other-photos's runs of the same recipe (vqlab.sweep --reuse; seeds.csv "
+        "reused_from names each)",
+        "note: 1 run is a copy of third's runs of the same recipe (vqlab.sweep --reuse; seeds.csv reused_from "
+        "names each)",
+    ]
 
 
 def test_a_rerun_seed_is_one_run_its_newest_and_seeds_of_a_variant_are_one_row():

@@ -48,8 +48,8 @@ Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sw
                  ``method`` and ``run_id`` (space-separated in seed order; empty for the codecs)
     seeds.csv    the per-seed values: one line per run that is a result, ``SEED_COLUMNS``: ``name``,
                  ``seed`` (empty without a seed tag), ``levels``, ``method``, ``run_id``,
-                 ``git_commit``, ``threads``, ``cpu``, ``run_dir``, ``floor`` (tags; empty where not
-                 recorded), ``steps`` (train.steps), ``wall_s`` (the MLflow run's start to end),
+                 ``git_commit``, ``threads``, ``cpu``, ``run_dir``, ``floor``, ``reused_from``
+                 (tags; empty where not recorded), ``steps`` (train.steps), ``wall_s`` (the MLflow run's start to end),
                  every metric column, as MLflow stored it, the quantization gap, and
                  ``RATE_INTERVAL``: the run's 95% bootstrap interval of its measured bits over the
                  validation crops
@@ -145,6 +145,7 @@ COLUMNS = ("name", "levels", "n", *VALUES)  # the markdown table's
 CSV_COLUMNS = ("name", "levels", "n", "seeds", *(f"{m}{s}" for m in VALUES for s in ("", "_ci", "_n")))
 CSV_COLUMNS += ("method", "run_id")
 SEED_COLUMNS = ("name", "seed", "levels", "method", "run_id", "git_commit", "threads", "cpu", "run_dir", "floor")
+SEED_COLUMNS += ("reused_from",)  # ``<experiment>/<run>`` a sweep's --reuse copied the run from
 SEED_COLUMNS += ("steps", "wall_s", *VALUES, *RATE_INTERVAL)  # train.steps; the MLflow run's start to end (s)
 # decimals shown in the markdown table
 FORMATS = {
@@ -356,6 +357,7 @@ def per_seed(runs: pd.DataFrame) -> pd.DataFrame:
         commit = tag(run, "vqlab.commit") or tag(run, "git_commit")
         row |= {"git_commit": commit, "threads": tag(run, "vqlab.threads"), "cpu": tag(run, "vqlab.cpu")}
         row |= {"run_dir": tag(run, "vqlab.run_dir"), "floor": tag(run, "floor")}
+        row |= {"reused_from": tag(run, "vqlab.reused_from")}
         row |= {"steps": float(params.get("train.steps", math.nan)), "wall_s": wall_seconds(run)}
         rows.append(row | {column: metric(run, key) for column, key in (METRICS | RATE_INTERVAL).items()})
     frame = pd.DataFrame(rows, columns=list(SEED_COLUMNS)).astype({"seed": "Int64"})
@@ -550,7 +552,8 @@ def markdown(table: pd.DataFrame) -> str:
 def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
     """The lines under the table: what ``±`` means (when a row has more than one seed), and one
     line each when the runs come from different code versions (``git_commit``), thread counts
-    (``vqlab.threads``) or CPUs (``vqlab.cpu``), naming the values and how many runs have each."""
+    (``vqlab.threads``) or CPUs (``vqlab.cpu``), naming the values and how many runs have each, and
+    how many runs are copies of each other experiment's (``reused_from``)."""
     lines = []
     if (table["n"] > 1).any():
         lines.append(
@@ -574,6 +577,12 @@ def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
             unknown = seeds[column].isna().sum()
             values += f", not recorded ({unknown} run{'s' * (unknown > 1)})" if unknown else ""
             lines.append(f"note: the rows come from different {what}: {key} {values}")
+    copies = seeds["reused_from"].dropna().str.split("/").str[0].value_counts(sort=False)
+    for experiment, count in copies.items():
+        lines.append(
+            f"note: {count} run{'s are copies' if count > 1 else ' is a copy'} of {experiment}'s runs of the same "
+            "recipe (vqlab.sweep --reuse; seeds.csv reused_from names each)"
+        )
     lines.append(made_by(seeds))
     return lines
 
