@@ -664,7 +664,8 @@ def analyse_runs(runs: list[Path], jobs: int = 1, **settings):
     finishes); with ``jobs`` > 1, that many runs at once, each in its own process with an equal
     share of this process's torch threads (results depend on the thread count: ``threads_per_run``
     says which one made them)."""
-    if jobs <= 1 or len(runs) <= 1:
+    workers = at_once(jobs, len(runs))
+    if workers == 1:
         yield from (analyse_run(run, **settings) for run in runs)
         return
     import multiprocessing
@@ -673,8 +674,8 @@ def analyse_runs(runs: list[Path], jobs: int = 1, **settings):
     from tqdm import tqdm
 
     context = multiprocessing.get_context("spawn")  # a forked torch may hang in its thread pool
-    workers = min(jobs, len(runs))
-    with ProcessPoolExecutor(workers, context, initializer=_set_threads, initargs=(threads_per_run(jobs),)) as pool:
+    threads = threads_per_run(jobs, len(runs))
+    with ProcessPoolExecutor(workers, context, initializer=_set_threads, initargs=(threads,)) as pool:
         futures = [pool.submit(analyse_run, run, progress=False, **settings) for run in runs]
         try:
             for future in tqdm(as_completed(futures), total=len(futures), desc=f"runs, {workers} at once", unit="run"):
@@ -684,9 +685,15 @@ def analyse_runs(runs: list[Path], jobs: int = 1, **settings):
                 future.cancel()
 
 
-def threads_per_run(jobs: int) -> int:
-    """The torch threads each run is analysed with when ``jobs`` run at once."""
-    return max(1, torch.get_num_threads() // max(1, jobs))
+def at_once(jobs: int, runs: int) -> int:
+    """How many of ``runs`` runs ``analyse_runs`` analyses at once with ``jobs``."""
+    return max(1, min(jobs, runs))
+
+
+def threads_per_run(jobs: int, runs: int) -> int:
+    """The torch threads each of ``runs`` runs is analysed with by ``analyse_runs`` with ``jobs``:
+    an equal share of this process's among the runs at once."""
+    return max(1, torch.get_num_threads() // at_once(jobs, runs))
 
 
 def generative_controls(
@@ -908,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
     for result in results:
         print(f"reusing {out / result['name'] / 'result.json'}: the same settings (--again analyses it again)")
     todo = [run for run, name in zip(args.runs, labels, strict=True) if reused.get(name) is None]
-    threads = threads_per_run(args.jobs if len(todo) > 1 else 1)
+    threads = threads_per_run(args.jobs, len(todo))
     logged = settings | {"threads_per_run": threads}
     try:
         for result in analyse_runs(todo, args.jobs, priors=tuple(args.priors), **settings):

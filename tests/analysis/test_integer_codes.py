@@ -281,6 +281,13 @@ def test_cli_smoke_on_a_trained_run_writes_and_logs(trained_run, tmp_path, capsy
     assert all(value > 0 for value in swd.values()), swd
 
 
+def test_runs_at_once_share_the_threads_and_runs_one_at_a_time_get_them_all(monkeypatch):
+    monkeypatch.setattr(integer_codes.torch, "get_num_threads", lambda: 8)
+    cases = [(1, 5), (2, 5), (4, 2), (3, 1), (16, 20)]  # (jobs, runs)
+    assert [integer_codes.at_once(jobs, runs) for jobs, runs in cases] == [1, 2, 2, 1, 16]
+    assert [integer_codes.threads_per_run(jobs, runs) for jobs, runs in cases] == [8, 4, 4, 8, 1]
+
+
 def test_seed_runs_of_two_variants_keep_their_own_rows_and_folders(tmp_path, capsys):
     """A seeded sweep's runs are all ``seed<k>`` folders: named by their folder alone, the second
     variant's results would overwrite the first's."""
