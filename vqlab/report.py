@@ -572,9 +572,9 @@ def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
         ("cpu", "CPUs", "vqlab.cpu"),
     ):
         counts = seeds[column].dropna().value_counts(sort=False)
-        if len(counts) > 1:
+        unknown = int(seeds[column].isna().sum())
+        if len(counts) > 1 or (len(counts) == 1 and unknown):  # some runs did not record it: they may differ
             values = ", ".join(f"{value} ({count} run{'s' * (count > 1)})" for value, count in counts.items())
-            unknown = seeds[column].isna().sum()
             values += f", not recorded ({unknown} run{'s' * (unknown > 1)})" if unknown else ""
             lines.append(f"note: the rows come from different {what}: {key} {values}")
     copies = seeds["reused_from"].dropna().str.split("/").str[0].value_counts(sort=False)
