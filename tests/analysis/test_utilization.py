@@ -5,8 +5,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from scipy import stats
 
 from analysis import utilization
 from vqlab.codes import index_to_digits
@@ -21,6 +23,53 @@ def test_a_uniformly_used_codebook_has_log2_k_effective_bits_and_zipf_exponent_z
     assert stats["effective_bits"] == pytest.approx(6) and stats["perplexity"] == pytest.approx(64)
     assert stats["usage"] == 1.0 and stats["dead_codes"] == 0 and stats["bits_efficiency"] == pytest.approx(1)
     assert stats["zipf_exponent"] == pytest.approx(0, abs=1e-9)
+
+
+def test_measured_bits_are_the_plug_in_entropy_plus_miller_madows_correction():
+    counts = np.array([640, 320, 160, 80, 0, 0])
+    stats = utilization.utilization(counts, 6)
+    p = counts[:4] / counts.sum()
+    plugin = float(-(p * np.log2(p)).sum())
+    assert stats["effective_bits"] == pytest.approx(plugin)
+    assert stats["measured_bits"] == pytest.approx(plugin + (4 - 1) / (2 * counts.sum() * math.log(2)))
+
+
+def sized_runs(slope: float = -0.005, spread: float = 0.002) -> pd.DataFrame:
+    """A hand-made table: method ``m`` at 2^6, 2^8 and 2^10 codes, seeds 0 and 1 an equal ``spread``
+    either side of a straight line in log2 K; method ``one`` at one size."""
+    rows = []
+    for bits in (6, 8, 10):
+        for seed, sign in ((0, -1), (1, 1)):
+            line = 0.1 + slope * bits
+            rows.append({"variant": f"m_{bits}", "seed": seed, "method": "m", "codebook_size": 2**bits})
+            rows[-1] |= {"log2_size": bits, "l1": line + sign * spread, "measured_bits": 0.5 * bits + sign * 0.1}
+            rows[-1] |= {"usage": 0.5 + sign * 0.1, "effective_bits": 0.4 * bits, "zipf_exponent": 1.0}
+    rows.append({"variant": "one", "seed": 0, "method": "one", "codebook_size": 64, "log2_size": 6, "l1": 0.2})
+    rows[-1] |= {"measured_bits": 3.0, "usage": 1.0, "effective_bits": 2.9, "zipf_exponent": 0.5}
+    return pd.DataFrame(rows)
+
+
+def test_by_size_gives_each_variants_mean_and_t_interval_over_its_seeds():
+    sizes = utilization.by_size(sized_runs()).set_index("variant")
+    assert list(sizes.index) == ["m_6", "m_8", "m_10", "one"] and list(sizes["n"]) == [2, 2, 2, 1]
+    _, high = stats.t.interval(0.95, 1, loc=0.5, scale=np.std([0.4, 0.6], ddof=1) / math.sqrt(2))
+    assert sizes.loc["m_8", "usage"] == pytest.approx(0.5) and sizes.loc["m_8", "usage_ci"] == pytest.approx(high - 0.5)
+    assert sizes.loc["m_8", "l1"] == pytest.approx(0.1 - 0.04) and math.isnan(sizes.loc["one", "l1_ci"])
+    assert "0.5 ± 1.3" in utilization.sizes_markdown(sizes.reset_index())  # 12.7 x 0.1
+
+
+def test_trends_are_each_methods_least_squares_slope_per_doubling_with_its_t_interval():
+    found = utilization.trends(sized_runs(slope=-0.005, spread=0.002)).set_index("method")
+    assert list(found.index) == ["m"]  # one size: no trend
+    assert found.loc["m", "runs"] == 6 and (found.loc["m", "from_bits"], found.loc["m", "to_bits"]) == (6, 10)
+    assert found.loc["m", "l1_per_doubling"] == pytest.approx(-0.005)
+    assert found.loc["m", "measured_bits_per_doubling"] == pytest.approx(0.5)
+    x = np.repeat([6.0, 8.0, 10.0], 2)
+    residuals = np.tile([-0.002, 0.002], 3)  # about the line: the slope's standard error from them
+    stderr = math.sqrt((residuals**2).sum() / (len(x) - 2) / ((x - x.mean()) ** 2).sum())
+    assert found.loc["m", "l1_per_doubling_ci"] == pytest.approx(stats.t.ppf(0.975, 4) * stderr)
+    exact = utilization.trends(sized_runs(spread=0.0)).set_index("method")
+    assert exact.loc["m", "l1_per_doubling_ci"] == pytest.approx(0, abs=1e-12)
 
 
 def test_half_the_codes_dead_and_zipf_counts_give_their_exponent():
@@ -80,6 +129,15 @@ def test_tracked_runs_are_found_in_mlflow_and_read_from_their_folders(tracked):
         assert summary.loc[run.name, "usage"] == pytest.approx(logged["val/codebook_usage"])
         assert summary.loc[run.name, "perplexity"] == pytest.approx(logged["val/perplexity"], rel=1e-6)
     assert summary.loc["vq", "codebook_size"] == 64 and summary.loc["fsq", "codebook_size"] == 1000
+    for run in runs:  # the L1 the rate is read beside: the run's own validation's
+        assert run.l1 == pytest.approx(run.folder.last_metrics("val/")["val/l1"]) and run.seed is None
+
+
+def test_a_seeded_runs_row_is_named_by_its_variant_and_seed(tmp_path):
+    folder = fake_run(tmp_path, "fsq_seed1", [5, 1, 2], [4, 4], [[5, 2, 1, 0], [0, 6, 0, 2]])
+    runs = [utilization.CodebookRun("fsq", "fsq", folder, seed=1, l1=0.05)]
+    (row,) = utilization.table(runs).to_dict("records")
+    assert (row["name"], row["variant"], row["seed"], row["l1"]) == ("fsq/seed1", "fsq", 1, 0.05)
 
 
 def test_cli_writes_the_table_and_figures_and_logs_them(tracked, capsys):
@@ -88,7 +146,8 @@ def test_cli_writes_the_table_and_figures_and_logs_them(tracked, capsys):
     root, uri = tracked
     assert utilization.main(["E", "--tracking-uri", uri, "--root", str(root)]) == 0
     out = root / "utilization" / "E"
-    assert {p.name for p in out.iterdir()} == {"table.csv", "table.md", *utilization.FIGURES}
+    tables = {"table.csv", "table.md", "sizes.csv", "sizes.md", "trends.csv", "trends.md"}
+    assert {p.name for p in out.iterdir()} == tables | set(utilization.FIGURES)
     assert "| fsq | fsq | 1000 |" in capsys.readouterr().out
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("utilization").experiment_id])
