@@ -117,9 +117,10 @@ def table(runs: list[CodebookRun]) -> pd.DataFrame:
 
 
 def by_size(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per variant (in the table's order): ``variant``, ``method``, ``codebook_size``,
-    ``log2_size``, ``n`` (its runs) and, for each of ``OVER_SEEDS``, the mean over its runs and
-    ``<column>_ci``, the half-width of its 95% t interval (``NaN`` for one run)."""
+    """One row per variant (methods in the table's order, each by codebook size): ``variant``,
+    ``method``, ``codebook_size``, ``log2_size``, ``n`` (its runs) and, for each of ``OVER_SEEDS``,
+    the mean over its runs and ``<column>_ci``, the half-width of its 95% t interval (``NaN`` for one
+    run)."""
     rows = []
     for variant, runs in summary.groupby("variant", sort=False):
         row = {"variant": variant, "method": runs["method"].iloc[0], "codebook_size": runs["codebook_size"].iloc[0]}
@@ -128,7 +129,11 @@ def by_size(summary: pd.DataFrame) -> pd.DataFrame:
             values = runs[column].dropna()
             row |= {column: values.mean() if len(values) else math.nan, f"{column}_ci": half_width(values)}
         rows.append(row)
-    return pd.DataFrame(rows)
+    sizes = pd.DataFrame(rows)
+    if sizes.empty:
+        return sizes
+    rank = {method: i for i, method in enumerate(dict.fromkeys(sizes["method"]))}  # methods as they come
+    return sizes.sort_values("log2_size", kind="stable").sort_values("method", key=lambda m: m.map(rank), kind="stable")
 
 
 def slope(x: pd.Series, y: pd.Series) -> tuple[float, float]:

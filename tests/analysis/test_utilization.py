@@ -50,8 +50,8 @@ def sized_runs(slope: float = -0.005, spread: float = 0.002) -> pd.DataFrame:
 
 
 def test_by_size_gives_each_variants_mean_and_t_interval_over_its_seeds():
-    sizes = utilization.by_size(sized_runs()).set_index("variant")
-    assert list(sizes.index) == ["m_6", "m_8", "m_10", "one"] and list(sizes["n"]) == [2, 2, 2, 1]
+    sizes = utilization.by_size(sized_runs().iloc[::-1]).set_index("variant")  # sizes come largest first
+    assert list(sizes.index) == ["one", "m_6", "m_8", "m_10"] and list(sizes["n"]) == [1, 2, 2, 2]
     _, high = stats.t.interval(0.95, 1, loc=0.5, scale=np.std([0.4, 0.6], ddof=1) / math.sqrt(2))
     assert sizes.loc["m_8", "usage"] == pytest.approx(0.5) and sizes.loc["m_8", "usage_ci"] == pytest.approx(high - 0.5)
     assert sizes.loc["m_8", "l1"] == pytest.approx(0.1 - 0.04) and math.isnan(sizes.loc["one", "l1_ci"])
