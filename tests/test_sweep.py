@@ -545,6 +545,15 @@ def test_reuse_copies_the_runs_another_experiment_trained_and_trains_the_others(
     assert sweep.main([str(second), "--smoke", root, "--reuse", "tiny"]) == 0
     assert "skipping 4 finished runs (variant, seed) of other" in capfd.readouterr().err
 
+    # killed between the folder's copy and its MLflow run: the folder names no run, the source's least
+    variant = next(v for v in sweep.load(str(second), extra={"tracking.root": root[14:]}, smoke=True).variants)
+    job = sweep.Job(variant, "smoke", Path("run.ipynb"), parent.info.run_id, {}, 1, True, tmp_path)
+    monkeypatch.setattr(sweep, "create_run", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        sweep.reuse(job, sweep.Reusable("tiny", source, RunFolder(source.data.tags["vqlab.run_dir"])))
+    assert variant.label == "b/seed0" and folder.is_finished() and folder.mlflow_run_id() is None
+    assert mlflow_client.get_run(source.info.run_id).info.lifecycle_stage == "active"
+
 
 def test_reusing_an_experiment_the_store_lacks_is_a_one_line_error_before_any_run(tmp_path, capsys):
     source = write_sweep(tmp_path, variants={"a": {}})

@@ -508,6 +508,9 @@ def reuse(job: Job, source: Reusable) -> None:
     staging = run.path.with_name(f"{run.path.name}.reusing")  # a kill while copying leaves no half folder
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(source.folder.path, staging)
+    # the source's MLflow run is no earlier attempt of this one: a rerun after a kill between here
+    # and the new run would otherwise delete it as one (``start_run``, and below)
+    RunFolder(staging).mlflow_id_file.unlink(missing_ok=True)
     RunFolder(staging).write_config(job.variant.cfg)
     mlflow_client = client(job.variant.cfg.tracking)
     if (previous := run.mlflow_run_id()) is not None:  # an earlier attempt of this run
