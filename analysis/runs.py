@@ -15,13 +15,14 @@ def run_folders(root: str | Path = "runs", experiment: str | None = None) -> lis
     experiments = [Path(root) / experiment] if experiment else sorted(p for p in Path(root).iterdir() if p.is_dir())
     runs = []
     for base in (e for e in experiments if e.is_dir()):
-        for child in (RunFolder(p) for p in sorted(base.iterdir()) if p.is_dir()):
+        # hidden folders are no runs (a sweep's half-made copy, ``vqlab.sweep.reuse``)
+        for child in (RunFolder(p) for p in sorted(base.iterdir()) if p.is_dir() and not p.name.startswith(".")):
             if child.has_config():
                 runs.append(child)
             else:  # a run group: a seeded sweep's variant, its runs the seeds
                 runs += [
                     run
-                    for run in (RunFolder(p) for p in sorted(child.path.iterdir()) if p.is_dir())
+                    for run in (RunFolder(p) for p in sorted(child.path.iterdir()) if p.is_dir() and p.name[0] != ".")
                     if run.has_config()
                 ]
     return runs

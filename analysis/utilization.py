@@ -113,7 +113,7 @@ def table(runs: list[CodebookRun]) -> pd.DataFrame:
         row |= utilization(histogram.counts, histogram.codebook_size)
         row["digit_usage"] = [float((d > 0).mean()) for d in histogram.digit_counts]
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"seed": "Int64"}) if rows else pd.DataFrame(rows)
 
 
 def by_size(summary: pd.DataFrame) -> pd.DataFrame:

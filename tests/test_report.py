@@ -600,7 +600,7 @@ def test_notes_name_mixed_code_versions_thread_counts_and_cpus(seeded):
     assert report.notes(report.comparison(report.fetch_runs(SEEDED, uri), same), same) == [lines[0], made]
     assert not any("copies" in line or "copy" in line for line in lines)
     older = same.assign(cpu=["A (AVX512)"] * 13 + [None] * 2)  # two runs from before the CPU was recorded
-    assert "note: the rows come from different CPUs: vqlab.cpu A (AVX512) (13 runs), not recorded (2 runs)" in (
+    assert "note: not every row recorded its CPU: vqlab.cpu A (AVX512) (13 runs), not recorded (2 runs)" in (
         report.notes(report.comparison(report.fetch_runs(SEEDED, uri), older), older)
     )
     copied = same.assign(reused_from=["other-photos/a/seed0", "other-photos/b/seed0", "third/a"] + [None] * 12)

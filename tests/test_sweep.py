@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from vqlab import notebook, quantizers, sweep
+from vqlab import notebook, quantizers, sweep, tracking
 from vqlab.config import load
 from vqlab.runfolder import RunFolder
-from vqlab.tracking import client
+from vqlab.tracking import client, create_run
 
 from .helpers import mlflow_server
 
@@ -497,22 +497,42 @@ def metric_histories(mlflow_client, run):
     }
 
 
+def artifact_files(mlflow_client, run_id: str, path: str = "") -> list[str]:
+    """Every artifact file of a run, folders walked."""
+    files = []
+    for item in mlflow_client.list_artifacts(run_id, path or None):
+        files += artifact_files(mlflow_client, run_id, item.path) if item.is_dir else [item.path]
+    return files
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
 @pytest.mark.slow
 def test_reuse_copies_the_runs_another_experiment_trained_and_trains_the_others(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     root = f"tracking.root={tmp_path / 'runs'}"
     assert sweep.main([write_sweep(tmp_path, variants={"a": {}}, seeds=[0]), "--smoke", root]) == 0
-    second = tmp_path / "second.yaml"
-    variants = {"b": {}, "c": {"quantizer.levels": [8, 8]}}  # b at seed 0 is tiny's a at seed 0
-    second.write_text(yaml.safe_dump({"name": "other", "base": "smoke", "variants": variants, "seeds": [0, 1]}))
-    capfd.readouterr()
-    assert sweep.main([str(second), "--smoke", root, "--reuse", "tiny"]) == 0
-    printed = capfd.readouterr()
-    assert "reused b/seed0: tiny/a/seed0" in printed.err and "1 reused" in printed.out
     mlflow_client = client(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (source,) = mlflow_client.search_runs(
         [mlflow_client.get_experiment_by_name("tiny").experiment_id], "tags.seed = '0'"
     )
+    source_folder = Path(source.data.tags["vqlab.run_dir"])
+    before = snapshot(source_folder)
+    second = tmp_path / "second.yaml"
+    variants = {"b": {}, "c": {"quantizer.levels": [8, 8]}}  # b at seed 0 is tiny's a at seed 0
+    second.write_text(yaml.safe_dump({"name": "other", "base": "smoke", "variants": variants, "seeds": [0, 1]}))
+    loaded = sweep.load(str(second), extra=root_override(tmp_path), smoke=True)
+    tracker = sweep.Tracker(loaded)
+    # an earlier attempt the run folder does not record (and which started after the source)
+    stray = create_run(loaded.variants[0].cfg.tracking, "b/seed0", {"sweep": "other", "variant": "b", "seed": "0"})
+    stray.end("FAILED")
+    capfd.readouterr()
+    assert sweep.main([str(second), "--smoke", root, "--reuse", "tiny"]) == 0
+    printed = capfd.readouterr()
+    assert "reused b/seed0: tiny/a/seed0" in printed.err and "1 reused" in printed.out
+    assert mlflow_client.get_run(stray.run_id).info.lifecycle_stage == "deleted"
     found = mlflow_client.search_runs([mlflow_client.get_experiment_by_name("other").experiment_id])
     (parent,) = [r for r in found if r.data.tags.get("sweep_parent") == "true"]
     runs = {r.info.run_name: r for r in found if "variant" in r.data.tags}
@@ -524,35 +544,47 @@ def test_reuse_copies_the_runs_another_experiment_trained_and_trains_the_others(
     assert copy.data.tags["vqlab.reused_run_id"] == source.info.run_id
     for key in ("git_commit", "vqlab.threads", "vqlab.cpu"):  # what made the numbers: the source's
         assert copy.data.tags[key] == source.data.tags[key]
-    assert copy.data.params == source.data.params and copy.data.metrics == source.data.metrics
+    recipe = {k: v for k, v in copy.data.params.items() if not k.startswith("tracking.")}
+    assert recipe == {k: v for k, v in source.data.params.items() if not k.startswith("tracking.")}
+    assert (copy.data.params["tracking.experiment"], copy.data.params["tracking.run_group"]) == ("other", "b")
+    assert copy.data.metrics == source.data.metrics
     assert metric_histories(mlflow_client, copy) == metric_histories(mlflow_client, source)
     assert (copy.info.start_time, copy.info.end_time) == (source.info.start_time, source.info.end_time)
-    artifacts = [a.path for a in mlflow_client.list_artifacts(copy.info.run_id)]
-    assert artifacts == [a.path for a in mlflow_client.list_artifacts(source.info.run_id)] and "run.ipynb" in artifacts
+    artifacts = artifact_files(mlflow_client, copy.info.run_id)
+    assert artifacts == artifact_files(mlflow_client, source.info.run_id) and "run.ipynb" in artifacts
+    assert any("/" in path for path in artifacts)  # folders of artifacts came along
     folder = RunFolder(tmp_path / "runs" / "other" / "b" / "seed0")
     assert copy.data.tags["vqlab.run_dir"] == str(folder.path.resolve()) and folder.mlflow_run_id() == copy.info.run_id
-    assert folder.is_finished() and (
-        folder.read_config().tracking.experiment,
-        folder.read_config().tracking.run_group,
-    ) == (
-        "other",
-        "b",
-    )
-    assert not (folder.path.parent / "seed0.reusing").exists()
+    config = folder.read_config().tracking
+    assert folder.is_finished() and (config.experiment, config.run_group, config.run_name) == ("other", "b", "seed0")
+    assert snapshot(source_folder) == before  # the source is read, never written
+    assert not list(folder.path.parent.glob(".reusing-*"))
     for label in ("b/seed1", "c/seed0", "c/seed1"):  # trained here
         assert "vqlab.reused_from" not in runs[label].data.tags and runs[label].info.status == "FINISHED"
         assert streams(tmp_path / "runs" / "other" / label / "run.ipynb") == [f"{label.split('/')[1]}: 4/4 steps in"]
     assert sweep.main([str(second), "--smoke", root, "--reuse", "tiny"]) == 0
     assert "skipping 4 finished runs (variant, seed) of other" in capfd.readouterr().err
 
-    # killed between the folder's copy and its MLflow run: the folder names no run, the source's least
-    variant = next(v for v in sweep.load(str(second), extra={"tracking.root": root[14:]}, smoke=True).variants)
-    job = sweep.Job(variant, "smoke", Path("run.ipynb"), parent.info.run_id, {}, 1, True, tmp_path)
-    monkeypatch.setattr(sweep, "create_run", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(KeyboardInterrupt):
-        sweep.reuse(job, sweep.Reusable("tiny", source, RunFolder(source.data.tags["vqlab.run_dir"])))
-    assert variant.label == "b/seed0" and folder.is_finished() and folder.mlflow_run_id() is None
-    assert mlflow_client.get_run(source.info.run_id).info.lifecycle_stage == "active"
+    # killed while copying, before the copy's MLflow run: the run's folder and run stay as they were
+    job = sweep.Job(loaded.variants[0], "smoke", Path("run.ipynb"), parent.info.run_id, {}, 1, True, tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr(sweep, "create_run", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            sweep.reuse(tracker, job, sweep.Reusable("tiny", source, RunFolder(source_folder)))
+    assert folder.is_finished() and folder.mlflow_run_id() == copy.info.run_id
+    assert not list(folder.path.parent.glob(".reusing-*")) and snapshot(source_folder) == before
+
+    # a copy that fails is removed and the run trains instead
+    third = write_sweep(tmp_path, name="third", variants={"d": {}}, seeds=[0])
+    with monkeypatch.context() as patched:
+        patched.setattr(tracking.MlflowRun, "copy_from", lambda *args, **kw: (_ for _ in ()).throw(RuntimeError("x")))
+        assert sweep.main([third, "--smoke", root, "--reuse", "tiny"]) == 0
+    assert "could not reuse d/seed0 (RuntimeError: x); training it" in capfd.readouterr().err
+    made = mlflow_client.search_runs(
+        [mlflow_client.get_experiment_by_name("third").experiment_id], "tags.variant = 'd'"
+    )
+    assert [(r.info.status, "vqlab.reused_from" in r.data.tags) for r in made] == [("FINISHED", False)]
+    assert streams(tmp_path / "runs" / "third" / "d" / "seed0" / "run.ipynb") == ["seed0: 4/4 steps in"]
 
 
 def test_reusing_an_experiment_the_store_lacks_is_a_one_line_error_before_any_run(tmp_path, capsys):

@@ -36,7 +36,9 @@ empty in the CSV; never 0. The markdown rounds as ``FORMATS`` says; the CSVs kee
 MLflow stored. Under the table: what ``±`` means (when some row has seeds), a line when the rows
 come from different code versions (each run's ``vqlab.commit`` tag, else its sweep's
 ``git_commit``) and one each when they come from different thread counts (``vqlab.threads``) or
-CPUs (``vqlab.cpu``: its model and the vector instructions torch used), naming the values.
+CPUs (``vqlab.cpu``: its model and the vector instructions torch used), naming the values (or when
+one value is recorded and some runs recorded none), and one per experiment that runs were copied
+from (``vqlab.sweep --reuse``: the ``vqlab.reused_from`` tag, ``seeds.csv``'s ``reused_from``).
 
 Files (``<out>``, default ``<root>/<experiment>/report/``; also logged to the sweep's parent run, under ``report/``):
 
@@ -573,10 +575,12 @@ def notes(table: pd.DataFrame, seeds: pd.DataFrame) -> list[str]:
     ):
         counts = seeds[column].dropna().value_counts(sort=False)
         unknown = int(seeds[column].isna().sum())
-        if len(counts) > 1 or (len(counts) == 1 and unknown):  # some runs did not record it: they may differ
-            values = ", ".join(f"{value} ({count} run{'s' * (count > 1)})" for value, count in counts.items())
-            values += f", not recorded ({unknown} run{'s' * (unknown > 1)})" if unknown else ""
+        values = ", ".join(f"{value} ({count} run{'s' * (count > 1)})" for value, count in counts.items())
+        values += f", not recorded ({unknown} run{'s' * (unknown > 1)})" if unknown else ""
+        if len(counts) > 1:
             lines.append(f"note: the rows come from different {what}: {key} {values}")
+        elif len(counts) == 1 and unknown:  # the runs that did not record it may differ
+            lines.append(f"note: not every row recorded its {what[:-1]}: {key} {values}")
     copies = seeds["reused_from"].dropna().str.split("/").str[0].value_counts(sort=False)
     for experiment, count in copies.items():
         lines.append(

@@ -47,8 +47,8 @@ checkpoint. ``--reuse <experiment>[,...]`` copies instead of training each run w
 config but ``tracking``) a finished run of those experiments trained, its folder finished on this
 machine (e.g. the continuous floors another sweep ran at the same recipe and seeds): the folder is
 copied, and the MLflow run gets the source's params, metric histories, artifacts, times and the
-tags of what made it (commit, threads, CPU), tagged ``vqlab.reused_from``; a run that cannot be
-copied is trained. ``--variants '*_10bit'`` runs only the variants whose names match (and their floors);
+tags of what made it (commit, threads, CPU), tagged ``vqlab.reused_from``; a run whose copy fails
+is trained instead. ``--variants '*_10bit'`` runs only the variants whose names match (and their floors);
 ``--shard k/n`` runs every n-th run (machines sharing one ``MLFLOW_TRACKING_URI``
 share the sweep; the n shards partition its (variant, seed) runs); ``--launcher submitit``
 submits one job per run. ``--dry-run`` lists every run and its folder.
@@ -63,6 +63,7 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -74,7 +75,7 @@ from typing import Any
 from tqdm import tqdm
 
 from vqlab import notebook
-from vqlab.config import RunConfig, TrackingConfig, parse_overrides, parse_yaml
+from vqlab.config import RunConfig, TrackingConfig, flat_params, parse_overrides, parse_yaml
 from vqlab.errors import UserError
 from vqlab.runfolder import RunFolder
 from vqlab.runtime import git_commit
@@ -432,6 +433,14 @@ class Tracker:
             if "variant" in run.data.tags
         }
 
+    def attempts(self, variant: Variant) -> list[str]:
+        """The run ids of every MLflow run of ``variant`` (its ``variant`` and ``seed`` tags) in this sweep."""
+        return [
+            run.info.run_id
+            for run in self.search(f"tags.variant = '{variant.name}'")
+            if (run.data.tags.get("variant"), run.data.tags.get("seed")) == variant.key
+        ]
+
     def tags(self, variant: Variant) -> dict[str, str]:
         """The run's MLflow tags: ``variant`` its variant's name, and ``seed`` the sweep's seed of it."""
         seed = {} if variant.seed is None else {"seed": str(variant.seed)}
@@ -472,8 +481,9 @@ class Reusable:
 
 def reusable(tracker: Tracker, experiments: list[str], variants: list[Variant]) -> dict[str, Reusable]:
     """``Variant.label -> Reusable`` for each of ``variants`` whose recipe a FINISHED run of one of
-    ``experiments`` (this store; the first that has one) trained, its run folder finished and on this
-    machine. ``SweepError`` naming an experiment the store does not hold."""
+    ``experiments`` (this store; the first that has one) trained: its run folder, on this machine,
+    finished and recording that MLflow run. A run whose folder's config cannot be read (an older
+    schema) is passed over. ``SweepError`` naming an experiment the store does not hold."""
     wanted = {}
     for variant in variants:
         wanted.setdefault(recipe(variant.cfg), []).append(variant)
@@ -491,48 +501,71 @@ def reusable(tracker: Tracker, experiments: list[str], variants: list[Variant]) 
             if not (token := page.token):
                 break
         for run in runs:
-            folder = run.data.tags.get("vqlab.run_dir")
-            if not folder or not RunFolder(folder).is_finished() or not RunFolder(folder).has_config():
+            if not run.data.tags.get("vqlab.run_dir"):
                 continue
-            for variant in wanted.get(recipe(RunFolder(folder).read_config()), []):
-                found.setdefault(variant.label, Reusable(name, run, RunFolder(folder)))
+            folder = RunFolder(run.data.tags["vqlab.run_dir"])
+            try:
+                if folder.mlflow_run_id() != run.info.run_id or not folder.is_finished():
+                    continue
+                made = recipe(folder.read_config())
+            except (UserError, OSError, ValueError):
+                continue
+            for variant in wanted.get(made, []):
+                if folder.path.resolve() != variant.run.path.resolve():
+                    found.setdefault(variant.label, Reusable(name, run, folder))
     return found
 
 
-def reuse(job: Job, source: Reusable) -> None:
-    """Make ``job``'s run a copy of ``source``: its run folder copied (its config renamed for this
-    sweep), and an MLflow run nested under the sweep with this run's tags and the source's params,
-    metric histories, artifacts, times and its own tags (commit, threads, CPU: what made the numbers),
-    tagged ``vqlab.reused_from`` (``<experiment>/<run name>``) and ``vqlab.reused_run_id``."""
-    run = job.variant.run
-    staging = run.path.with_name(f"{run.path.name}.reusing")  # a kill while copying leaves no half folder
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(source.folder.path, staging)
-    # the source's MLflow run is no earlier attempt of this one: a rerun after a kill between here
-    # and the new run would otherwise delete it as one (``start_run``, and below)
-    RunFolder(staging).mlflow_id_file.unlink(missing_ok=True)
-    RunFolder(staging).write_config(job.variant.cfg)
-    mlflow_client = client(job.variant.cfg.tracking)
-    if (previous := run.mlflow_run_id()) is not None:  # an earlier attempt of this run
-        from mlflow.exceptions import MlflowException
+def reuse(tracker: Tracker, job: Job, source: Reusable) -> None:
+    """Make ``job``'s run a copy of ``source``: an MLflow run nested under the sweep with this run's
+    tags and ``tracking`` params, and the source's other params, metric histories, artifacts, times
+    and own tags (commit, threads, CPU: what made the numbers), tagged ``vqlab.reused_from``
+    (``<experiment>/<run name>``) and ``vqlab.reused_run_id``; its folder the source's, copied, with
+    this run's config. Every earlier attempt of the run in this sweep is deleted (a copy keeps the
+    source's start time, and the report takes a run's newest). On an error nothing of the copy is
+    left, so the run trains as without ``--reuse``; a kill leaves at most an unfinished MLflow run,
+    which a rerun replaces."""
+    from mlflow.exceptions import MlflowException
 
-        with contextlib.suppress(MlflowException):
-            mlflow_client.delete_run(previous)
-    shutil.rmtree(run.path, ignore_errors=True)
-    staging.rename(run.path)
+    variant, run = job.variant, job.variant.run
+    run.path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in run.path.parent.glob(f".reusing-{run.path.name}-*"):  # what a kill left
+        shutil.rmtree(stale, ignore_errors=True)
+    # hidden, and named like no variant: a kill while copying leaves no half run folder
+    staging = Path(tempfile.mkdtemp(prefix=f".reusing-{run.path.name}-", dir=run.path.parent))
+    commits = ("git_commit", "mlflow.source.git.commit")  # the source's only: its code made the numbers
     own = {k: v for k, v in source.run.data.tags.items() if k not in PLACE_TAGS and not k.startswith("mlflow.")}
-    commit = source.run.data.tags.get("mlflow.source.git.commit", "")
-    tags = {
-        **job.tags,
-        **own,
-        **({"mlflow.source.git.commit": commit} if commit else {}),
-        "vqlab.reused_from": f"{source.experiment}/{source.run.info.run_name}",
-        "vqlab.reused_run_id": source.run.info.run_id,
-    }
-    start = source.run.info.start_time
-    copy = create_run(job.variant.cfg.tracking, job.variant.label, tags, run, job.parent_run_id, mlflow_client, start)
-    copy.copy_from(source.run)
-    copy.end("FINISHED", source.run.info.end_time)
+    tags = {k: v for k, v in job.tags.items() if k not in commits} | own
+    tags |= {k: source.run.data.tags[k] for k in commits if k in source.run.data.tags}
+    tags |= {"vqlab.reused_from": f"{source.experiment}/{source.run.info.run_name}"}
+    tags |= {"vqlab.reused_run_id": source.run.info.run_id, "vqlab.run_dir": str(run.path.resolve())}
+    copy, placed = None, False
+    try:
+        shutil.copytree(source.folder.path, staging, dirs_exist_ok=True)
+        # the source's MLflow run is no earlier attempt of this one (``start_run`` deletes those)
+        RunFolder(staging).mlflow_id_file.unlink(missing_ok=True)
+        RunFolder(staging).write_config(variant.cfg)
+        start = source.run.info.start_time
+        copy = create_run(variant.cfg.tracking, variant.label, tags, None, job.parent_run_id, tracker.client, start)
+        copy.copy_from(source.run, skip_params="tracking.")
+        copy.log_params({k: v for k, v in flat_params(variant.cfg).items() if k.startswith("tracking.")})
+        for earlier in tracker.attempts(variant):
+            if earlier != copy.run_id:
+                tracker.client.delete_run(earlier)
+        shutil.rmtree(run.path, ignore_errors=True)
+        placed = True
+        staging.rename(run.path)
+        run.set_mlflow_run_id(copy.run_id)
+        copy.end("FINISHED", source.run.info.end_time)
+    except BaseException:
+        if copy is not None:
+            with contextlib.suppress(MlflowException):
+                tracker.client.delete_run(copy.run_id)
+        if placed:  # a finished folder without its run would pass for trained
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- one variant ---------------------------------------------------------------------------------
@@ -810,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     for job in [j for j in jobs if j.variant.label in sources]:
         source = sources[job.variant.label]
         try:
-            reuse(job, source)
+            reuse(tracker, job, source)
         except Exception as err:  # the run is trained instead, as without --reuse
             print(f"could not reuse {job.variant.label} ({type(err).__name__}: {err}); training it", file=sys.stderr)
             continue

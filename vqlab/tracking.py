@@ -115,13 +115,13 @@ class MlflowRun:
     def end(self, status: str, end_time: int | None = None) -> None:
         self.client.set_terminated(self.run_id, status=status, end_time=end_time)
 
-    def copy_from(self, source) -> None:
-        """Give this run the params, every metric's whole history (values, steps and times) and the
-        artifacts of ``source`` (an ``mlflow.entities.Run`` of the same store), as a sweep does with
-        a run it reuses instead of training again."""
+    def copy_from(self, source, skip_params: str = "") -> None:
+        """Give this run the params (but those starting with ``skip_params``, when given), every
+        metric's whole history (values, steps and times) and the artifacts of ``source`` (an
+        ``mlflow.entities.Run`` of the same store), as a sweep does with a run it reuses."""
         from mlflow.entities import Metric, Param
 
-        params = [Param(k, v) for k, v in source.data.params.items()]
+        params = [Param(k, v) for k, v in source.data.params.items() if not (skip_params and k.startswith(skip_params))]
         for i in range(0, len(params), PARAM_BATCH):
             self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
         metrics = [
