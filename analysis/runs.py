@@ -9,22 +9,22 @@ from vqlab.runfolder import RunFolder
 from vqlab.schema import flatten, to_dict
 
 
+def folders(path: Path) -> list[RunFolder]:
+    """The folders in ``path``, sorted, but hidden ones (a sweep's half-made copy, ``vqlab.sweep.reuse``)."""
+    return [RunFolder(p) for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
 def run_folders(root: str | Path = "runs", experiment: str | None = None) -> list[RunFolder]:
     """Every run folder (one holding a config) under ``root/<experiment>/``, sorted by path: the
     experiment's runs, and the seed runs of a seeded sweep's variant folders (``<variant>/seed<k>``)."""
     experiments = [Path(root) / experiment] if experiment else sorted(p for p in Path(root).iterdir() if p.is_dir())
     runs = []
     for base in (e for e in experiments if e.is_dir()):
-        # hidden folders are no runs (a sweep's half-made copy, ``vqlab.sweep.reuse``)
-        for child in (RunFolder(p) for p in sorted(base.iterdir()) if p.is_dir() and not p.name.startswith(".")):
+        for child in folders(base):
             if child.has_config():
                 runs.append(child)
             else:  # a run group: a seeded sweep's variant, its runs the seeds
-                runs += [
-                    run
-                    for run in (RunFolder(p) for p in sorted(child.path.iterdir()) if p.is_dir() and p.name[0] != ".")
-                    if run.has_config()
-                ]
+                runs += [run for run in folders(child.path) if run.has_config()]
     return runs
 
 

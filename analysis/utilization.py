@@ -178,9 +178,9 @@ def over_steps(runs: list[CodebookRun]) -> pd.DataFrame:
     return pd.DataFrame(points, columns=["name", "metric", "step", "value"])
 
 
-def figures(runs: list[CodebookRun], summary: pd.DataFrame, history: pd.DataFrame) -> dict:
+def figures(runs: list[CodebookRun], summary: pd.DataFrame, history: pd.DataFrame, sizes: pd.DataFrame) -> dict:
     """``FIGURES`` name -> matplotlib Figure (no pyplot state); against log2 K, each variant's mean
-    over its seeds with its 95% t interval as error bars."""
+    over its seeds with its 95% t interval as error bars (``sizes``: ``by_size``, by codebook size)."""
     from matplotlib.figure import Figure
 
     made = {name: Figure(figsize=(6.5, 4.2), layout="constrained") for name in FIGURES}
@@ -194,8 +194,7 @@ def figures(runs: list[CodebookRun], summary: pd.DataFrame, history: pd.DataFram
 
     usage_axes, bits_axes = made["usage_vs_size.png"].subplots(1, 2)
     made["usage_vs_size.png"].set_size_inches(11, 4.2)
-    sizes = by_size(summary) if not summary.empty else pd.DataFrame(columns=["method", "log2_size"])
-    for method, points in sizes.sort_values("log2_size").groupby("method", sort=False):
+    for method, points in sizes.groupby("method", sort=False) if len(sizes) else []:
         x = points["log2_size"]
         usage_axes.errorbar(x, points["usage"], points["usage_ci"].fillna(0), marker="o", capsize=3, label=method)
         line = bits_axes.errorbar(
@@ -295,6 +294,7 @@ def analyse(runs: list[CodebookRun], out: Path) -> tuple[pd.DataFrame, list[Path
     summary.to_csv(out / "table.csv", index=False)
     (out / "table.md").write_text(markdown(summary) + "\n")
     files = [out / "table.csv", out / "table.md"]
+    sizes = pd.DataFrame()
     if not summary.empty:
         sizes, found = by_size(summary), trends(summary)
         sizes.to_csv(out / "sizes.csv", index=False)
@@ -302,7 +302,7 @@ def analyse(runs: list[CodebookRun], out: Path) -> tuple[pd.DataFrame, list[Path
         found.to_csv(out / "trends.csv", index=False)
         (out / "trends.md").write_text(trends_markdown(found) + "\n")
         files += [out / "sizes.csv", out / "sizes.md", out / "trends.csv", out / "trends.md"]
-    for name, made in figures(runs, summary, over_steps(runs)).items():
+    for name, made in figures(runs, summary, over_steps(runs), sizes).items():
         made.savefig(out / name, dpi=120)
         files.append(out / name)
     return summary, files
@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary, files = analyse(runs, args.out or args.root / "utilization" / args.experiment)
     print(markdown(summary))
-    if not summary.empty:
-        print("\n" + sizes_markdown(by_size(summary)) + "\n\n" + trends_markdown(trends(summary)))
+    for written in (f for f in files if f.name in ("sizes.md", "trends.md")):
+        print("\n" + written.read_text().rstrip())
     if not args.no_mlflow:
         print(f"MLflow run {log_to_mlflow(summary, files, args.root, args.experiment, uri)} (experiment utilization)")
     print(f"wrote {', '.join(str(p) for p in files)}")

@@ -114,7 +114,7 @@ from vqlab.errors import UserError
 from vqlab.notebook import execute
 from vqlab.runfolder import RECONSTRUCTIONS_FILE, RunFolder
 from vqlab.showcase import DPI, MODEL, Showcase, codec_label, crop_labels, of_checkpoint, strip
-from vqlab.tracking import TRIVIAL_CODECS, client, mlflow_uri
+from vqlab.tracking import TRIVIAL_CODECS, client, mlflow_uri, search_all
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -227,15 +227,7 @@ def fetch_runs(experiment: str, tracking_uri: str, sweep: str | None = None) -> 
     if found is None:
         raise ReportError(f"no MLflow experiment named {experiment!r} in {tracking_uri}")
     query = f"tags.sweep = '{sweep}'" if sweep else ""
-    runs, token = [], None
-    while True:
-        page = mlflow_client.search_runs(
-            [found.experiment_id], query, order_by=["attributes.start_time DESC"], page_token=token
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
+    runs = search_all(mlflow_client, found.experiment_id, query, ["attributes.start_time DESC"])
     frame = pd.DataFrame([flat_run(run) for run in runs])
     validated = frame["metrics.val/l1"].notna() if "metrics.val/l1" in frame else pd.Series(False, index=frame.index)
     done = frame["status"] == FINISHED if "status" in frame else validated

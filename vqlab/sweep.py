@@ -80,7 +80,15 @@ from vqlab.errors import UserError
 from vqlab.runfolder import RunFolder
 from vqlab.runtime import git_commit
 from vqlab.schema import ConfigError
-from vqlab.tracking import MlflowRun, client, create_run, experiment_id, mlflow_uri, progress_postfix
+from vqlab.tracking import (
+    MlflowRun,
+    client,
+    create_run,
+    experiment_id,
+    mlflow_uri,
+    progress_postfix,
+    search_all,
+)
 
 PRESETS = resources.files("vqlab") / "configs" / "sweeps"
 KEYS = ("name", "base", "notebook", "overrides", "variants", "grid", "seeds", "controls", "scales")
@@ -492,15 +500,7 @@ def reusable(tracker: Tracker, experiments: list[str], variants: list[Variant]) 
         experiment = tracker.client.get_experiment_by_name(name)
         if experiment is None:
             raise SweepError(f"--reuse {name}: no MLflow experiment of that name in {mlflow_uri(tracker.tracking)}")
-        runs, token = [], None
-        while True:
-            page = tracker.client.search_runs(
-                [experiment.experiment_id], "attributes.status = 'FINISHED'", page_token=token
-            )
-            runs.extend(page)
-            if not (token := page.token):
-                break
-        for run in runs:
+        for run in search_all(tracker.client, experiment.experiment_id, "attributes.status = 'FINISHED'"):
             if not run.data.tags.get("vqlab.run_dir"):
                 continue
             folder = RunFolder(run.data.tags["vqlab.run_dir"])

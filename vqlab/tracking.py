@@ -119,11 +119,11 @@ class MlflowRun:
         """Give this run the params (but those starting with ``skip_params``, when given), every
         metric's whole history (values, steps and times) and the artifacts of ``source`` (an
         ``mlflow.entities.Run`` of the same store), as a sweep does with a run it reuses."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric
 
-        params = [Param(k, v) for k, v in source.data.params.items() if not (skip_params and k.startswith(skip_params))]
-        for i in range(0, len(params), PARAM_BATCH):
-            self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
+        self.log_params(
+            {k: v for k, v in source.data.params.items() if not (skip_params and k.startswith(skip_params))}
+        )
         metrics = [
             Metric(m.key, m.value, m.timestamp, m.step)
             for key in source.data.metrics
@@ -134,6 +134,17 @@ class MlflowRun:
         if self.client.list_artifacts(source.info.run_id):
             with tempfile.TemporaryDirectory() as scratch:
                 self.client.log_artifacts(self.run_id, self.client.download_artifacts(source.info.run_id, "", scratch))
+
+
+def search_all(mlflow_client, experiment_id: str, query: str = "", order_by: list[str] | None = None) -> list:
+    """Every run of ``experiment_id`` matching ``query``, page after page (one call returns at most
+    a page)."""
+    runs, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment_id], query, order_by=order_by, page_token=token)
+        runs.extend(page)
+        if not (token := page.token):
+            return runs
 
 
 def client(store: TrackingConfig | str, create: bool = True):
