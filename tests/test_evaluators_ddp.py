@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import vqlab
 from vqlab import distributed
@@ -19,7 +18,7 @@ from vqlab.evaluators import CodebookMetrics, FidelityMetrics, ReconstructionMet
 from vqlab.runfolder import RunFolder
 from vqlab.trainer import fit
 
-from .helpers import free_port, model_output
+from .helpers import free_port, model_output, spawn_ranks
 
 CPU = torch.device("cpu")
 COUNT = 10
@@ -82,9 +81,7 @@ def worker(rank, world, folder, port, run_dir):
     distributed.setup("cpu")
     shard = list(range(rank, COUNT, world))  # ShardSampler's split
     torch.save(evaluate(shard, save_to=folder / f"saved{world}"), folder / f"rank{rank}of{world}.pt")
-    if run_dir is None:
-        distributed.teardown()
-    else:
+    if run_dir is not None:
         evaluate_run(run_dir, out=folder / "two.json")  # leaves the process group at its end
 
 
@@ -102,8 +99,10 @@ def results(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         run_dir = fit(vqlab.config.load("smoke", overrides)).run_dir
-        mp.spawn(worker, args=(2, folder, free_port(), run_dir), nprocs=2)
-        mp.spawn(worker, args=(3, folder, free_port(), None), nprocs=3)
+        for world, evaluated_run in ((2, run_dir), (3, None)):
+            marks = folder / f"marks{world}"
+            marks.mkdir()
+            spawn_ranks(worker, (world, folder, free_port(), evaluated_run), world, marks)
         single = evaluate_run(run_dir, out=folder / "one.json")
         evaluated = {n: json.loads((folder / f"{n}.json").read_text()) for n in ("one", "two")}
         local = {

@@ -6,11 +6,12 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import vqlab
+
+from ..helpers import spawn_ranks
 
 WORLD = 2
 STEPS = 4
@@ -50,33 +51,29 @@ class Tiny(nn.Module):
 def train_rank(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        for case, (name, options, drives_hooks) in CASES.items():
-            torch.manual_seed(rank)  # ranks start from different codebooks: the quantizer must agree anyway
-            quantizer = vqlab.quantizers.build(name, **options)
+    for case, (name, options, drives_hooks) in CASES.items():
+        torch.manual_seed(rank)  # ranks start from different codebooks: the quantizer must agree anyway
+        quantizer = vqlab.quantizers.build(name, **options)
+        if drives_hooks:
+            quantizer.hooks_driven_by_caller()
+        model = DistributedDataParallel(Tiny(quantizer), broadcast_buffers=False)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        data = torch.Generator().manual_seed(100 + rank)
+        for _ in range(STEPS):
+            optimizer.zero_grad()
+            for micro in range(ACCUMULATE):
+                x = torch.randn(4, 8, 6, generator=data) * (1 + rank)
+                with model.no_sync() if micro < ACCUMULATE - 1 else nullcontext():
+                    reconstruction, quant_loss = model(x)
+                    ((reconstruction - x).square().mean() + quant_loss).backward()
+            optimizer.step()
             if drives_hooks:
-                quantizer.hooks_driven_by_caller()
-            model = DistributedDataParallel(Tiny(quantizer), broadcast_buffers=False)
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-            data = torch.Generator().manual_seed(100 + rank)
-            for _ in range(STEPS):
-                optimizer.zero_grad()
-                for micro in range(ACCUMULATE):
-                    x = torch.randn(4, 8, 6, generator=data) * (1 + rank)
-                    with model.no_sync() if micro < ACCUMULATE - 1 else nullcontext():
-                        reconstruction, quant_loss = model(x)
-                        ((reconstruction - x).square().mean() + quant_loss).backward()
-                optimizer.step()
-                if drives_hooks:
-                    quantizer.on_optimizer_step()
-            torch.save(quantizer.state_dict(), out_dir / f"{case}-{rank}.pt")
-    finally:
-        dist.barrier()  # no rank leaves while a peer still talks to it
-        dist.destroy_process_group()
+                quantizer.on_optimizer_step()
+        torch.save(quantizer.state_dict(), out_dir / f"{case}-{rank}.pt")
 
 
 def test_codebooks_are_bit_identical_across_ranks(tmp_path):
-    mp.spawn(train_rank, args=(tmp_path / "init", tmp_path), nprocs=WORLD)
+    spawn_ranks(train_rank, (tmp_path / "init", tmp_path), WORLD, tmp_path)
     for case, (_, _, drives_hooks) in CASES.items():
         states = [torch.load(tmp_path / f"{case}-{rank}.pt") for rank in range(WORLD)]
         assert states[0].keys() == states[1].keys()
