@@ -26,10 +26,12 @@ to end (``python -m vqlab.sweep decompositions``), each seed's runs trained toge
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
+import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +39,7 @@ import pandas as pd
 
 from analysis.decomposition import SCHEMES, FitSettings, run_latents, study
 from analysis.runs import study_arguments
-from vqlab import tables
+from vqlab import checkpoint, tables
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -120,22 +122,51 @@ def posthoc_rows(
     fit: FitSettings = DEFAULT_FIT,
     device: str = "cpu",
     progress: bool = True,
+    fits: Path | None = None,
 ) -> pd.DataFrame:
     """Per floor run (one seed of the continuous model), every scheme at every budget fitted on its
     training latents and read on its validation latents (``analysis.decomposition.study``): the
     schemes' rows with ``seed``, ``variant`` (the floor's name), ``l1`` (decoded) and the floor's own
-    L1, and ``quantization gap``: decoded L1 minus the floor's, the post-hoc scheme's cost."""
+    L1, and ``quantization gap``: decoded L1 minus the floor's, the post-hoc scheme's cost. With
+    ``fits``, each floor's rows are kept there (``<variant>-seed<k>.json``, with what made them) and
+    read instead of fitted again while the floor run and the settings are the same: the fits are
+    the study's cost (tens of minutes a floor), the co-trained rows are read from MLflow each time,
+    so a sweep's study can be rerun as its tokenizers finish."""
     rows = []
     for floor in floors.itertuples():
-        latents = run_latents(floor.run_dir, train_count, device)
-        for row in study(latents.train, latents.held_out, bits, schemes, fit, latents.decoded_l1, progress):
-            l1, measured = row.pop("decoded_l1", math.nan), row.pop("measured_bits", math.nan)
-            rows.append(
-                row
-                | {"side": "post-hoc", "variant": floor.name, "seed": floor.seed, "l1": l1, "measured bits": measured}
-                | {"quantization gap": l1 - floor.l1}
-            )
+        made_with = {"run_dir": str(floor.run_dir), "floor_l1": float(floor.l1), "bits": [int(b) for b in bits]}
+        made_with |= {"schemes": list(schemes), "train_count": train_count, "fit": asdict(fit)}
+        path = fits / f"{floor.name}-seed{floor.seed}.json" if fits is not None else None
+        found = kept_fits(path, made_with) if path is not None else None
+        if found is None:
+            found = []
+            latents = run_latents(floor.run_dir, train_count, device)
+            for row in study(latents.train, latents.held_out, bits, schemes, fit, latents.decoded_l1, progress):
+                l1, measured = row.pop("decoded_l1", math.nan), row.pop("measured_bits", math.nan)
+                found.append(
+                    row
+                    | {"side": "post-hoc", "variant": floor.name, "seed": int(floor.seed), "l1": l1}
+                    | {"measured bits": measured, "quantization gap": l1 - floor.l1}
+                )
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                text = json.dumps({"made_with": made_with, "rows": found}, indent=1, default=_plain)
+                checkpoint.write_text_atomic(text + "\n", path)
+        rows += found
     return pd.DataFrame(rows)
+
+
+def kept_fits(path: Path, made_with: dict) -> list[dict] | None:
+    """The rows ``posthoc_rows`` kept at ``path`` where they were made as ``made_with`` says; else ``None``."""
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text())
+    return kept["rows"] if kept.get("made_with") == made_with else None
+
+
+def _plain(value):
+    """numpy scalars as the Python numbers json writes."""
+    return value.item()
 
 
 def cotrained_rows(cotrained: pd.DataFrame) -> pd.DataFrame:
@@ -346,11 +377,13 @@ def analyse(
     fit: FitSettings = DEFAULT_FIT,
     device: str = "cpu",
     progress: bool = True,
+    again: bool = False,
 ) -> tuple[dict[str, pd.DataFrame | list[str]], list[Path]]:
     """The study over ``experiment``: its tables (``seeds``, ``summary``, ``comparisons``,
     ``floors``) and ``disagreements``, and the files written to ``out/<experiment>``: ``seeds.csv``,
     ``table.csv``, ``table.md`` and ``rate_distortion.png``. ``bits`` default: the budgets of the
-    co-trained tokenizers."""
+    co-trained tokenizers. Each floor's fits are kept in ``out/<experiment>/fits/`` and reused
+    while the floor and the settings are the same (``again``: fitted anew)."""
     from vqlab.report import ReportError
 
     found = sweep_runs(experiment, tracking_uri)
@@ -359,13 +392,14 @@ def analyse(
         widths = sorted({int(w) for w in found.floors["width"]})
         raise ReportError(f"{experiment!r} has no {CONTROL} floor of width {width}; its floors' widths: {widths}")
     bits = bits or sorted({budget(b) for b in found.cotrained["bits/token"].dropna()})
-    seeds = pd.concat(
-        [posthoc_rows(floors, bits, schemes, train_count, fit, device, progress), cotrained_rows(found.cotrained)]
-    )
+    folder = out / experiment
+    if again:
+        shutil.rmtree(folder / "fits", ignore_errors=True)
+    fitted = posthoc_rows(floors, bits, schemes, train_count, fit, device, progress, folder / "fits")
+    seeds = pd.concat([fitted, cotrained_rows(found.cotrained)])
     seeds = seeds.reset_index(drop=True)
     table, paired = summary(seeds), comparisons(seeds)
     notes = disagreements(seeds)
-    folder = out / experiment
     folder.mkdir(parents=True, exist_ok=True)
     seeds.to_csv(folder / "seeds.csv", index=False)
     table.to_csv(folder / "table.csv", index=False)
@@ -409,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-count", type=int, default=8192, help="training crops whose latents are fitted")
     parser.add_argument("--min-points", type=int, default=8, help="training latents per centroid, at least")
     parser.add_argument("--learned-steps", type=int, default=DEFAULT_FIT.learned_steps)
+    parser.add_argument(
+        "--again", action="store_true", help="fit every floor anew, also one whose fits were kept with these settings"
+    )
     study_arguments(parser, "posthoc")
     parser.add_argument("--smoke", action="store_true", help="few crops, a short radix_learned fit: seconds")
     args = parser.parse_args(argv)
@@ -426,7 +463,16 @@ def main(argv: list[str] | None = None) -> int:
     fit = FitSettings(args.min_points, args.learned_steps)
     try:
         result, files = analyse(
-            args.experiment, out, uri, args.width, args.bits, tuple(args.schemes), args.train_count, fit, args.device
+            args.experiment,
+            out,
+            uri,
+            args.width,
+            args.bits,
+            tuple(args.schemes),
+            args.train_count,
+            fit,
+            args.device,
+            again=args.again,
         )
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,6 +1,7 @@
 """analysis.posthoc: post-hoc schemes on each seed's continuous model beside the co-trained tokenizers."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -134,12 +135,36 @@ def test_rows_are_means_over_seeds_with_t_intervals_and_differences_are_paired(a
 
 def test_files_hold_the_tables_and_the_figure(analysed):
     _, _, out, _, files, _ = analysed
-    assert {p.name for p in (out / "E").iterdir()} == {"seeds.csv", "table.csv", "table.md", "rate_distortion.png"}
+    assert {p.name for p in (out / "E").iterdir()} == {
+        "seeds.csv",
+        "table.csv",
+        "table.md",
+        "rate_distortion.png",
+        "fits",
+    }
+    assert {p.name for p in (out / "E" / "fits").iterdir()} == {"identity-d2-seed0.json", "identity-d2-seed1.json"}
     text = (out / "E" / "table.md").read_text()
     assert "| post-hoc | flat | identity-d2 | 2 |" in text and "| co-trained | radix | radix | 2 |" in text
     assert "| identity-d1 | 1 | 2 |" in text and "vq − post-hoc flat" in text and "Kendall's tau" in text
     assert len(pd.read_csv(out / "E" / "seeds.csv")) == 2 * (len(SCHEMES) + 3)
     assert files[-1].stat().st_size > 0
+
+
+def test_a_rerun_reads_each_floors_kept_fits_and_fits_again_what_changed(analysed, monkeypatch):
+    _, uri, out, result, _, fit = analysed
+    fitted = []
+    latents = posthoc.run_latents
+    monkeypatch.setattr(posthoc, "run_latents", lambda run_dir, *a: fitted.append(run_dir) or latents(run_dir, *a))
+    again, _ = posthoc.analyse("E", out, uri, width=2, bits=[4], schemes=SCHEMES, train_count=64, fit=fit)
+    assert fitted == []  # the co-trained rows are read again, the fits are not made again
+    pd.testing.assert_frame_equal(again["seeds"], result["seeds"])
+    kept = out / "E" / "fits" / "identity-d2-seed1.json"
+    kept.write_text(kept.read_text().replace('"train_count": 64', '"train_count": 65'))  # made otherwise
+    posthoc.analyse("E", out, uri, width=2, bits=[4], schemes=SCHEMES, train_count=64, fit=fit)
+    assert [Path(p).name for p in fitted] == ["seed1"]
+    posthoc.analyse("E", out, uri, width=2, bits=[4], schemes=("flat",), train_count=64, fit=fit)
+    posthoc.analyse("E", out, uri, width=2, bits=[4], schemes=("flat",), train_count=64, fit=fit, again=True)
+    assert len(fitted) == 1 + 2 + 2  # other schemes: both floors; --again: both again
 
 
 def test_orders_by_mse_and_by_decoded_l1_are_compared_per_budget():
