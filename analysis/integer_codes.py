@@ -769,6 +769,29 @@ def figures(result: dict) -> dict:
     return made
 
 
+def priors_figure(results: list[dict]):
+    """``priors.png``: per tokenizer run, each likelihood prior's bits per token on the validation
+    codes (mean and 95% t interval over the prior seeds), beside the code's own measured rate (no
+    context: what a prior must beat)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(max(5.0, 1.8 * len(results) + 2), 4), layout="constrained")
+    ax = figure.subplots()
+    shown = ["code_bits", *(f"prior_{kind}_bits" for kind in LIKELIHOODS)]
+    labels = ["code (no context)", *LIKELIHOODS]
+    step = 0.8 / len(shown)
+    for i, (key, name) in enumerate(zip(shown, labels, strict=True)):
+        x = [r + (i - (len(shown) - 1) / 2) * step for r in range(len(results))]
+        means = [result.get(key, math.nan) for result in results]
+        below = [m - result.get(f"{key}_low", m) for m, result in zip(means, results, strict=True)]
+        above = [result.get(f"{key}_high", m) - m for m, result in zip(means, results, strict=True)]
+        ax.errorbar(x, means, yerr=[below, above], fmt="o", capsize=3, label=name)
+    ax.set_xticks(range(len(results)), [result["name"] for result in results], rotation=15)
+    ax.set(ylabel="bits per token (validation codes)", title="priors over the same codes, 95% t interval over seeds")
+    ax.legend(fontsize="small")
+    return figure
+
+
 def interval(result: dict, key: str) -> str:
     """``mean [low, high]``, or the mean alone where there is no interval."""
     value, low, high = (result.get(k, math.nan) for k in (key, f"{key}_low", f"{key}_high"))
@@ -930,6 +953,15 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table + "\n")
+    priors_figure(results).savefig(out / "priors.png", dpi=120)
+    if not args.no_mlflow:
+        from analysis.runs import log_study
+
+        names = {"runs": ",".join(result["name"] for result in results)}
+        run_id = log_study(
+            "integer_codes", "table", settings | names, [], [out / "table.md", out / "priors.png"], args.root
+        )
+        print(f"MLflow run {run_id} (experiment integer_codes): the table and priors.png")
     print(table)
     print(f"wrote {out}")
     return 0

@@ -268,9 +268,14 @@ def test_cli_smoke_on_a_trained_run_writes_and_logs(trained_run, tmp_path, capsy
     out = capsys.readouterr().out
     assert "| flat bits |" in out.replace("| factorised bits |", "| flat bits |")
     assert "| regression rollouts |" in out and "Generative check" in out
+    assert (tmp_path / "integer_codes" / "priors.png").stat().st_size > 0
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("integer_codes").experiment_id])
-    metrics = run.data.metrics
+    runs = client.search_runs([client.get_experiment_by_name("integer_codes").experiment_id])
+    by_name = {run.info.run_name: run for run in runs}
+    assert by_name.keys() == {Path(run_dir).name, "table"}
+    logged = {artifact.path for artifact in client.list_artifacts(by_name["table"].info.run_id)}
+    assert logged == {"table.md", "priors.png"} and by_name["table"].data.params["runs"] == Path(run_dir).name
+    metrics = by_name[Path(run_dir).name].data.metrics
     assert {"prior_flat_bits", "prior_factorised_bits", "locality_index_vs_embedding", "digit_entropy_0"} <= set(
         metrics
     )
@@ -279,6 +284,26 @@ def test_cli_smoke_on_a_trained_run_writes_and_logs(trained_run, tmp_path, capsy
         key: metrics[key] for key in ("swd_reconstructions", "swd_unigram", "prior_flat_swd", "prior_regression_swd")
     }
     assert all(value > 0 for value in swd.values()), swd
+
+
+def test_the_priors_figure_shows_each_priors_bits_with_its_interval_beside_the_codes_rate():
+    results = []
+    for i, name in enumerate(("a/seed0", "b/seed0")):
+        result = {"name": name, "code_bits": 7.0 + i, "code_bits_low": 6.9 + i, "code_bits_high": 7.2 + i}
+        for j, kind in enumerate(integer_codes.LIKELIHOODS):
+            mean = 6.0 - j + i
+            result |= {f"prior_{kind}_bits": mean, f"prior_{kind}_bits_low": mean - 0.1 * (j + 1)}
+            result |= {f"prior_{kind}_bits_high": mean + 0.1 * (j + 1)}
+        results.append(result)
+    (ax,) = integer_codes.priors_figure(results).axes
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a/seed0", "b/seed0"]
+    assert [c.get_label() for c in ax.containers] == ["code (no context)", *integer_codes.LIKELIHOODS]
+    keys = ["code_bits", *(f"prior_{kind}_bits" for kind in integer_codes.LIKELIHOODS)]
+    for container, key in zip(ax.containers, keys, strict=True):
+        line, _, (bars,) = container
+        assert line.get_ydata().tolist() == pytest.approx([r[key] for r in results])
+        spans = [value for segment in bars.get_segments() for value in (segment[0][1], segment[1][1])]
+        assert spans == pytest.approx([r[f"{key}_{end}"] for r in results for end in ("low", "high")])
 
 
 def test_runs_at_once_share_the_threads_and_runs_one_at_a_time_get_them_all(monkeypatch):
@@ -349,5 +374,5 @@ def test_the_notebook_executes_headless(trained_run, tmp_path, run_notebook):
     outputs = run_notebook(
         "integer_codes", {"runs": str(trained_run), "root": str(tmp_path), "mlflow": False, "smoke": True}
     )
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 4 + 1  # each run's figures, then priors.png
     assert any("| flat bits |" in o.get("data", {}).get("text/markdown", "") for o in outputs)
