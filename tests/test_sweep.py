@@ -509,6 +509,23 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+def test_the_sweep_reads_every_page_of_its_runs(tmp_path, monkeypatch):
+    loaded = sweep.load(write_sweep(tmp_path, variants={"a": {}}, seeds=[0, 1, 2]), extra=root_override(tmp_path))
+    tracker = sweep.Tracker(loaded)
+    for variant in loaded.variants:
+        create_run(variant.cfg.tracking, variant.name, tracker.tags(variant)).end("FINISHED")
+    search_runs = tracker.client.search_runs
+    pages = []
+
+    def one_per_page(*args, **kwargs):  # as a store of more than a page of runs answers
+        pages.append(search_runs(*args, **kwargs, max_results=1))
+        return pages[-1]
+
+    monkeypatch.setattr(tracker.client, "search_runs", one_per_page)
+    assert tracker.finished() == {("a", "0"), ("a", "1"), ("a", "2")} and len(pages) >= 3
+    assert len(tracker.attempts(loaded.variants[1])) == 1
+
+
 @pytest.mark.slow
 def test_reuse_copies_the_runs_another_experiment_trained_and_trains_the_others(tmp_path, monkeypatch, capfd):
     monkeypatch.setenv("MPLBACKEND", "Agg")

@@ -416,9 +416,8 @@ class Tracker:
         self.commit = git_commit()
 
     def search(self, query: str) -> list:
-        return self.client.search_runs(
-            [self.experiment], f"tags.sweep = '{self.sweep}' and {query}", order_by=["start_time ASC"]
-        )
+        """Every run of this sweep matching ``query``, oldest first: all pages (one holds 1000 runs)."""
+        return search_all(self.client, self.experiment, f"tags.sweep = '{self.sweep}' and {query}", ["start_time ASC"])
 
     def parent(self) -> str:
         """The sweep's parent run: the oldest one any machine made (so shards that start together
