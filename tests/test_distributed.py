@@ -93,7 +93,9 @@ def test_a_job_of_one_process_joins_no_process_group(monkeypatch):
         distributed.teardown()
 
 
-def abort_on_exit(rank):
+def abort_on_exit(rank, init_file):
+    # in a process group, so that the teardown's barrier holds each rank until both finished their work
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     atexit.register(os.abort)  # after the work and the teardown: as gloo's teardown aborts
 
 
@@ -106,6 +108,6 @@ def test_a_rank_that_aborts_after_the_work_warns_and_one_that_aborts_in_it_fails
     (tmp_path / "after").mkdir()
     (tmp_path / "during").mkdir()
     with pytest.warns(UserWarning, match="died of SIGABRT leaving the process group"):
-        spawn_ranks(abort_on_exit, (), 2, tmp_path / "after")
+        spawn_ranks(abort_on_exit, (str(tmp_path / "init"),), 2, tmp_path / "after")
     with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
         spawn_ranks(abort_in_the_work, (), 2, tmp_path / "during")
