@@ -772,7 +772,7 @@ def figures(result: dict) -> dict:
 def priors_figure(results: list[dict]):
     """``priors.png``: per tokenizer run, each likelihood prior's bits per token on the validation
     codes (mean and 95% t interval over the prior seeds), beside the code's own measured rate (no
-    context: what a prior must beat)."""
+    context: what a prior must beat; Miller–Madow, 95% bootstrap interval over crops)."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(max(5.0, 1.8 * len(results) + 2), 4), layout="constrained")
@@ -787,7 +787,8 @@ def priors_figure(results: list[dict]):
         above = [result.get(f"{key}_high", m) - m for m, result in zip(means, results, strict=True)]
         ax.errorbar(x, means, yerr=[below, above], fmt="o", capsize=3, label=name)
     ax.set_xticks(range(len(results)), [result["name"] for result in results], rotation=15)
-    ax.set(ylabel="bits per token (validation codes)", title="priors over the same codes, 95% t interval over seeds")
+    title = "bits per token: priors (95% t over prior seeds), code's rate (95% bootstrap over crops)"
+    ax.set(ylabel="bits per token (validation codes)", title=title)
     ax.legend(fontsize="small")
     return figure
 
