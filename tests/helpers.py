@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import warnings
 from pathlib import Path
 
 import pytest
@@ -74,30 +73,16 @@ def tracked_smoke_runs(root: Path, variants: dict[str, dict]) -> str:
     return uri
 
 
-def spawn_ranks(worker, args: tuple, nprocs: int, marks: Path) -> None:
+def spawn_ranks(worker, args: tuple, nprocs: int) -> None:
     """``mp.spawn(worker, args, nprocs)``, each rank leaving the process group
-    (``vqlab.distributed.teardown``) once ``worker(rank, *args)`` returns. A rank that dies of a
-    signal after every rank's work was done, so while the ranks leave the process group, is
-    reported as a warning and the caller checks the results: gloo's teardown has aborted a rank
-    this way on busy machines (SIGABRT, "terminate called without an active exception"), in
-    neither our code nor the behaviour under test. A rank that dies earlier fails the test.
-    ``marks``: an empty folder for the ranks' "work done" files."""
-    try:
-        mp.spawn(_rank, args=(worker, args, marks), nprocs=nprocs)
-    except mp.ProcessExitedException as err:
-        done = [rank for rank in range(nprocs) if (marks / f"rank{rank}.done").exists()]
-        if err.signal_name is None or len(done) < nprocs:
-            raise
-        warnings.warn(
-            f"rank {err.error_index} died of {err.signal_name} leaving the process group, after every rank's work",
-            stacklevel=2,
-        )
+    (``vqlab.distributed.teardown``) once ``worker(rank, *args)`` returns; a rank that dies of a
+    signal prints every thread's C++ frames first."""
+    mp.spawn(_rank, args=(worker, args), nprocs=nprocs)
 
 
-def _rank(rank: int, worker, args: tuple, marks: Path) -> None:
-    torch._C._set_print_stack_traces_on_fatal_signal(True)  # an abort prints every thread's C++ frames
+def _rank(rank: int, worker, args: tuple) -> None:
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
     worker(rank, *args)
-    (marks / f"rank{rank}.done").touch()
     distributed.teardown()
 
 

@@ -100,9 +100,7 @@ def results(tmp_path_factory):
     try:
         run_dir = fit(vqlab.config.load("smoke", overrides)).run_dir
         for world, evaluated_run in ((2, run_dir), (3, None)):
-            marks = folder / f"marks{world}"
-            marks.mkdir()
-            spawn_ranks(worker, (world, folder, free_port(), evaluated_run), world, marks)
+            spawn_ranks(worker, (world, folder, free_port(), evaluated_run), world)
         single = evaluate_run(run_dir, out=folder / "one.json")
         evaluated = {n: json.loads((folder / f"{n}.json").read_text()) for n in ("one", "two")}
         local = {

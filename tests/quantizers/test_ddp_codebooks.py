@@ -73,7 +73,7 @@ def train_rank(rank, init_file, out_dir):
 
 
 def test_codebooks_are_bit_identical_across_ranks(tmp_path):
-    spawn_ranks(train_rank, (tmp_path / "init", tmp_path), WORLD, tmp_path)
+    spawn_ranks(train_rank, (tmp_path / "init", tmp_path), WORLD)
     for case, (_, _, drives_hooks) in CASES.items():
         states = [torch.load(tmp_path / f"{case}-{rank}.pt") for rank in range(WORLD)]
         assert states[0].keys() == states[1].keys()
