@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from analysis import estimators
-from analysis.runs import label
+from analysis.runs import keep, kept, label
 from vqlab import checkpoint, tables
 from vqlab.codes import digits_to_index
 from vqlab.errors import UserError
@@ -848,34 +848,20 @@ def markdown(results: list[dict]) -> str:
     )
 
 
-def write(result: dict, out: Path, made_with: dict | None = None) -> list[Path]:
-    """``<out>/<name>/`` (``<variant>/seed<k>/`` for a seeded sweep's run): ``result.json`` (with
-    ``made_with``: the settings, which ``written`` compares) and the figures."""
-    import json
-
+def write(result: dict, out: Path, settings: dict, threads_per_run: int) -> list[Path]:
+    """``<out>/<name>/`` (``<variant>/seed<k>/`` for a seeded sweep's run): the figures, then
+    ``result.json`` kept (``analysis.runs.keep``) under the ``settings`` that made it, with the
+    threads each run had."""
     folder = out / result["name"]
     folder.mkdir(parents=True, exist_ok=True)
-    plain = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items() if k != "samples"}
-    plain |= made_with or {}
     files = []
     for name, figure in figures(result).items():
         figure.savefig(folder / name, dpi=120)
         files.append(folder / name)
-    # last and whole: a result.json there means the run's files are all there (``written``)
-    checkpoint.write_text_atomic(json.dumps(plain, indent=2) + "\n", folder / "result.json")
+    # last: a result.json there means the run's files are all there (``kept``)
+    record = {k: v for k, v in result.items() if k != "samples"} | {"threads_per_run": threads_per_run}
+    keep(folder / "result.json", settings, record)
     return [folder / "result.json", *files]
-
-
-def written(out: Path, name: str, settings: dict) -> dict | None:
-    """The result ``write`` left for run ``name`` under ``out``, where it was made with these
-    ``settings``; else ``None``."""
-    import json
-
-    path = out / name / "result.json"
-    if not path.is_file():
-        return None
-    found = json.loads(path.read_text())
-    return found if found.get("settings") == settings else None
 
 
 def log_to_mlflow(result: dict, files: list[Path], root: Path, settings: dict) -> str:
@@ -934,7 +920,7 @@ def main(argv: list[str] | None = None) -> int:
     out, recorded = args.root / "integer_codes", settings | {"priors": list(args.priors)}
     # a rerun continues: a run whose result was written with the same settings is not analysed again
     labels = [label(run) for run in args.runs]  # each reads the run's config
-    reused = {} if args.again else {name: written(out, name, recorded) for name in labels}
+    reused = {} if args.again else {name: kept(out / name / "result.json", recorded) for name in labels}
     results = [result for result in reused.values() if result is not None]
     for result in results:
         print(f"reusing {out / result['name'] / 'result.json'}: the same settings (--again analyses it again)")
@@ -943,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     logged = settings | {"threads_per_run": threads}
     try:
         for result in analyse_runs(todo, args.jobs, priors=tuple(args.priors), **settings):
-            files = write(result, out, {"settings": recorded, "threads_per_run": threads})
+            files = write(result, out, recorded, threads)
             if not args.no_mlflow:
                 print(f"MLflow run {log_to_mlflow(result, files, args.root, logged)} (experiment integer_codes)")
             results.append(result)

@@ -26,7 +26,6 @@ to end (``python -m vqlab.sweep decompositions``), each seed's runs trained toge
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import shutil
@@ -38,8 +37,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from analysis.decomposition import SCHEMES, FitSettings, run_latents, study
-from analysis.runs import study_arguments
-from vqlab import checkpoint, tables
+from analysis.runs import keep, kept, study_arguments
+from vqlab import tables
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -134,10 +133,11 @@ def posthoc_rows(
     so a sweep's study can be rerun as its tokenizers finish."""
     rows = []
     for floor in floors.itertuples():
-        made_with = {"run_dir": str(floor.run_dir), "floor_l1": float(floor.l1), "bits": [int(b) for b in bits]}
-        made_with |= {"schemes": list(schemes), "train_count": train_count, "fit": asdict(fit)}
+        settings = {"run_dir": str(floor.run_dir), "floor_l1": float(floor.l1), "bits": [int(b) for b in bits]}
+        settings |= {"schemes": list(schemes), "train_count": train_count, "fit": asdict(fit)}
         path = fits / f"{floor.name}-seed{floor.seed}.json" if fits is not None else None
-        found = kept_fits(path, made_with) if path is not None else None
+        record = kept(path, settings) if path is not None else None
+        found = record["rows"] if record is not None else None
         if found is None:
             found = []
             latents = run_latents(floor.run_dir, train_count, device)
@@ -150,23 +150,9 @@ def posthoc_rows(
                 )
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                text = json.dumps({"made_with": made_with, "rows": found}, indent=1, default=_plain)
-                checkpoint.write_text_atomic(text + "\n", path)
+                keep(path, settings, {"rows": found})
         rows += found
     return pd.DataFrame(rows)
-
-
-def kept_fits(path: Path, made_with: dict) -> list[dict] | None:
-    """The rows ``posthoc_rows`` kept at ``path`` where they were made as ``made_with`` says; else ``None``."""
-    if not path.is_file():
-        return None
-    kept = json.loads(path.read_text())
-    return kept["rows"] if kept.get("made_with") == made_with else None
-
-
-def _plain(value):
-    """numpy scalars as the Python numbers json writes."""
-    return value.item()
 
 
 def cotrained_rows(cotrained: pd.DataFrame) -> pd.DataFrame:

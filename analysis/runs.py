@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from vqlab import checkpoint
 from vqlab.runfolder import RunFolder
 from vqlab.schema import flatten, to_dict
 
@@ -79,6 +81,23 @@ def crops(cfg, split: str, count: int | None = None, device: str = "cpu"):
         b[0] if isinstance(b, (list, tuple)) else b for b in data.val_loader(split_dataset(cfg, split, count), cfg.data)
     ]
     return torch.cat(batches).to(device)
+
+
+def keep(path: Path, settings: dict, record: dict) -> None:
+    """Write a study's ``record`` to ``path`` as JSON (atomically: a file there is whole), under
+    the ``settings`` that made it, for a rerun's ``kept``. numpy values are written as numbers
+    and lists."""
+    text = json.dumps({"settings": settings, **record}, indent=1, default=lambda value: value.tolist())
+    checkpoint.write_text_atomic(text + "\n", path)
+
+
+def kept(path: Path, settings: dict) -> dict | None:
+    """What ``keep`` wrote at ``path``, where it was made with these ``settings``; else ``None``:
+    a study's long work (fits, priors) is done again only where something that made it changed."""
+    if not path.is_file():
+        return None
+    found = json.loads(path.read_text())
+    return found if found.get("settings") == settings else None
 
 
 def study_arguments(parser, study: str) -> None:

@@ -1,4 +1,6 @@
-from analysis.runs import collect, label, table
+import numpy as np
+
+from analysis.runs import collect, keep, kept, label, table
 from vqlab.trainer import fit
 
 
@@ -34,3 +36,13 @@ def test_a_seed_runs_label_names_its_variant_so_two_variants_seed_runs_differ(sm
     vq = fit(smoke_cfg(**base, **{"tracking.run_group": "vq", "quantizer.name": "vq"})).run_dir
     alone = fit(smoke_cfg(**{**base, "tracking.run_name": "alone"})).run_dir
     assert [label(run) for run in (fsq, vq, alone)] == ["fsq/seed0", "vq/seed0", "alone"]
+
+
+def test_kept_gives_back_what_keep_wrote_only_under_the_same_settings(tmp_path):
+    path = tmp_path / "fits.json"
+    settings = {"bits": [6, 10], "fit": {"iterations": 20}}
+    assert kept(path, settings) is None  # nothing kept yet
+    keep(path, settings, {"rows": [{"l1": np.float64(0.25), "codes": np.arange(3)}]})
+    assert kept(path, settings) == {"settings": settings, "rows": [{"l1": 0.25, "codes": [0, 1, 2]}]}
+    assert kept(path, {**settings, "bits": [6]}) is None  # made with other settings: done again
+    assert [p.name for p in tmp_path.iterdir()] == ["fits.json"]  # no temporary file left beside it
