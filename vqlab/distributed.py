@@ -18,8 +18,8 @@ import torch.distributed as dist
 from vqlab.errors import UserError
 
 if dist.is_available():
-    # Imported before any process group exists, on purpose. This module's functions take
-    # ``group=group.WORLD`` as a default argument, read once, when it is first imported; DDP
+    # Imported before any process group exists, on purpose. torch.distributed.nn.functional's
+    # functions take ``group=group.WORLD`` as a default argument, read once, when it is first imported; DDP
     # imports it, so a job that imported it after ``init_process_group`` kept the group in those
     # defaults past ``destroy_process_group``. The group's gloo threads then lived into interpreter
     # shutdown, where one that released a finished collective's tensor (which takes the GIL)
